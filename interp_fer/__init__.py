@@ -1,0 +1,3 @@
+"""interp_fer: interpretability for facial-expression-recognition CNNs."""
+
+__version__ = "0.1.0"
