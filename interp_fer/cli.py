@@ -71,7 +71,7 @@ def _open_data(path: str, class_names: Sequence[str]):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``interp-fer evaluate``: accuracy, per-class accuracy and confusion matrix."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .figures import plot_confusion_matrix
 
     model = _load_model(args)

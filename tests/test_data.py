@@ -1,0 +1,108 @@
+"""Dataset layouts, image modes and unreadable files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from interp_fer.data import DatasetError, fer2013_pixels, open_dataset, read_image
+
+
+def _save(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def test_image_modes(tmp_path):
+    gray = np.arange(48 * 48, dtype=np.uint32).reshape(48, 48) % 256
+    rgb = np.dstack([gray, 255 - gray, np.zeros_like(gray)]).astype(np.uint8)
+    rgba = np.dstack([rgb, np.full((48, 48), 7, np.uint8)])
+    wide = (gray.astype(np.uint16) * 257)
+    assert read_image(_save(tmp_path / "g.png", gray.astype(np.uint8))).shape == (48, 48)
+    assert read_image(_save(tmp_path / "c.png", rgb)).shape == (48, 48, 3)
+    np.testing.assert_array_equal(read_image(_save(tmp_path / "a.png", rgba)), rgb)
+    sixteen = read_image(_save(tmp_path / "w.png", wide))
+    assert sixteen.dtype == np.uint8
+    np.testing.assert_array_equal(sixteen, gray.astype(np.uint8))  # 257*v/65535*255 == v
+
+
+def test_class_folders_follow_model_class_order(tmp_path):
+    for name in ("happy", "angry"):
+        _save(tmp_path / name / "1.png", np.zeros((8, 8), np.uint8))
+    classes = ("angry", "disgust", "fear", "happy")
+    dataset = open_dataset(tmp_path, class_names=classes)
+    labels = {r.path.parent.name: r.label for r in dataset.records}
+    assert labels == {"angry": 0, "happy": 3}
+    with pytest.raises(DatasetError, match=r"\['happy'\] are not among"):
+        open_dataset(tmp_path, class_names=("angry", "sad"))
+
+
+def test_flat_folder_has_no_labels(tmp_path):
+    _save(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    _save(tmp_path / "b.jpg", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("ignored")
+    dataset = open_dataset(tmp_path)
+    assert len(dataset) == 2 and not dataset.labelled
+
+
+def test_fer2013_csv(tmp_path):
+    pixels = " ".join(str(v % 256) for v in range(48 * 48))
+    csv = tmp_path / "fer2013.csv"
+    csv.write_text(f"emotion,pixels,Usage\n3,{pixels},PublicTest\n5,1 2 3,PrivateTest\n")
+    dataset = open_dataset(csv)
+    samples = list(dataset)
+    assert samples[0].image.shape == (48, 48) and samples[0].record.label_name == "happy"
+    assert samples[0].record.usage == "PublicTest"
+    assert samples[1].image is None and "square" in samples[1].error
+    assert dataset.skipped == [(f"{csv}:3", samples[1].error)]
+
+
+def test_labels_csv_with_au_columns(tmp_path):
+    _save(tmp_path / "img" / "a.png", np.zeros((8, 8), np.uint8))
+    _save(tmp_path / "img" / "b.png", np.zeros((8, 8), np.uint8))
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label_index,label_name,usage,AU01,AU_12,au25\n"
+                   "img/a.png,3,happy,train,0,1,1\nimg/b.png,0,angry,test,1,0,\n")
+    dataset = open_dataset(csv)
+    assert dataset.au_numbers == [1, 12, 25]
+    assert dataset.records[0].aus == {1: 0.0, 12: 1.0, 25: 1.0}
+    assert dataset.records[1].aus == {1: 1.0, 12: 0.0}
+    assert dataset.class_names == ("angry", "1", "2", "happy")
+    assert dataset.subset(usage="test").records[0].label_name == "angry"
+
+
+def test_unreadable_files_are_named_counted_and_skipped(tmp_path):
+    _save(tmp_path / "good.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    dataset = open_dataset(tmp_path)
+    batches = list(dataset.batches(batch_size=8))
+    assert [s.key for s in batches[0]] == [str(tmp_path / "good.png")]
+    assert len(dataset.skipped) == 1
+    key, reason = dataset.skipped[0]
+    assert key.endswith("broken.png") and reason
+
+
+def test_layout_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        open_dataset(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no images"):
+        open_dataset(tmp_path)
+    bad = tmp_path / "x.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(DatasetError, match="unknown CSV layout"):
+        open_dataset(bad)
+
+
+def test_fer2013_pixels_range():
+    with pytest.raises(ValueError, match="outside 0-255"):
+        fer2013_pixels("300 " * 4)
+
+
+@pytest.mark.fer2013
+def test_real_fer2013_labels_csv(fer2013):
+    dataset = open_dataset(fer2013 / "test_labels.csv")
+    assert len(dataset) == 7178
+    first = next(iter(dataset))
+    assert first.image.shape == (48, 48) and first.image.dtype == np.uint8
