@@ -29,6 +29,12 @@ def fer2013() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fer2013_optional() -> Path | None:
+    """The FER2013 folder when present, else None (for tests that run either way)."""
+    return fer2013_root()
+
+
+@pytest.fixture(scope="session")
 def mini_xception():
     from interp_fer import load_model
 
