@@ -1,0 +1,252 @@
+"""Distribution distances, multiple-testing control and random region placement.
+
+The building blocks of the AU <-> channel mapping (DESIGN.md, "Distance function" and
+"Significance and stability"), as small functions on plain arrays. Nothing here knows about
+networks or faces.
+
+Distances compare the per-image peak response of a channel *inside* an AU region (``r_in``)
+with its peak response *elsewhere on the face* (``r_out``). All are signed so that a positive
+value means "responds more inside the region":
+
+* ``"wasserstein"`` (default): ``sign(mean_in - mean_out) * W1(r_in, r_out) / s_pooled``,
+  with ``s_pooled = sqrt((var_in + var_out) / 2)`` (sample variances). Scale-free, so channels
+  with different activation ranges are comparable;
+* ``"ks"``: ``sign(mean_in - mean_out) * sup |F_in - F_out|`` (two-sample KS statistic);
+* ``"cohen_d"``: ``(mean_in - mean_out) / s_pooled``.
+
+They are computed either from samples (:func:`signed_distance`, exact) or from histograms on
+shared bins (:func:`histogram_distance`), which is what the streaming accumulator keeps so that
+memory does not grow with the number of images; the histogram W1 differs from the exact one by
+at most one bin width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+METHODS = ("wasserstein", "ks", "cohen_d")
+
+
+def _pooled_sd(var_in: np.ndarray, var_out: np.ndarray) -> np.ndarray:
+    return np.sqrt((var_in + var_out) / 2.0)
+
+
+def _scale_free(raw: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    # A channel constant over all images has no scale: it is at distance 0, not NaN/inf.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, raw / np.where(scale > 0, scale, 1.0), 0.0)
+
+
+def signed_distance(inside: np.ndarray, outside: np.ndarray, method: str = "wasserstein") -> np.ndarray:
+    """Signed, scale-free distance between two samples, along axis 0.
+
+    Parameters
+    ----------
+    inside, outside
+        (n_images, ...) arrays of per-image responses (same trailing shape; the number of
+        images may differ).
+    method
+        ``"wasserstein"``, ``"ks"`` or ``"cohen_d"`` (see the module docstring).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``inside.shape[1:]``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown distance {method!r}; choose from {', '.join(METHODS)}")
+    inside = np.asarray(inside, dtype=np.float64)
+    outside = np.asarray(outside, dtype=np.float64)
+    if len(inside) < 2 or len(outside) < 2:
+        raise ValueError("need at least two images on each side")
+    difference = inside.mean(axis=0) - outside.mean(axis=0)
+    scale = _pooled_sd(inside.var(axis=0, ddof=1), outside.var(axis=0, ddof=1))
+    if method == "cohen_d":
+        return _scale_free(difference, scale)
+    a = np.sort(inside, axis=0)
+    b = np.sort(outside, axis=0)
+    if method == "ks":
+        raw = _ks_sorted(a, b)
+        return np.sign(difference) * raw
+    if len(a) == len(b):
+        raw = np.abs(a - b).mean(axis=0)  # W1 between equal-size samples: matched quantiles
+    else:
+        flat_a = a.reshape(len(a), -1)
+        flat_b = b.reshape(len(b), -1)
+        raw = np.array([stats.wasserstein_distance(flat_a[:, j], flat_b[:, j])
+                        for j in range(flat_a.shape[1])]).reshape(a.shape[1:])
+    return np.sign(difference) * _scale_free(raw, scale)
+
+
+def _ks_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    flat_a = a.reshape(len(a), -1)
+    flat_b = b.reshape(len(b), -1)
+    result = np.empty(flat_a.shape[1])
+    for j in range(flat_a.shape[1]):
+        grid = np.concatenate([flat_a[:, j], flat_b[:, j]])
+        cdf_a = np.searchsorted(flat_a[:, j], grid, side="right") / len(flat_a)
+        cdf_b = np.searchsorted(flat_b[:, j], grid, side="right") / len(flat_b)
+        result[j] = np.abs(cdf_a - cdf_b).max()
+    return result.reshape(a.shape[1:])
+
+
+def histogram_distance(
+    hist_in: np.ndarray,
+    hist_out: np.ndarray,
+    edges: np.ndarray,
+    moments_in: tuple[np.ndarray, np.ndarray, np.ndarray],
+    moments_out: tuple[np.ndarray, np.ndarray, np.ndarray],
+    method: str = "wasserstein",
+) -> np.ndarray:
+    """Signed, scale-free distance from (weighted) histograms on shared bins.
+
+    Parameters
+    ----------
+    hist_in, hist_out
+        (..., n_bins) weights per bin.
+    edges
+        (..., n_bins + 1) bin edges (broadcast against the histograms).
+    moments_in, moments_out
+        ``(weight, sum, sum_of_squares)`` of the exact values, each (...): means and variances
+        come from these, not from the binned values.
+    method
+        As in :func:`signed_distance`.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``hist_in.shape[:-1]``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown distance {method!r}; choose from {', '.join(METHODS)}")
+    mean_in, var_in = weighted_moments(*moments_in)
+    mean_out, var_out = weighted_moments(*moments_out)
+    difference = mean_in - mean_out
+    scale = _pooled_sd(var_in, var_out)
+    if method == "cohen_d":
+        return _scale_free(difference, scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cdf_in = np.cumsum(hist_in, axis=-1) / hist_in.sum(axis=-1, keepdims=True)
+        cdf_out = np.cumsum(hist_out, axis=-1) / hist_out.sum(axis=-1, keepdims=True)
+    gap = np.nan_to_num(np.abs(cdf_in - cdf_out))
+    if method == "ks":
+        return np.sign(difference) * gap.max(axis=-1)
+    widths = np.diff(edges, axis=-1)
+    return np.sign(difference) * _scale_free((gap * widths).sum(axis=-1), scale)
+
+
+def weighted_moments(weight: np.ndarray, total: np.ndarray, squares: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased (frequency-weighted) variance from running sums.
+
+    Parameters
+    ----------
+    weight, total, squares
+        Sum of weights, of weighted values and of weighted squared values.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(weight > 0, total / np.where(weight > 0, weight, 1), 0.0)
+        var = np.where(weight > 1, (squares - weight * mean**2) / np.where(weight > 1, weight - 1, 1), 0.0)
+    return mean, np.maximum(var, 0.0)
+
+
+def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg q-values over every entry of ``p_values`` (NaN entries stay NaN)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        q[finite] = stats.false_discovery_control(np.clip(p[finite], 0, 1), method="bh")
+    return q
+
+
+def placement_offsets(region: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """Every translation that keeps ``region`` entirely inside ``face``.
+
+    Parameters
+    ----------
+    region, face
+        (H, W) boolean masks on the same pixel grid.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 2) integer (d_row, d_col) shifts; empty when the region fits nowhere.
+    """
+    from scipy.signal import fftconvolve
+
+    region = np.asarray(region, dtype=bool)
+    rows, cols = np.nonzero(region)
+    if rows.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    top, left = rows.min(), cols.min()
+    patch = region[top:rows.max() + 1, left:cols.max() + 1].astype(np.float64)
+    outside = (~np.asarray(face, dtype=bool)).astype(np.float64)
+    # Count of region pixels that would land outside the face for every placement of the
+    # patch's top-left corner; the face is zero-padded (outside) by the correlation's support.
+    spill = fftconvolve(outside, patch[::-1, ::-1], mode="valid")
+    corner_rows, corner_cols = np.nonzero(spill < 0.5)
+    return np.stack([corner_rows - top, corner_cols - left], axis=1).astype(np.int64)
+
+
+def shift_mask(mask: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
+    """Translate an (H, W) boolean mask by (d_row, d_col), dropping what leaves the grid."""
+    d_row, d_col = int(offset[0]), int(offset[1])
+    out = np.zeros_like(mask, dtype=bool)
+    height, width = mask.shape
+    src_rows = slice(max(0, -d_row), min(height, height - d_row))
+    src_cols = slice(max(0, -d_col), min(width, width - d_col))
+    dst_rows = slice(max(0, d_row), min(height, height + d_row))
+    dst_cols = slice(max(0, d_col), min(width, width + d_col))
+    out[dst_rows, dst_cols] = mask[src_rows, src_cols]
+    return out
+
+
+def random_placements(region: np.ndarray, face: np.ndarray, n: int,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` copies of ``region`` (same shape and size) placed uniformly at random in ``face``.
+
+    The null of the mapping's significance test: it keeps the region's area and shape, so
+    area effects cancel, and it works on aligned datasets where all faces look alike.
+
+    Raises
+    ------
+    ValueError
+        When the region fits nowhere inside the face.
+    """
+    offsets = placement_offsets(region, face)
+    if len(offsets) == 0:
+        raise ValueError("the region does not fit inside the face at any position")
+    chosen = offsets[rng.integers(0, len(offsets), size=n)]
+    return [shift_mask(region, offset) for offset in chosen]
+
+
+def empirical_p_value(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """One-sided permutation p-value ``(1 + #{null >= observed}) / (1 + n_null)``.
+
+    Parameters
+    ----------
+    observed
+        (...) statistics.
+    null
+        (n_null, ...) statistics under the null.
+    """
+    null = np.asarray(null)
+    return (1.0 + (null >= np.asarray(observed)[None]).sum(axis=0)) / (1.0 + len(null))
+
+
+def normal_tail_p_value(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """One-sided p-value of ``observed`` under a normal fitted to the null replicates.
+
+    Resolves p-values below ``1 / n_null``, which Benjamini-Hochberg over thousands of
+    (channel, AU) pairs needs; :func:`empirical_p_value` is reported beside it as a check.
+    """
+    null = np.asarray(null, dtype=np.float64)
+    mean = null.mean(axis=0)
+    sd = null.std(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(sd > 0, (np.asarray(observed) - mean) / np.where(sd > 0, sd, 1.0),
+                     np.where(np.asarray(observed) > mean, np.inf, 0.0))
+    return stats.norm.sf(z)

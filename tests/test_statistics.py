@@ -1,0 +1,96 @@
+"""Distances, q-values and random placement against known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from interp_fer.statistics import (
+    benjamini_hochberg,
+    empirical_p_value,
+    histogram_distance,
+    normal_tail_p_value,
+    placement_offsets,
+    random_placements,
+    shift_mask,
+    signed_distance,
+)
+
+
+def test_shifted_normal_distances_are_known():
+    # Two unit-variance normals one SD apart: W1 = 1, d = 1, KS = 2*Phi(0.5) - 1 = 0.383.
+    rng = np.random.default_rng(0)
+    inside = rng.normal(1.0, 1.0, (20000, 3))
+    outside = rng.normal(0.0, 1.0, (20000, 3))
+    np.testing.assert_allclose(signed_distance(inside, outside), 1.0, atol=0.03)
+    np.testing.assert_allclose(signed_distance(inside, outside, "cohen_d"), 1.0, atol=0.03)
+    np.testing.assert_allclose(signed_distance(inside, outside, "ks"),
+                               2 * stats.norm.cdf(0.5) - 1, atol=0.02)
+    np.testing.assert_allclose(signed_distance(outside, inside), -1.0, atol=0.03)
+
+
+def test_exact_wasserstein_matches_scipy():
+    rng = np.random.default_rng(1)
+    inside, outside = rng.gamma(2.0, size=(50, 2)), rng.gamma(1.0, size=(80, 2))
+    scale = np.sqrt((inside.var(0, ddof=1) + outside.var(0, ddof=1)) / 2)
+    expected = [stats.wasserstein_distance(inside[:, j], outside[:, j]) / scale[j] for j in range(2)]
+    np.testing.assert_allclose(signed_distance(inside, outside), expected, rtol=1e-12)
+    equal = rng.gamma(1.0, size=(50, 2))
+    scale = np.sqrt((inside.var(0, ddof=1) + equal.var(0, ddof=1)) / 2)
+    expected = [stats.wasserstein_distance(inside[:, j], equal[:, j]) / scale[j] for j in range(2)]
+    np.testing.assert_allclose(signed_distance(inside, equal), expected, rtol=1e-12)
+
+
+def test_constant_channel_is_at_distance_zero():
+    assert signed_distance(np.ones((5, 1)), np.ones((5, 1)))[0] == 0.0
+
+
+def test_histogram_distance_agrees_with_exact_within_a_bin():
+    rng = np.random.default_rng(2)
+    inside, outside = rng.normal(2, 1, 5000), rng.normal(0, 1.5, 5000)
+    edges = np.linspace(-8, 10, 181)
+    hist_in, _ = np.histogram(inside, edges)
+    hist_out, _ = np.histogram(outside, edges)
+    moments = [(len(x), x.sum(), (x**2).sum()) for x in (inside, outside)]
+    for method in ("wasserstein", "ks", "cohen_d"):
+        approx = histogram_distance(hist_in, hist_out, edges, *moments, method=method)
+        exact = signed_distance(inside[:, None], outside[:, None], method)[0]
+        assert abs(approx - exact) < 0.1 / 1.25 + 1e-9, method  # bin width / pooled sd
+
+
+def test_benjamini_hochberg_by_hand():
+    p = np.array([0.01, 0.04, 0.03, 0.5, np.nan])
+    # sorted p .01 .03 .04 .5; p*m/rank = .04 .06 .0533 .5; running min from the top
+    np.testing.assert_allclose(benjamini_hochberg(p)[:4], [0.04, 0.0533333, 0.0533333, 0.5], atol=1e-6)
+    assert np.isnan(benjamini_hochberg(p)[4])
+
+
+def test_placements_keep_shape_and_stay_in_face():
+    face = np.zeros((20, 20), bool)
+    face[2:18, 4:16] = True
+    region = np.zeros_like(face)
+    region[5:8, 6:10] = True  # 3 x 4
+    offsets = placement_offsets(region, face)
+    assert len(offsets) == (16 - 3 + 1) * (12 - 4 + 1)
+    for mask in random_placements(region, face, 25, np.random.default_rng(0)):
+        assert mask.sum() == region.sum()
+        assert not (mask & ~face).any()
+    with pytest.raises(ValueError, match="does not fit"):
+        random_placements(np.ones_like(face), face, 1, np.random.default_rng(0))
+
+
+def test_shift_mask():
+    mask = np.zeros((4, 4), bool)
+    mask[0, 0] = True
+    assert shift_mask(mask, (2, 3))[2, 3]
+    assert not shift_mask(mask, (-1, 0)).any()
+
+
+def test_p_values():
+    null = np.random.default_rng(3).normal(size=(999, 2))
+    observed = np.array([0.0, 3.0])
+    p_emp = empirical_p_value(observed, null)
+    p_norm = normal_tail_p_value(observed, null)
+    assert 0.4 < p_emp[0] < 0.6 and p_emp[1] < 0.01
+    np.testing.assert_allclose(p_norm, stats.norm.sf(observed), atol=0.03)
