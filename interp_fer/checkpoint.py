@@ -44,6 +44,9 @@ class Checkpoint:
     path: Path
     key: str
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
     def load(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """Return ``(cursor, arrays)`` of a checkpoint made by the same run, else None."""
         if not self.path.is_file():
