@@ -1,0 +1,199 @@
+"""Streaming accumulators of the AU <-> channel statistics for one layer.
+
+One pass over a dataset, memory independent of the number of images: per-image peak
+responses are reduced at once into fixed-size histograms and running sums.
+
+For image ``i``, channel ``k`` and AU ``a`` (DESIGN.md, "Distance function"):
+
+* ``r_in[i, k, a]`` = the channel's peak over the cells of region ``a``
+  (:meth:`interp_fer.cells.CellGrid.cells_in`);
+* ``r_out[i, k, a]`` = its peak over the face cells outside region ``a``.
+
+:class:`PeakHistograms` keeps, per (k, a), histograms of ``r_in`` and ``r_out`` on per-channel
+bins fixed before the pass (:func:`channel_edges`), the exact running moments, the same under
+``n_boot`` Poisson-bootstrap reweightings of the images (online bootstrap: image ``i`` gets
+weight ``Poisson(1)`` in replicate ``b``, drawn from ``(seed, i)`` so the result does not depend
+on batch boundaries or on resuming), and under ``n_null`` random placements of each region on
+the same face (:func:`interp_fer.statistics.random_placements`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .statistics import histogram_distance
+
+
+def region_peaks(acts: torch.Tensor, in_cells: torch.Tensor, face_cells: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peak response of each channel inside each region and elsewhere on the face.
+
+    Parameters
+    ----------
+    acts
+        (N, K, h, w) feature maps.
+    in_cells
+        (N, A, h, w) boolean: the cells of each region.
+    face_cells
+        (N, h, w) boolean: the cells of the face.
+
+    Returns
+    -------
+    r_in, r_out
+        (N, K, A) each; NaN where the set of cells is empty.
+    """
+    n, k = acts.shape[:2]
+    flat = acts.reshape(n, k, 1, -1).float()
+    inside = in_cells.reshape(n, 1, in_cells.shape[1], -1)
+    outside = face_cells.reshape(n, 1, 1, -1) & ~inside
+    neg_inf = torch.tensor(float("-inf"), dtype=flat.dtype, device=flat.device)
+    r_in = torch.where(inside, flat, neg_inf).amax(dim=-1)
+    r_out = torch.where(outside, flat, neg_inf).amax(dim=-1)
+    nan = torch.tensor(float("nan"), dtype=flat.dtype, device=flat.device)
+    return (torch.where(torch.isinf(r_in), nan, r_in), torch.where(torch.isinf(r_out), nan, r_out))
+
+
+def channel_edges(samples: np.ndarray, n_bins: int) -> np.ndarray:
+    """Per-channel histogram bin edges from a calibration sample of peak responses.
+
+    Parameters
+    ----------
+    samples
+        (n, K) peak responses (any finite values) of the calibration images.
+    n_bins
+        Bins per channel.
+
+    Returns
+    -------
+    numpy.ndarray
+        (K, n_bins + 1) increasing edges spanning the calibration range widened by half of it
+        on each side; later values beyond the edges fall in the end bins (their exact values
+        still enter the moments).
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    lo = np.nanmin(samples, axis=0)
+    hi = np.nanmax(samples, axis=0)
+    span = np.where(hi > lo, hi - lo, np.maximum(np.abs(hi), 1.0))
+    lo, hi = lo - 0.5 * span, hi + 0.5 * span
+    steps = np.linspace(0.0, 1.0, n_bins + 1)
+    return lo[:, None] + (hi - lo)[:, None] * steps[None, :]
+
+
+def poisson_weights(seed: int, image_indices: np.ndarray, n_boot: int) -> np.ndarray:
+    """(N, n_boot) bootstrap weights, a deterministic function of (seed, image index)."""
+    rows = [np.random.default_rng([seed, 0x5EED, int(i)]).poisson(1.0, n_boot)
+            for i in image_indices]
+    return np.asarray(rows, dtype=np.float64).reshape(len(image_indices), n_boot)
+
+
+@dataclass
+class PeakHistograms:
+    """Histograms and moments of ``r_in``/``r_out`` per (channel, AU, replicate).
+
+    Replicate axis: 0 = the data as observed, ``1 .. n_boot`` = bootstrap reweightings,
+    ``n_boot + 1 ..`` = random-placement null replicates.
+
+    Attributes
+    ----------
+    edges
+        (K, n_bins + 1) bin edges per channel.
+    n_aus, n_boot, n_null
+        Sizes of the AU, bootstrap and null axes.
+    """
+
+    edges: np.ndarray
+    n_aus: int
+    n_boot: int
+    n_null: int
+    counts: np.ndarray = field(init=False)
+    moments: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        k, bins = self.edges.shape[0], self.edges.shape[1] - 1
+        # side (in/out), replicate, channel, AU, bin
+        self.counts = np.zeros((2, self.n_replicates, k, self.n_aus, bins))
+        # side, replicate, channel, AU, (weight, sum, sum of squares)
+        self.moments = np.zeros((2, self.n_replicates, k, self.n_aus, 3))
+
+    @property
+    def n_replicates(self) -> int:
+        return 1 + self.n_boot + self.n_null
+
+    def _bins(self, values: np.ndarray) -> np.ndarray:
+        # values (N, K, A) -> bin index per channel, end bins absorb the outside
+        k, bins = self.edges.shape[0], self.edges.shape[1] - 1
+        index = np.empty(values.shape, dtype=np.int64)
+        for channel in range(k):
+            index[:, channel] = np.searchsorted(self.edges[channel, 1:-1], values[:, channel],
+                                                side="right")
+        return np.clip(index, 0, bins - 1)
+
+    def _add(self, side: int, replicate: slice, values: np.ndarray, weights: np.ndarray) -> None:
+        # values (N, K, A); weights (N, R) for the R replicates in `replicate`.
+        finite = np.isfinite(values)
+        clean = np.where(finite, values, 0.0)
+        index = self._bins(clean)
+        n, k, a = values.shape
+        bins = self.counts.shape[-1]
+        w = weights[:, :, None, None] * finite[:, None]  # (N, R, K, A)
+        flat = (np.arange(k)[:, None] * a + np.arange(a)[None, :]) * bins  # (K, A)
+        target = (flat[None] + index).reshape(n, -1)  # (N, K*A)
+        r = weights.shape[1]
+        slots = k * a * bins
+        index_all = (np.arange(r)[None, :, None] * slots + target[:, None, :])  # (N, R, K*A)
+        hist = np.bincount(index_all.ravel(), weights=w.reshape(n, r, -1).ravel(),
+                           minlength=r * slots)
+        self.counts[side, replicate] += hist.reshape(r, k, a, bins)
+        self.moments[side, replicate, ..., 0] += w.sum(axis=0)
+        self.moments[side, replicate, ..., 1] += (w * clean[:, None]).sum(axis=0)
+        self.moments[side, replicate, ..., 2] += (w * clean[:, None] ** 2).sum(axis=0)
+
+    def update(self, r_in: np.ndarray, r_out: np.ndarray, boot_weights: np.ndarray,
+               null_in: np.ndarray | None = None, null_out: np.ndarray | None = None) -> None:
+        """Add a batch.
+
+        Parameters
+        ----------
+        r_in, r_out
+            (N, K, A) observed peaks (NaN = undefined for that image, left out).
+        boot_weights
+            (N, n_boot) bootstrap weights (:func:`poisson_weights`).
+        null_in, null_out
+            (N, K, A, n_null) peaks for the randomly placed regions.
+        """
+        n = len(r_in)
+        ones = np.ones((n, 1))
+        self._add(0, slice(0, 1), r_in, ones)
+        self._add(1, slice(0, 1), r_out, ones)
+        boot = slice(1, 1 + self.n_boot)
+        if self.n_boot:
+            self._add(0, boot, r_in, boot_weights)
+            self._add(1, boot, r_out, boot_weights)
+        if self.n_null:
+            if null_in is None or null_out is None:
+                raise ValueError("null peaks are required when n_null > 0")
+            for m in range(self.n_null):
+                replicate = slice(1 + self.n_boot + m, 2 + self.n_boot + m)
+                self._add(0, replicate, null_in[..., m], ones)
+                self._add(1, replicate, null_out[..., m], ones)
+
+    def distances(self, method: str = "wasserstein") -> np.ndarray:
+        """Signed distance per (replicate, channel, AU): (n_replicates, K, A)."""
+        edges = self.edges[None, :, None, :]
+        return histogram_distance(
+            self.counts[0], self.counts[1], edges,
+            tuple(self.moments[0, ..., j] for j in range(3)),
+            tuple(self.moments[1, ..., j] for j in range(3)),
+            method=method,
+        )
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to checkpoint."""
+        return {"edges": self.edges, "counts": self.counts, "moments": self.moments}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load arrays saved by :meth:`state`."""
+        self.edges, self.counts, self.moments = arrays["edges"], arrays["counts"], arrays["moments"]

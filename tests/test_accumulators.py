@@ -1,0 +1,54 @@
+"""Accumulators: peaks by hand, histogram distances vs exact ones, bootstrap determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from interp_fer.accumulators import PeakHistograms, channel_edges, poisson_weights, region_peaks
+from interp_fer.statistics import signed_distance
+
+
+def test_region_peaks_by_hand():
+    acts = torch.arange(16.0).reshape(1, 1, 4, 4)
+    face = torch.zeros(1, 4, 4, dtype=torch.bool)
+    face[0, 1:, :3] = True  # rows 1-3, cols 0-2
+    regions = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    regions[0, 0, 1, 0] = True  # value 4
+    regions[0, 1, 0, 3] = True  # value 3, outside the face but still the region's cell
+    r_in, r_out = region_peaks(acts, regions, face)
+    assert r_in.tolist() == [[[4.0, 3.0]]]
+    assert r_out.tolist() == [[[14.0, 14.0]]]  # best face cell outside each region: (3, 2)
+    empty = torch.zeros_like(regions)
+    assert torch.isnan(region_peaks(acts, empty, face)[0]).all()
+
+
+def test_histogram_accumulation_matches_exact_distance():
+    rng = np.random.default_rng(0)
+    n, k, a = 600, 3, 2
+    r_in = rng.normal(1.0, 1.0, (n, k, a)) + np.array([0.0, 1.0])[None, None, :]
+    r_out = rng.normal(0.0, 1.0, (n, k, a))
+    edges = channel_edges(np.concatenate([r_in, r_out]).reshape(-1, k, a).max(axis=2), 256)
+    hist = PeakHistograms(edges, n_aus=a, n_boot=0, n_null=0)
+    for start in range(0, n, 128):  # batch boundaries must not matter
+        hist.update(r_in[start:start + 128], r_out[start:start + 128], np.zeros((0, 0)))
+    approx = hist.distances()[0]
+    exact = signed_distance(r_in, r_out)
+    np.testing.assert_allclose(approx, exact, atol=0.06)
+    assert (approx[:, 1] > approx[:, 0]).all()
+
+
+def test_bootstrap_weights_are_deterministic_per_image():
+    whole = poisson_weights(7, np.arange(10), 5)
+    parts = np.concatenate([poisson_weights(7, np.arange(4), 5),
+                            poisson_weights(7, np.arange(4, 10), 5)])
+    np.testing.assert_array_equal(whole, parts)
+    assert not np.array_equal(whole, poisson_weights(8, np.arange(10), 5))
+    assert abs(poisson_weights(0, np.arange(2000), 1).mean() - 1.0) < 0.1
+
+
+def test_nan_images_are_left_out():
+    edges = channel_edges(np.array([[0.0], [1.0]]), 8)
+    hist = PeakHistograms(edges, n_aus=1, n_boot=0, n_null=0)
+    hist.update(np.array([[[0.5]], [[np.nan]]]), np.array([[[0.2]], [[0.3]]]), np.zeros((2, 0)))
+    assert hist.moments[0, 0, 0, 0, 0] == 1 and hist.moments[1, 0, 0, 0, 0] == 2
