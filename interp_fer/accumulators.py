@@ -197,3 +197,164 @@ class PeakHistograms:
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         """Load arrays saved by :meth:`state`."""
         self.edges, self.counts, self.moments = arrays["edges"], arrays["counts"], arrays["moments"]
+
+
+def distance_maps(regions: np.ndarray) -> np.ndarray:
+    """Euclidean distance (pixels) from every pixel to the nearest pixel of each region.
+
+    Parameters
+    ----------
+    regions
+        (..., H, W) boolean masks.
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., H, W) float32; 0 inside a region, inf everywhere for an empty region.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    regions = np.asarray(regions, dtype=bool)
+    flat = regions.reshape(-1, *regions.shape[-2:])
+    out = np.full(flat.shape, np.inf, dtype=np.float32)
+    for i, mask in enumerate(flat):
+        if mask.any():
+            out[i] = distance_transform_edt(~mask)
+    return out.reshape(regions.shape)
+
+
+@dataclass
+class PointingAccumulator:
+    """Pointing game between extremum points and AU regions, per (channel, AU).
+
+    A point *hits* region ``a`` when it lies within ``tolerance * IOD`` of it; the chance
+    rate is the share of the face that is within that distance of the region, so a channel
+    pointing uniformly at random over the face hits at the chance rate. Also accumulates the
+    point's distance to the region in IODs.
+    """
+
+    n_channels: int
+    n_aus: int
+    tolerance: float = 0.1
+    hits: np.ndarray = field(init=False)
+    counts: np.ndarray = field(init=False)
+    distance_sum: np.ndarray = field(init=False)
+    chance_sum: np.ndarray = field(init=False)
+    faces: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.hits = np.zeros((self.n_channels, self.n_aus))
+        self.counts = np.zeros((self.n_channels, self.n_aus))
+        self.distance_sum = np.zeros((self.n_channels, self.n_aus))
+        self.chance_sum = np.zeros(self.n_aus)
+
+    def update(self, points: np.ndarray, active: np.ndarray, regions: np.ndarray,
+               faces: np.ndarray, iod: np.ndarray) -> None:
+        """Add a batch.
+
+        Parameters
+        ----------
+        points
+            (N, K, 2) extremum points, (row, col) in input pixels.
+        active
+            (N, K) boolean; inactive channels (no positive response) are not counted.
+        regions
+            (N, A, H, W) region masks on the input grid.
+        faces
+            (N, H, W) face masks.
+        iod
+            (N,) inter-ocular distance in input pixels.
+        """
+        distances = distance_maps(regions)  # (N, A, H, W)
+        height, width = regions.shape[-2:]
+        rows = np.clip(np.floor(points[..., 0] + 0.5).astype(np.int64), 0, height - 1)
+        cols = np.clip(np.floor(points[..., 1] + 0.5).astype(np.int64), 0, width - 1)
+        n = len(points)
+        image = np.arange(n)[:, None]
+        at_point = distances[image[:, :, None], np.arange(regions.shape[1])[None, None, :],
+                             rows[:, :, None], cols[:, :, None]]  # (N, K, A)
+        scale = np.asarray(iod, dtype=np.float64)[:, None, None]
+        weight = np.asarray(active, dtype=np.float64)[:, :, None] * np.ones((1, 1, self.n_aus))
+        finite = np.isfinite(at_point)
+        weight = weight * finite
+        self.hits += ((at_point <= self.tolerance * scale) * weight).sum(axis=0)
+        self.counts += weight.sum(axis=0)
+        self.distance_sum += (np.where(finite, at_point / scale, 0.0) * weight).sum(axis=0)
+        near = distances <= self.tolerance * np.asarray(iod, dtype=np.float64)[:, None, None, None]
+        face_area = np.maximum(faces.sum(axis=(-2, -1)), 1)[:, None]
+        self.chance_sum += ((near & faces[:, None]).sum(axis=(-2, -1)) / face_area).sum(axis=0)
+        self.faces += n
+
+    @property
+    def hit_rate(self) -> np.ndarray:
+        """(K, A) share of active images whose point hits the region."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.hits / self.counts
+
+    @property
+    def chance_rate(self) -> np.ndarray:
+        """(A,) mean share of the face within the tolerance of each region."""
+        return self.chance_sum / max(self.faces, 1)
+
+    @property
+    def mean_distance(self) -> np.ndarray:
+        """(K, A) mean distance from the point to the region, in IODs."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.distance_sum / self.counts
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"hits": self.hits, "counts": self.counts, "distance_sum": self.distance_sum,
+                "chance_sum": self.chance_sum, "faces": np.array(self.faces)}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.hits, self.counts = arrays["hits"], arrays["counts"]
+        self.distance_sum, self.chance_sum = arrays["distance_sum"], arrays["chance_sum"]
+        self.faces = int(arrays["faces"])
+
+
+@dataclass
+class DissectionIoU:
+    """Network-Dissection IoU between thresholded channel maps and AU regions (Bau et al.).
+
+    Each channel's map is upsampled (bilinear) to the input grid and thresholded at
+    ``thresholds[k]`` (a top quantile of that channel's activations over the dataset); the
+    IoU of channel ``k`` and AU ``a`` is ``sum_i |M_ik & R_ia| / sum_i |M_ik | R_ia|`` over
+    the images, as in the paper (dataset-level, not a mean of per-image IoUs).
+    """
+
+    thresholds: np.ndarray
+    n_aus: int
+    intersection: np.ndarray = field(init=False)
+    union: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.intersection = np.zeros((len(self.thresholds), self.n_aus))
+        self.union = np.zeros((len(self.thresholds), self.n_aus))
+
+    def update(self, acts: torch.Tensor, regions: np.ndarray) -> None:
+        """Add a batch: ``acts`` (N, K, h, w), ``regions`` (N, A, H, W) on the input grid."""
+        height, width = regions.shape[-2:]
+        up = torch.nn.functional.interpolate(acts.float(), size=(height, width),
+                                             mode="bilinear", align_corners=False)
+        threshold = torch.as_tensor(self.thresholds, dtype=up.dtype, device=up.device)
+        masks = (up > threshold[None, :, None, None]).flatten(2).float()  # (N, K, HW)
+        region = torch.as_tensor(regions, device=up.device).flatten(2).float()  # (N, A, HW)
+        inter = torch.bmm(masks, region.transpose(1, 2)).sum(dim=0)  # (K, A)
+        size_m = masks.sum(dim=2).sum(dim=0)[:, None]
+        size_r = region.sum(dim=2).sum(dim=0)[None, :]
+        self.intersection += inter.double().cpu().numpy()
+        self.union += (size_m + size_r - inter).double().cpu().numpy()
+
+    @property
+    def iou(self) -> np.ndarray:
+        """(K, A) dataset-level IoU."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.union > 0, self.intersection / self.union, 0.0)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"thresholds": self.thresholds, "intersection": self.intersection,
+                "union": self.union}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.thresholds = arrays["thresholds"]
+        self.intersection, self.union = arrays["intersection"], arrays["union"]

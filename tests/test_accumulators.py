@@ -52,3 +52,33 @@ def test_nan_images_are_left_out():
     hist = PeakHistograms(edges, n_aus=1, n_boot=0, n_null=0)
     hist.update(np.array([[[0.5]], [[np.nan]]]), np.array([[[0.2]], [[0.3]]]), np.zeros((2, 0)))
     assert hist.moments[0, 0, 0, 0, 0] == 1 and hist.moments[1, 0, 0, 0, 0] == 2
+
+
+def test_pointing_by_hand():
+    from interp_fer.accumulators import PointingAccumulator
+
+    regions = np.zeros((1, 2, 20, 20), bool)
+    regions[0, 0, 5:8, 5:8] = True
+    regions[0, 1, 15:18, 15:18] = True
+    faces = np.ones((1, 20, 20), bool)
+    points = np.array([[[6.0, 6.0], [7.0, 10.0]]])  # channel 0 inside AU 0; channel 1 3 px right
+    pointing = PointingAccumulator(n_channels=2, n_aus=2, tolerance=0.1)
+    pointing.update(points, np.ones((1, 2), bool), regions, faces, iod=np.array([20.0]))
+    np.testing.assert_array_equal(pointing.hit_rate, [[1, 0], [0, 0]])
+    np.testing.assert_allclose(pointing.mean_distance[1, 0], 3 / 20)
+    # within 2 px (0.1 IOD) of a 3x3 square: the square (9), four 3x2 side strips (24) and,
+    # at each corner, only the diagonal neighbour (sqrt 2; sqrt 5 and sqrt 8 are > 2): 37 px.
+    np.testing.assert_allclose(pointing.chance_rate, [37 / 400, 37 / 400])
+
+
+def test_dissection_iou_by_hand():
+    from interp_fer.accumulators import DissectionIoU
+
+    acts = torch.zeros(1, 1, 8, 8)
+    acts[0, 0, 2:4, 2:4] = 5.0
+    regions = np.zeros((1, 2, 8, 8), bool)
+    regions[0, 0, 2:4, 2:6] = True  # contains the 2x2 hot square: IoU 4 / 8
+    regions[0, 1, 6:8, 6:8] = True  # disjoint: IoU 0
+    iou = DissectionIoU(np.array([1.0]), n_aus=2)
+    iou.update(acts, regions)
+    np.testing.assert_allclose(iou.iou, [[0.5, 0.0]])
