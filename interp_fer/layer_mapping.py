@@ -1,0 +1,253 @@
+"""All statistics of one layer against the AU regions, accumulated batch by batch.
+
+:class:`LayerMapping` combines the accumulators of :mod:`interp_fer.accumulators` and turns
+them into per-(channel, AU) scores and a mapping channel -> AU (DESIGN.md, "Distance
+function", "Corroborating measures", "Significance and stability"):
+
+* ``distance``: D(k, a) on the observed images (default Wasserstein-1 / pooled SD);
+* ``ci_low``/``ci_high``: percentile interval of D over the Poisson-bootstrap replicates;
+* ``p_value``: one-sided, from the random-placement null replicates (normal tail fitted to
+  them, see :func:`interp_fer.statistics.normal_tail_p_value`); ``p_empirical`` beside it;
+* ``stability``: share of bootstrap replicates in which AU ``a`` has the channel's largest D;
+* ``hit_rate``/``chance_rate``/``mean_distance``: pointing game of the extremum points;
+* ``iou``: dataset-level dissection IoU.
+
+Inputs per batch are plain arrays on the network input's pixel grid, so this module knows
+nothing about dlib or images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .accumulators import (
+    DissectionIoU,
+    PeakHistograms,
+    PointingAccumulator,
+    channel_edges,
+    poisson_weights,
+    region_peaks,
+)
+from .cells import CellGrid
+from .statistics import empirical_p_value, normal_tail_p_value, random_placements
+
+
+@dataclass
+class MappingOptions:
+    """Choices that change the numbers (all recorded in ``run.json``).
+
+    Attributes
+    ----------
+    distance
+        ``"wasserstein"``, ``"ks"`` or ``"cohen_d"``.
+    n_boot
+        Bootstrap replicates for the confidence interval and stability.
+    n_null
+        Random placements of each region per image (null replicates).
+    n_bins
+        Histogram bins per channel.
+    hit_tolerance
+        Pointing tolerance in IODs.
+    iou_quantile
+        Activation quantile that thresholds channel maps for the IoU.
+    confidence
+        Level of the bootstrap interval.
+    seed
+        Seed of the bootstrap weights and the placements.
+    """
+
+    distance: str = "wasserstein"
+    n_boot: int = 50
+    n_null: int = 10
+    n_bins: int = 64
+    hit_tolerance: float = 0.1
+    iou_quantile: float = 0.99
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class FaceGeometry:
+    """Where the face and its AU regions are, for a batch, on the network input grid.
+
+    Attributes
+    ----------
+    regions
+        (N, A, H, W) boolean AU region masks.
+    face
+        (N, H, W) boolean face mask.
+    iod
+        (N,) inter-ocular distance in input pixels.
+    """
+
+    regions: np.ndarray
+    face: np.ndarray
+    iod: np.ndarray
+
+
+def null_regions(geometry: FaceGeometry, image_indices: np.ndarray, n_null: int,
+                 seed: int) -> np.ndarray:
+    """Random placements of every region on its own face: (N, A, n_null, H, W) boolean.
+
+    Placements are a deterministic function of (seed, image index, AU position), so a run
+    cut into other batches, or resumed, draws the same ones. A region that fits nowhere
+    inside the face is kept where it is (it then contributes no evidence either way).
+    """
+    n, a, height, width = geometry.regions.shape
+    out = np.zeros((n, a, n_null, height, width), dtype=bool)
+    for i, index in enumerate(image_indices):
+        for j in range(a):
+            rng = np.random.default_rng([seed, 0xA11, int(index), j])
+            try:
+                placed = random_placements(geometry.regions[i, j], geometry.face[i], n_null, rng)
+            except ValueError:
+                placed = [geometry.regions[i, j]] * n_null
+            out[i, j] = np.stack(placed)
+    return out
+
+
+@dataclass
+class LayerMapping:
+    """Accumulates every statistic of one layer (K channels) against A AUs.
+
+    Create it with :meth:`calibrate` on the first batch (which fixes histogram bins and IoU
+    thresholds), then :meth:`update` with every batch, including the first.
+    """
+
+    layer: str
+    grid: CellGrid
+    aus: tuple[int, ...]
+    options: MappingOptions
+    peaks: PeakHistograms
+    pointing: PointingAccumulator
+    iou: DissectionIoU
+    n_images: int = field(default=0)
+
+    @classmethod
+    def calibrate(cls, layer: str, grid: CellGrid, aus: tuple[int, ...], acts: torch.Tensor,
+                  options: MappingOptions) -> LayerMapping:
+        """Fix per-channel bins and IoU thresholds from a calibration batch of feature maps.
+
+        Parameters
+        ----------
+        acts
+            (N, K, h, w) feature maps of the calibration images.
+        """
+        flat = acts.float().flatten(2)  # (N, K, hw)
+        peaks = flat.amax(dim=2).cpu().numpy()
+        lows = flat.amin(dim=2).cpu().numpy()
+        edges = channel_edges(np.concatenate([peaks, lows]), options.n_bins)
+        thresholds = torch.quantile(flat.transpose(0, 1).reshape(flat.shape[1], -1),
+                                    options.iou_quantile, dim=1).cpu().numpy()
+        k = acts.shape[1]
+        return cls(
+            layer, grid, tuple(aus), options,
+            PeakHistograms(edges, len(aus), options.n_boot, options.n_null),
+            PointingAccumulator(k, len(aus), options.hit_tolerance),
+            DissectionIoU(thresholds, len(aus)),
+        )
+
+    def update(self, image_indices: np.ndarray, acts: torch.Tensor, geometry: FaceGeometry,
+               points: np.ndarray, active: np.ndarray) -> None:
+        """Add a batch.
+
+        Parameters
+        ----------
+        image_indices
+            (N,) dataset positions of the images (seed the bootstrap and the null).
+        acts
+            (N, K, h, w) feature maps.
+        geometry
+            Regions, faces and IODs of these images on the input grid.
+        points
+            (N, K, 2) extremum points (row, col) in input pixels.
+        active
+            (N, K) boolean: channel has a positive maximum.
+        """
+        n, a = geometry.regions.shape[:2]
+        device = acts.device
+        in_cells = torch.from_numpy(self.grid.cells_in(geometry.regions)).to(device)
+        face_cells = torch.from_numpy(self.grid.cells_in(geometry.face)).to(device)
+        r_in, r_out = region_peaks(acts, in_cells, face_cells)
+        null_in = null_out = None
+        if self.options.n_null:
+            placed = null_regions(geometry, image_indices, self.options.n_null, self.options.seed)
+            placed_cells = torch.from_numpy(self.grid.cells_in(placed)).to(device)
+            m = self.options.n_null
+            flat = placed_cells.reshape(n, a * m, *placed_cells.shape[-2:])
+            nin, nout = region_peaks(acts, flat, face_cells)
+            null_in = nin.reshape(n, -1, a, m).cpu().numpy()
+            null_out = nout.reshape(n, -1, a, m).cpu().numpy()
+        weights = poisson_weights(self.options.seed, image_indices, self.options.n_boot)
+        self.peaks.update(r_in.cpu().numpy(), r_out.cpu().numpy(), weights, null_in, null_out)
+        self.pointing.update(points, active, geometry.regions, geometry.face, geometry.iod)
+        self.iou.update(acts, geometry.regions)
+        self.n_images += n
+
+    def scores(self) -> pd.DataFrame:
+        """Every measure per (channel, AU): a DataFrame with one row per pair."""
+        options = self.options
+        distances = self.peaks.distances(options.distance)  # (R, K, A)
+        observed = distances[0]
+        boot = distances[1:1 + options.n_boot]
+        null = distances[1 + options.n_boot:]
+        tail = (1 - options.confidence) / 2
+        if len(boot):
+            ci_low, ci_high = np.quantile(boot, [tail, 1 - tail], axis=0)
+            best = boot.argmax(axis=2)  # (B, K)
+            stability = np.stack([(best == j).mean(axis=0) for j in range(len(self.aus))], axis=1)
+        else:
+            ci_low = ci_high = np.full_like(observed, np.nan)
+            stability = np.full_like(observed, np.nan)
+        if len(null) > 1:
+            p_value = normal_tail_p_value(observed, null)
+            p_empirical = empirical_p_value(observed, null)
+        else:
+            p_value = p_empirical = np.full_like(observed, np.nan)
+        extra = {
+            "ks": self.peaks.distances("ks")[0],
+            "cohen_d": self.peaks.distances("cohen_d")[0],
+        }
+        k, a = observed.shape
+        channel, au = np.meshgrid(np.arange(k), np.arange(a), indexing="ij")
+        table = pd.DataFrame({
+            "layer": self.layer,
+            "channel": channel.ravel(),
+            "au": np.asarray(self.aus)[au.ravel()],
+            "distance": observed.ravel(),
+            "ci_low": ci_low.ravel(),
+            "ci_high": ci_high.ravel(),
+            "p_value": p_value.ravel(),
+            "p_empirical": p_empirical.ravel(),
+            "stability": stability.ravel(),
+            "hit_rate": self.pointing.hit_rate.ravel(),
+            "chance_rate": np.broadcast_to(self.pointing.chance_rate, (k, a)).ravel(),
+            "mean_distance_iod": self.pointing.mean_distance.ravel(),
+            "iou": self.iou.iou.ravel(),
+            "ks": extra["ks"].ravel(),
+            "cohen_d": extra["cohen_d"].ravel(),
+            "n_images": self.n_images,
+        })
+        return table
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to checkpoint (prefix-free; the caller namespaces them by layer)."""
+        arrays = {f"peaks.{k}": v for k, v in self.peaks.state().items()}
+        arrays.update({f"pointing.{k}": v for k, v in self.pointing.state().items()})
+        arrays.update({f"iou.{k}": v for k, v in self.iou.state().items()})
+        arrays["n_images"] = np.array(self.n_images)
+        return arrays
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load arrays saved by :meth:`state`."""
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        self.peaks.restore(part("peaks."))
+        self.pointing.restore(part("pointing."))
+        self.iou.restore(part("iou."))
+        self.n_images = int(arrays["n_images"])
