@@ -1,0 +1,38 @@
+"""From per-pair scores to the channel -> AU table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from interp_fer.mapping import MAPPING_COLUMNS, channels_for_au, long_scores, mapping_table
+
+
+def _scores():
+    rows = []
+    # channel 0: AU 12 strong and significant, AU 6 weaker but also significant -> 12
+    # channel 1: nothing significant -> au empty, best_au 4
+    for channel, au, distance, p in [(0, 6, 0.8, 1e-6), (0, 12, 1.5, 1e-9), (0, 4, -0.2, 0.9),
+                                     (1, 6, 0.1, 0.4), (1, 12, 0.05, 0.6), (1, 4, 0.2, 0.3)]:
+        rows.append(dict(layer="conv_2", channel=channel, au=au, distance=distance, ci_low=0.0,
+                         ci_high=1.0, p_value=p, stability=0.5, hit_rate=0.3, chance_rate=0.1,
+                         iou=0.05, n_images=100))
+    return pd.DataFrame(rows)
+
+
+def test_mapping_picks_largest_significant_distance():
+    table = mapping_table(_scores())
+    assert list(table.columns[:len(MAPPING_COLUMNS)]) == MAPPING_COLUMNS
+    first, second = table.iloc[0], table.iloc[1]
+    assert first["au"] == 12 and first["significant"]
+    assert first["q_value"] < 1e-8
+    assert pd.isna(second["au"]) and second["best_au"] == 4 and not second["significant"]
+    assert list(channels_for_au(table, 12)["channel"]) == [0]
+
+
+def test_long_table_has_every_measure_of_every_pair():
+    long = long_scores(_scores())
+    assert set(long.columns) == {"layer", "channel", "au", "measure", "value"}
+    assert len(long) == 6 * long["measure"].nunique()
+    value = long[(long.channel == 0) & (long.au == 12) & (long.measure == "distance")]["value"]
+    np.testing.assert_allclose(value, 1.5)
