@@ -154,3 +154,63 @@ class Preprocessor:
         pixels = ((batch.detach().cpu() * std + mean) * 255.0).round().clamp(0, 255)
         array = pixels.to(torch.uint8).numpy()
         return array[:, 0] if self.grayscale else array.transpose(0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A rectangle of an image that becomes the network input after resizing.
+
+    Attributes
+    ----------
+    top, left, height, width
+        Integer pixel bounds in the original image (may extend past its borders; the outside
+        is filled by edge replication).
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @classmethod
+    def whole(cls, shape: tuple[int, ...]) -> Crop:
+        """The whole image of shape (H, W[, C])."""
+        return cls(0, 0, int(shape[0]), int(shape[1]))
+
+    @classmethod
+    def around(cls, box: tuple[float, float, float, float], margin: float = 0.3) -> Crop:
+        """A square crop centred on a face box ``(left, top, right, bottom)`` in pixels,
+        enlarged by ``margin`` times the box's larger side on every side."""
+        left, top, right, bottom = box
+        side = max(right - left, bottom - top) * (1 + 2 * margin)
+        centre_x, centre_y = (left + right) / 2, (top + bottom) / 2
+        size = max(int(round(side)), 1)
+        return cls(int(round(centre_y - size / 2)), int(round(centre_x - size / 2)), size, size)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """Cut the crop out of an (H, W[, C]) image, replicating edges beyond its borders."""
+        height, width = image.shape[:2]
+        pad = [(max(0, -self.top), max(0, self.top + self.height - height)),
+               (max(0, -self.left), max(0, self.left + self.width - width))]
+        pad += [(0, 0)] * (image.ndim - 2)
+        padded = np.pad(image, pad, mode="edge") if any(p != (0, 0) for p in pad) else image
+        top, left = self.top + pad[0][0], self.left + pad[1][0]
+        return padded[top:top + self.height, left:left + self.width]
+
+    def to_input(self, xy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Map (x, y) pixel coordinates of the original image to the network input grid.
+
+        Pixel centres sit at integers and resizing uses half-pixel centres, so
+        ``u = (x - left + 0.5) * W_in / width - 0.5`` (and likewise for y).
+
+        Parameters
+        ----------
+        xy
+            (..., 2) coordinates (x, y) in the original image.
+        size
+            (H_in, W_in) of the network input.
+        """
+        xy = np.asarray(xy, dtype=np.float64)
+        scale = np.array([size[1] / self.width, size[0] / self.height])
+        origin = np.array([self.left, self.top], dtype=np.float64)
+        return (xy - origin + 0.5) * scale - 0.5

@@ -106,3 +106,21 @@ def test_real_fer2013_labels_csv(fer2013):
     assert len(dataset) == 7178
     first = next(iter(dataset))
     assert first.image.shape == (48, 48) and first.image.dtype == np.uint8
+
+
+def test_crop_geometry_round_trip():
+    from interp_fer.preprocessing import Crop, Preprocessor
+
+    image = np.zeros((100, 80), np.uint8)
+    image[30, 50] = 255  # a bright pixel at (x=50, y=30)
+    crop = Crop.around((40, 20, 60, 40), margin=0.5)  # 20 px box -> 40 px square
+    assert (crop.top, crop.left, crop.height, crop.width) == (10, 30, 40, 40)
+    patch = crop.apply(image)
+    assert patch.shape == (40, 40) and patch[20, 20] == 255
+    # Resized 40 -> 20: the pixel's centre lands at (20 + 0.5) * 0.5 - 0.5 = 9.75.
+    np.testing.assert_allclose(crop.to_input(np.array([50.0, 30.0]), (20, 20)), [9.75, 9.75])
+    batch = Preprocessor((20, 20)).resize(
+        Preprocessor((20, 20)).image_tensor(np.kron(np.eye(2), np.ones((20, 20))) * 255))
+    assert batch.shape == (1, 20, 20)
+    edge = Crop(-5, -5, 10, 10).apply(np.arange(100).reshape(10, 10))
+    assert edge[0, 0] == 0 and edge[9, 9] == 44
