@@ -1,4 +1,8 @@
-"""The AU <-> channel mapping: from per-pair scores to one row per channel.
+"""The AU <-> channel mapping: the toolkit's main job, and its tables.
+
+:func:`map_dataset` runs the whole analysis in one streaming pass over a dataset (landmarks
+first, cached; then feature maps, extremum points and every statistic, batch by batch, with a
+checkpoint to resume from) and returns a :class:`MappingResult` of pandas DataFrames.
 
 :func:`mapping_table` applies Benjamini-Hochberg over *every* (layer, channel, AU) pair of the
 run and assigns each channel the AU with the largest distance D among its significant pairs
@@ -9,8 +13,22 @@ numbers are still reported (``best_au``), so a reader sees how close it came.
 
 from __future__ import annotations
 
-import pandas as pd
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pandas as pd
+import torch
+
+from .cells import CellGrid
+from .data import ImageDataset
+from .layer_mapping import FaceGeometry, LayerMapping, MappingOptions
+from .models import FERModel
+from .preprocessing import Crop
 from .statistics import benjamini_hochberg
 
 MAPPING_COLUMNS = [
@@ -85,3 +103,318 @@ def summary_counts(mapping: pd.DataFrame) -> pd.Series:
     labels = mapping["au"].astype("string").fillna("none")
     return labels.value_counts().rename("channels")
 
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming pass
+
+
+@dataclass
+class MappingResult:
+    """Everything :func:`map_dataset` computed.
+
+    Attributes
+    ----------
+    mapping
+        One row per (layer, channel) (:func:`mapping_table`).
+    scores
+        One row per (layer, channel, AU) with every measure, q-values included.
+    run
+        What was run on what: model, layers, data, options, versions, image counts by
+        landmark status, skipped inputs with reasons (``run.json``).
+    landmarks
+        The landmark table of the dataset (:func:`interp_fer.faces.landmarks_table`).
+    """
+
+    mapping: pd.DataFrame
+    scores: pd.DataFrame
+    run: dict[str, Any]
+    landmarks: pd.DataFrame | None = None
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``mapping.csv``, ``scores.csv`` and ``run.json`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.mapping.to_csv(out / "mapping.csv", index=False)
+        long_scores(self.scores).to_csv(out / "scores.csv", index=False)
+        with open(out / "run.json", "w") as handle:
+            json.dump(self.run, handle, indent=2, default=_json_default)
+        return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@dataclass
+class _Face:
+    """One usable image: its dataset position, network-input crop and geometry."""
+
+    index: int
+    key: str
+    crop: Crop
+    landmarks: np.ndarray  # (68, 2) (x, y) on the network input grid
+
+
+def _choose_crop(shape: tuple[int, ...], box: tuple[float, float, float, float] | None,
+                 crop: str) -> Crop:
+    if crop == "none" or box is None:
+        return Crop.whole(shape)
+    if crop == "face":
+        return Crop.around(box)
+    # auto: registered crops (the face fills most of the image) are fed whole, as the
+    # models' publishers did; photos with a small face are cut around it.
+    face_area = (box[2] - box[0]) * (box[3] - box[1])
+    return Crop.whole(shape) if face_area >= 0.25 * shape[0] * shape[1] else Crop.around(box)
+
+
+def _landmark_pass(dataset: ImageDataset, settings: Any, progress: bool) -> pd.DataFrame:
+    from .faces import landmarks_table
+
+    items = ((s.key, s.image, s.error) for s in dataset.samples())
+    return landmarks_table(items, settings=settings, progress=progress, total=len(dataset))
+
+
+def _faces(table: pd.DataFrame, dataset: ImageDataset, crop: str,
+           input_size: tuple[int, int]) -> tuple[list[_Face], list[tuple[str, str]]]:
+    """Usable faces in dataset order, and (key, reason) of every image left out."""
+    xs = table[[f"x{i}" for i in range(68)]].to_numpy(dtype=float)
+    ys = table[[f"y{i}" for i in range(68)]].to_numpy(dtype=float)
+    faces, skipped = [], []
+    for index, row in enumerate(table.itertuples(index=False)):
+        if not np.isfinite(xs[index]).all():
+            skipped.append((row.key, f"{row.status}: {row.message}".rstrip(": ")))
+            continue
+        record = dataset.records[index]
+        shape = _image_shape(dataset, record)
+        box = (row.box_left, row.box_top, row.box_right, row.box_bottom)
+        chosen = _choose_crop(shape, box, crop)
+        landmarks = chosen.to_input(np.stack([xs[index], ys[index]], axis=1), input_size)
+        faces.append(_Face(index, row.key, chosen, landmarks))
+    return faces, skipped
+
+
+def _image_shape(dataset: ImageDataset, record: Any) -> tuple[int, ...]:
+    if record.pixels is not None:
+        side = int(round(np.sqrt(len(record.pixels.split()))))
+        return (side, side)
+    from PIL import Image
+
+    with Image.open(record.path) as image:
+        return (image.height, image.width)
+
+
+def _geometry(faces: list[_Face], regions: Any, aus: tuple[int, ...],
+              size: tuple[int, int]) -> FaceGeometry:
+    from .faces import inter_ocular_distance
+
+    masks = np.zeros((len(faces), len(aus), *size), dtype=bool)
+    face_masks = np.zeros((len(faces), *size), dtype=bool)
+    iod = np.zeros(len(faces))
+    for i, face in enumerate(faces):
+        by_au = regions.masks(face.landmarks, size, aus=list(aus))
+        for j, au in enumerate(aus):
+            masks[i, j] = by_au[f"AU{au:02d}"]
+        face_masks[i] = regions.face_mask(face.landmarks, size)
+        iod[i] = float(inter_ocular_distance(face.landmarks))
+    return FaceGeometry(masks, face_masks, iod)
+
+
+def _capture(module: torch.nn.Module, layers: Sequence[str], inputs: torch.Tensor
+             ) -> dict[str, torch.Tensor]:
+    from .hooks import HookSet
+    from .layers import resolve_layer
+
+    outputs: dict[str, torch.Tensor] = {}
+    with HookSet(module) as hooks, torch.inference_mode():
+        for name in layers:
+            def keep(_module, _inputs, output, name=name):
+                outputs[name] = output.detach()
+            hooks.forward(resolve_layer(module, name), keep)
+        module(inputs)
+    return outputs
+
+
+def _locate(model: FERModel, layer: str, inputs: torch.Tensor, acts: torch.Tensor,
+            field: Any, locate: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K, 2) extremum points in input pixels and (N, K) activity of every channel."""
+    if locate == "deconv":
+        from .projections import deconvnet, extremum_points
+
+        projections = deconvnet(model.module, inputs, layer)
+        return extremum_points(projections).numpy(), projections.active.cpu().numpy()
+    flat = acts.flatten(2)
+    values, position = flat.max(dim=2)
+    width = acts.shape[-1]
+    rows = field.rows.offset + (position // width).double().cpu().numpy() * field.rows.stride
+    cols = field.cols.offset + (position % width).double().cpu().numpy() * field.cols.stride
+    return np.stack([rows, cols], axis=-1), (values > 0).cpu().numpy()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("interp_fer", "torch", "captum", "numpy", "scipy", "pandas", "dlib-bin",
+                 "scikit-image"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def map_dataset(
+    model: FERModel,
+    dataset: ImageDataset,
+    layers: Sequence[str] | None = None,
+    *,
+    aus: Sequence[int] | None = None,
+    locate: str = "deconv",
+    options: MappingOptions | None = None,
+    crop: str = "auto",
+    batch_size: int = 64,
+    alpha: float = 0.05,
+    landmark_settings: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    progress: bool = True,
+) -> MappingResult:
+    """Map every channel of ``layers`` to the facial Action Unit it detects.
+
+    Parameters
+    ----------
+    model
+        The network (:func:`interp_fer.load_model`).
+    dataset
+        Face images (:func:`interp_fer.open_dataset`).
+    layers
+        Layer names; default the model's convolutional stages.
+    aus
+        AU numbers; default every AU defined in ``landmarks/au_regions.json``.
+    locate
+        Extremum point of each (image, channel): ``"deconv"`` (centroid of the deconvnet
+        projection's top 1 %) or ``"rf-center"`` (receptive-field centre of the arg-max unit).
+    options
+        Statistical choices (:class:`MappingOptions`), the seed included.
+    crop
+        ``"auto"`` (whole image for registered crops, a square around the face in photos),
+        ``"face"`` or ``"none"``.
+    batch_size
+        Images per forward pass.
+    alpha
+        False discovery rate of the mapping.
+    landmark_settings
+        :class:`interp_fer.faces.LandmarkSettings` (default: automatic).
+    checkpoint
+        File to checkpoint to (resumed when it matches this run's arguments).
+    checkpoint_every
+        Batches between checkpoints.
+    progress
+        Show progress bars (tqdm; notebooks too).
+
+    Returns
+    -------
+    MappingResult
+    """
+    from tqdm.auto import tqdm
+
+    from .au_regions import load_au_regions
+    from .checkpoint import Checkpoint, run_key
+    from .faces import LandmarkSettings
+    from .layers import receptive_field
+
+    if locate not in ("deconv", "rf-center"):
+        raise ValueError(f"locate must be 'deconv' or 'rf-center', not {locate!r}")
+    if crop not in ("auto", "face", "none"):
+        raise ValueError(f"crop must be 'auto', 'face' or 'none', not {crop!r}")
+    options = options or MappingOptions()
+    settings = landmark_settings or LandmarkSettings()
+    layers = tuple(layers or model.stages)
+    if not layers:
+        raise ValueError("no layers to map: name some (interp-fer layers lists them)")
+    regions = load_au_regions()
+    aus = tuple(int(a) for a in (aus or [r.number for r in regions]))
+    size = model.input_size
+
+    table = _landmark_pass(dataset, settings, progress)
+    faces, skipped = _faces(table, dataset, crop, size)
+    if len(faces) < 2:
+        raise ValueError(f"only {len(faces)} usable face(s) in {dataset.source}: "
+                         "the mapping needs at least 2")
+
+    shape = (model.preprocess.channels, *size)
+    probe = _capture(model.module, layers, torch.zeros(1, *shape, device=model.device))
+    fields = {name: receptive_field(model, name) for name in layers}
+    grids = {name: CellGrid.from_field(fields[name], tuple(probe[name].shape[-2:]), size)
+             for name in layers}
+
+    key = run_key({"model": model.source or model.name, "layers": layers, "aus": aus,
+                   "data": dataset.source, "n": len(dataset), "locate": locate,
+                   "crop": crop, "batch": batch_size, "options": asdict(options),
+                   "landmarks": settings.fingerprint()})
+    saver = Checkpoint(checkpoint, key) if checkpoint else None
+    resumed = saver.load() if saver else None
+    start = resumed[0] if resumed else 0
+
+    batches = [faces[i:i + batch_size] for i in range(0, len(faces), batch_size)]
+    accumulators: dict[str, LayerMapping] = {}
+    bar = tqdm(total=len(faces), desc=f"map {model.name}", unit="face", disable=not progress,
+               initial=sum(len(b) for b in batches[:start]))
+    for number, batch in enumerate(batches):
+        if number >= start or not accumulators:
+            images = [dataset.load(dataset.records[f.index]).image for f in batch]
+            inputs = model.preprocess([f.crop.apply(image) for f, image in zip(batch, images,
+                                                                               strict=True)])
+            inputs = inputs.to(model.device)
+            acts = _capture(model.module, layers, inputs)
+        if not accumulators:  # the first batch fixes bins and thresholds, resumed or not
+            accumulators = {name: LayerMapping.calibrate(name, grids[name], aus, acts[name],
+                                                         options) for name in layers}
+            if resumed:
+                for name, mapping in accumulators.items():
+                    prefix = f"{name}/"
+                    mapping.restore({k[len(prefix):]: v for k, v in resumed[1].items()
+                                     if k.startswith(prefix)})
+        if number < start:
+            continue
+        geometry = _geometry(batch, regions, aus, size)
+        indices = np.array([f.index for f in batch])
+        for name in layers:
+            points, active = _locate(model, name, inputs, acts[name], fields[name], locate)
+            accumulators[name].update(indices, acts[name], geometry, points, active)
+        bar.update(len(batch))
+        done = number + 1
+        if saver and (done % checkpoint_every == 0) and done < len(batches):
+            saver.save(done, {f"{name}/{k}": v for name, m in accumulators.items()
+                              for k, v in m.state().items()})
+    bar.close()
+
+    scores = add_q_values(pd.concat([accumulators[name].scores() for name in layers],
+                                    ignore_index=True))
+    mapping = mapping_table(scores, alpha)
+    statuses = table["status"].value_counts().to_dict()
+    run = {
+        "model": {"name": model.name, "source": model.source, "input_size": list(size),
+                  "class_names": list(model.class_names)},
+        "layers": list(layers),
+        "aus": list(aus),
+        "data": {"source": dataset.source, "n_images": len(dataset),
+                 "n_mapped": len(faces), "n_skipped": len(skipped)},
+        "landmark_status": {str(k): int(v) for k, v in statuses.items()},
+        "landmark_settings": asdict(settings),
+        "skipped": [{"key": k, "reason": r} for k, r in skipped],
+        "locate": locate,
+        "crop": crop,
+        "alpha": alpha,
+        "options": asdict(options),
+        "seed": options.seed,
+        "versions": _versions(),
+    }
+    if saver:
+        saver.clear()
+    return MappingResult(mapping, scores, run, table)
