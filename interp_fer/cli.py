@@ -129,6 +129,37 @@ def cmd_zoo(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    """``interp-fer map``: the AU <-> channel mapping and its report."""
+    from .layer_mapping import MappingOptions
+    from .mapping import map_dataset, randomized_copy
+
+    model = _load_model(args)
+    dataset = _open_data(args.data, model.class_names)
+    if args.limit:
+        dataset = dataset.subset(limit=args.limit)
+    layers = None if args.layers in (None, "all") else args.layers.split(",")
+    options = MappingOptions(distance=args.distance, n_boot=args.n_boot, n_null=args.n_null,
+                             seed=args.seed)
+    aus = [int(a) for a in args.aus.split(",")] if args.aus else None
+    out = args.out
+    checkpoint = f"{out}/.checkpoint.npz"
+    common = dict(aus=aus, locate=args.locate, options=options, crop=args.crop,
+                  batch_size=args.batch_size, alpha=args.alpha, progress=not args.quiet)
+    result = map_dataset(model, dataset, layers, checkpoint=checkpoint, **common)
+    result.save(out)
+    if args.control == "randomized":
+        control = randomized_copy(model, seed=args.seed)
+        control_result = map_dataset(control, dataset, layers,
+                                     checkpoint=f"{out}/.checkpoint-control.npz", **common)
+        control_result.save(f"{out}/control_randomized")
+    mapped = result.mapping["au"].notna().sum()
+    print(f"mapped {mapped} of {len(result.mapping)} channels of {', '.join(result.run['layers'])} "
+          f"on {result.run['data']['n_mapped']} faces; wrote {out}/mapping.csv, scores.csv, "
+          "run.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``interp-fer`` (exposed for documentation and tests)."""
     from . import __version__
@@ -158,6 +189,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only the convolutional stages")
     layers.set_defaults(handler=cmd_layers)
 
+    mapping = commands.add_parser("map", help="map each channel to the facial Action Unit it "
+                                  "detects (distance function, significance, report)")
+    _add_model_arguments(mapping)
+    mapping.add_argument("--data", default=SAMPLES,
+                         help="dataset folder/CSV, or 'samples' (default: %(default)s)")
+    mapping.add_argument("--layers", default="all",
+                         help="comma-separated layer names, or 'all' stages (default)")
+    mapping.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    mapping.add_argument("--labels", metavar="CSV", help="expression or AU labels (path,...)")
+    mapping.add_argument("--locate", choices=("deconv", "rf-center"), default="deconv",
+                         help="extremum point of each channel (default: %(default)s)")
+    mapping.add_argument("--aus", help="comma-separated AU numbers (default: all defined)")
+    mapping.add_argument("--distance", choices=("wasserstein", "ks", "cohen_d"),
+                         default="wasserstein")
+    mapping.add_argument("--n-boot", type=int, default=50, help="bootstrap replicates")
+    mapping.add_argument("--n-null", type=int, default=20,
+                         help="random placements of each region per image")
+    mapping.add_argument("--alpha", type=float, default=0.05, help="false discovery rate")
+    mapping.add_argument("--crop", choices=("auto", "face", "none"), default="auto")
+    mapping.add_argument("--seed", type=int, default=0)
+    mapping.add_argument("--control", choices=("randomized",),
+                         help="also map a weight-randomised copy of the model")
+    mapping.add_argument("--limit", type=int, help="only the first N images")
+    mapping.add_argument("--batch-size", type=int, default=64)
+    mapping.add_argument("--quiet", action="store_true", help="no progress bars")
+    mapping.set_defaults(handler=cmd_map)
+
     zoo = commands.add_parser("zoo", help="list the zoo models")
     zoo.set_defaults(handler=cmd_zoo)
 
@@ -176,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ModelLoadError, DatasetError, FetchError, KeyError, FileNotFoundError) as error:
+    except (ModelLoadError, DatasetError, FetchError, KeyError, FileNotFoundError,
+            ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"interp-fer {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -418,3 +418,32 @@ def map_dataset(
     if saver:
         saver.clear()
     return MappingResult(mapping, scores, run, table)
+
+
+def randomized_copy(model: FERModel, seed: int = 0) -> FERModel:
+    """A copy of ``model`` with every learned weight re-drawn at random (Adebayo et al. 2018).
+
+    Convolutions and linear layers get Kaiming-normal weights and zero biases; BatchNorm
+    layers become the identity (unit scale, zero shift and running statistics), so
+    activations keep a sane range. The control answers: would the analysis "find" the same
+    AU detectors in a network that learned nothing?
+    """
+    import copy
+
+    from .models import with_module
+
+    generator = torch.Generator().manual_seed(seed)
+    module = copy.deepcopy(model.module).cpu()
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Conv2d | torch.nn.Linear):
+                fan_in = sub.weight[0].numel()
+                sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator)
+                                 * np.sqrt(2.0 / fan_in))
+                if sub.bias is not None:
+                    sub.bias.zero_()
+            elif isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+                sub.reset_parameters()
+                sub.reset_running_stats()
+    module.to(model.device).eval()
+    return with_module(model, module, name=f"{model.name} (randomized weights)")
