@@ -28,6 +28,14 @@ _EXPORTS = {
     "load_sample_faces": "samples",
     "sample_face": "samples",
     "zoo_names": "zoo",
+    "deconvnet": "projections",
+    "guided_backprop": "projections",
+    "extremum_points": "projections",
+    "attribute": "attributions",
+    "load_au_regions": "au_regions",
+    "LandmarkDetector": "faces",
+    "landmarks_table": "faces",
+    "map_dataset": "mapping",
 }
 
 

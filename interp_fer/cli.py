@@ -129,6 +129,20 @@ def cmd_zoo(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_project(args: argparse.Namespace) -> int:
+    """``interp-fer project``: a face, its channels' projections and extremum points."""
+    from .data import read_image
+    from .figures import project_figure
+
+    model = _load_model(args)
+    channels = [int(c) for c in args.channels.split(",")] if args.channels else None
+    figure = project_figure(model, read_image(args.image), args.layer, channels, args.method,
+                            max_channels=args.max_channels)
+    figure.savefig(args.out, dpi=300)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_map(args: argparse.Namespace) -> int:
     """``interp-fer map``: the AU <-> channel mapping and its report."""
     from .layer_mapping import MappingOptions
@@ -188,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--stages-only", action="store_true",
                         help="only the convolutional stages")
     layers.set_defaults(handler=cmd_layers)
+
+    project = commands.add_parser("project", help="deconvnet projections of a layer's channels "
+                                  "on one face")
+    _add_model_arguments(project)
+    project.add_argument("--image", required=True, help="face image file")
+    project.add_argument("--layer", required=True, help="layer name (interp-fer layers)")
+    project.add_argument("--channels", help="comma-separated channels (default: most active)")
+    project.add_argument("--max-channels", type=int, default=15,
+                         help="channels shown when --channels is not given")
+    project.add_argument("--method", choices=("deconvnet", "guided_backprop"),
+                         default="deconvnet")
+    project.add_argument("--out", required=True, metavar="FIG", help="figure file (.pdf/.png)")
+    project.set_defaults(handler=cmd_project)
 
     mapping = commands.add_parser("map", help="map each channel to the facial Action Unit it "
                                   "detects (distance function, significance, report)")

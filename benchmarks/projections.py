@@ -1,0 +1,176 @@
+"""Projection engine against a Captum ``NeuronDeconvolution`` loop, on both zoo models.
+
+For every conv stage of mini-xception and pyemotion: projections per second of
+:func:`interp_fer.projections.deconvnet` (all channels of all images, one call) and of a
+Captum loop (one ``attribute`` call per (image, channel), timed on a sample of pairs spread
+over images and channels), their ratio, the engine's peak memory (CUDA allocator peak, or on
+CPU the growth of the resident set, a lower bound since the allocator reuses memory), and the
+largest difference between the two maps relative to each map's max |value| (must stay below
+1e-5). Only active (image, channel) pairs count: an inactive channel's map is zeros in both.
+
+Both sides are timed at their best (engine: best of ``--repeats`` calls; Captum: its fastest
+call) so that a busy shared machine penalises neither.
+
+Run: ``python benchmarks/projections.py [--images 16] [--captum-pairs 48] [--device cuda]``.
+Exits with status 1 when a map disagrees with Captum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from interp_fer.layers import resolve_layer
+from interp_fer.models import load_model
+from interp_fer.projections import deconvnet
+from interp_fer.samples import SAMPLE_FACES, sample_face
+
+TARGET_RATIO = 50.0
+TOLERANCE = 1e-5
+
+
+def faces(count: int) -> list[np.ndarray]:
+    """Real sample faces and their mirror images, repeated up to ``count``."""
+    base = [sample_face(name) for name in SAMPLE_FACES]
+    pool = base + [face[:, ::-1].copy() for face in base]
+    return [pool[i % len(pool)] for i in range(count)]
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or resident-set growth sampled on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss()
+        self._top = self._base
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self._top = max(self._top, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._running = False
+            self._thread.join()
+            self.peak = max(self._top, _rss()) - self._base
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: no sampling, report 0
+        return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_stage(model, inputs: torch.Tensor, stage: str, captum_pairs: int,
+                repeats: int) -> dict[str, float]:
+    """Engine and Captum timings for one stage (see the module docstring)."""
+    from captum.attr import NeuronDeconvolution
+
+    module, device = model.module, model.device
+    deconvnet(module, inputs[:2], stage)  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            result = deconvnet(module, inputs, stage)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    engine_time = min(times)
+    active = result.active.nonzero().tolist()
+    pick = np.linspace(0, len(active) - 1, min(captum_pairs, len(active))).round().astype(int)
+    pairs = [active[i] for i in dict.fromkeys(pick.tolist())]
+    reference = NeuronDeconvolution(module, resolve_layer(module, stage))
+    calls, worst = [], 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Captum warns on every call
+        reference.attribute(inputs[:1], neuron_selector=(0, 0, 0))  # warm-up
+        for image, slot in pairs:
+            row, col = result.units[image, slot].tolist()
+            channel = int(result.channels[slot])
+            _sync(device)
+            start = time.perf_counter()
+            expected = reference.attribute(inputs[image:image + 1],
+                                           neuron_selector=(channel, row, col))[0]
+            _sync(device)
+            calls.append(time.perf_counter() - start)
+            scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+            error = ((expected - result.maps[image, slot]).abs().max() / scale).item()
+            worst = max(worst, error)
+    engine_rate = len(active) / engine_time
+    captum_rate = 1.0 / min(calls)  # best case, like the engine's best of --repeats
+    return {
+        "channels": result.maps.shape[1], "active": len(active), "engine": engine_rate,
+        "captum": captum_rate, "ratio": engine_rate / captum_rate,
+        "memory": memory.peak / 2**20, "error": worst, "checked": len(pairs),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16, help="images per stage")
+    parser.add_argument("--captum-pairs", type=int, default=48,
+                        help="(image, channel) pairs timed and checked with Captum per stage")
+    parser.add_argument("--repeats", type=int, default=3, help="engine runs (best is kept)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--models", nargs="+", default=["mini-xception", "pyemotion"])
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {args.images} images per stage")
+    header = (f"{'model':<14}{'stage':<8}{'K':>5}{'active':>8}{'engine/s':>11}{'captum/s':>10}"
+              f"{'ratio':>8}{'peak MiB':>10}{'max err':>10}")
+    print(header)
+    print("-" * len(header))
+    failures, below = 0, 0
+    for model_name in args.models:
+        model = load_model(model_name, device=device)
+        inputs = model.preprocess(faces(args.images)).to(device)
+        for stage in model.stages:
+            row = bench_stage(model, inputs, stage, args.captum_pairs, args.repeats)
+            failures += row["error"] > TOLERANCE
+            below += row["ratio"] < TARGET_RATIO
+            print(f"{model_name:<14}{stage:<8}{row['channels']:>5}{row['active']:>8}"
+                  f"{row['engine']:>11.0f}{row['captum']:>10.1f}{row['ratio']:>7.0f}x"
+                  f"{row['memory']:>10.1f}{row['error']:>10.1e}", flush=True)
+    print(f"maps agree with Captum (<= {TOLERANCE:g} of each map's max): "
+          f"{'yes' if not failures else f'NO ({failures} stages)'}; "
+          f"stages below {TARGET_RATIO:g}x: {below}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

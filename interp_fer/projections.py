@@ -1,0 +1,1010 @@
+"""Deconvnet and guided-backprop projections of every channel's maximum, and extremum points.
+
+For image i and channel k of a layer, the *projection* is the input-space map obtained by
+seeding the backward pass with 1 at the channel's arg-max unit (first maximum in row-major
+order, as ``torch.argmax`` on the flattened map) and 0 elsewhere, and propagating it with the
+deconvnet rules (Zeiler & Fergus 2014): transposed convolutions, max-pool switches from the
+forward pass, and ``relu`` applied to the backward signal at every ``nn.ReLU``. Guided backprop
+also multiplies by the forward ReLU mask. Each map equals what Captum's
+``NeuronDeconvolution(module, layer).attribute(x, neuron_selector=(k, row, col))`` (or
+``NeuronGuidedBackprop``) returns for that image, computed in eval mode.
+
+Why it is fast: the deconvnet rule ``relu(grad)`` does not depend on the forward pass, so every
+(image, channel) seed of a batch can go backward *together* after one forward pass, sharing
+that image's pooling switches (and ReLU masks for guided backprop). The backward pass is run by
+a small interpreter of the autograd graph that keeps, for each seed, only a window around its
+receptive-field cone (a 3x3 unit needs a 3x3 window, not the whole image) and switches to whole
+maps once the cone covers them. Graphs with operations it does not know run through
+``torch.autograd.grad(..., is_grads_batched=True)`` instead: same maps, full-size.
+
+The network runs in eval mode (BatchNorm running statistics, no dropout, each image on its
+own); every submodule's ``training`` flag is restored afterwards. ReLUs must be ``nn.ReLU``
+modules (in-place is fine): a ReLU applied functionally raises
+:class:`~interp_fer.hooks.FunctionalReLUError` rather than silently becoming a plain gradient.
+One known difference from Captum: Captum rewrites the gradient of a ReLU's *input tensor*, so
+where that tensor also feeds another operation (``y = conv(x); out = relu(y) + y``) Captum
+applies the rule to the summed gradient of both uses, whereas here it applies to the ReLU's
+share only, as the deconvnet defines it. No zoo model has such a pattern.
+
+Coordinates: (row, col) in the pixel grid of the *preprocessed* network input (the tensor
+given to the network, e.g. 64x64 for mini-Xception), pixel ``i`` covering ``[i - 0.5, i + 0.5)``;
+rows grow downwards. Map them to an original image with the preprocessing's resize factor.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import (
+    RELU_NODES,
+    HookSet,
+    Rule,
+    graph_nodes,
+    is_rule_node,
+    raise_functional_relus,
+    relu_rule,
+)
+from .layers import ReceptiveField, receptive_field, resolve_layer
+
+Engine = Literal["auto", "windowed", "autograd"]
+_CPU_TILE = 16 * 2**20  # bytes of the widest gradient of a CPU batch
+ExtremumMethod = Literal["centroid", "argmax", "rf"]
+
+
+@dataclass
+class Projections:
+    """Projections of the arg-max unit of chosen channels of one layer, for a batch of images.
+
+    Attributes
+    ----------
+    maps
+        (N, K, c, H, W) float: projection of channel ``channels[j]`` of image ``i`` onto the
+        preprocessed input; zeros where ``active`` is False.
+    units
+        (N, K, 2) long: (row, col) of each channel's maximum in the layer's output map.
+    values
+        (N, K) float: that maximum activation.
+    active
+        (N, K) bool: the maximum is positive. An inactive channel does not respond to the
+        image; projecting an arbitrary unit of it would be meaningless, so its map is zeros.
+    channels
+        (K,) long: channel indices of the layer, in the order of the K axis.
+    layer
+        Layer name (dotted path).
+    method
+        ``"deconvnet"`` or ``"guided_backprop"``.
+    receptive_field
+        Geometry of the layer's units in input pixels (None when unknown).
+    """
+
+    maps: torch.Tensor
+    units: torch.Tensor
+    values: torch.Tensor
+    active: torch.Tensor
+    channels: torch.Tensor
+    layer: str
+    method: str
+    receptive_field: ReceptiveField | None = None
+
+
+def deconvnet(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    layer: str | nn.Module,
+    channels: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    image_batch: int = 64,
+    max_memory: int = 512 * 2**20,
+    engine: Engine = "auto",
+) -> Projections:
+    """Deconvnet projection of each channel's arg-max unit, for every image of a batch.
+
+    Parameters
+    ----------
+    module
+        The network (every ReLU must be an ``nn.ReLU`` module, in-place ones included). It is
+        run in eval mode; every submodule's ``training`` flag is restored afterwards.
+    inputs
+        Preprocessed images, (N, c, H, W) float, on any device (the work runs on the
+        module's device; results come back on the inputs' device).
+    layer
+        Layer name (dotted path of ``named_modules()``) or the submodule itself; its output
+        must be a (N, C, h, w) tensor.
+    channels
+        Channel indices (default: all), in the order of the result's K axis.
+    image_batch
+        Images per forward pass.
+    max_memory
+        Bytes of working memory per backward batch of seeds (bounds peak memory).
+    engine
+        ``"windowed"`` (receptive-field windows), ``"autograd"`` (batched autograd, whole
+        maps) or ``"auto"`` (windowed when the graph has only operations it knows).
+
+    Returns
+    -------
+    Projections
+
+    Raises
+    ------
+    interp_fer.hooks.FunctionalReLUError
+        When a ReLU between the input and the layer is not an ``nn.ReLU`` module.
+    """
+    return project(module, inputs, layer, channels, method="deconvnet", image_batch=image_batch,
+                   max_memory=max_memory, engine=engine)
+
+
+def guided_backprop(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    layer: str | nn.Module,
+    channels: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    image_batch: int = 64,
+    max_memory: int = 512 * 2**20,
+    engine: Engine = "auto",
+) -> Projections:
+    """Guided-backprop projection of each channel's arg-max unit (see :func:`deconvnet`)."""
+    return project(module, inputs, layer, channels, method="guided_backprop",
+                   image_batch=image_batch, max_memory=max_memory, engine=engine)
+
+
+def project(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    layer: str | nn.Module,
+    channels: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    method: Rule = "deconvnet",
+    image_batch: int = 64,
+    max_memory: int = 512 * 2**20,
+    engine: Engine = "auto",
+) -> Projections:
+    """Projections with ``method`` = ``"deconvnet"`` or ``"guided_backprop"``.
+
+    See :func:`deconvnet` for the parameters.
+    """
+    if method not in ("deconvnet", "guided_backprop"):
+        raise ValueError(f"method must be 'deconvnet' or 'guided_backprop', not {method!r}")
+    if engine not in ("auto", "windowed", "autograd"):
+        raise ValueError(f"engine must be 'auto', 'windowed' or 'autograd', not {engine!r}")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+        raise ValueError("inputs must be a preprocessed (N, c, H, W) tensor; use "
+                         "FERModel.preprocess(images) to make one")
+    layer_module = resolve_layer(module, layer)
+    name = _layer_name(module, layer_module, layer)
+    parameter = next(module.parameters(), None)
+    device = parameter.device if parameter is not None else inputs.device
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() \
+        else torch.float32
+    field = _receptive_field(module, name, tuple(inputs.shape[1:]))
+    parts = []
+    # Work outside a caller's inference mode: the backward pass needs a recorded graph.
+    with torch.inference_mode(False):
+        for chunk in inputs.split(max(1, image_batch)):
+            parts.append(_project_chunk(module, layer_module, name,
+                                        chunk.to(device, dtype).clone(), channels, method,
+                                        max_memory, engine))
+    result = Projections(
+        *(torch.cat([part[i] for part in parts]).to(inputs.device) for i in range(4)),
+        channels=parts[0][4], layer=name, method=method, receptive_field=field,
+    )
+    return result
+
+
+def _layer_name(module: nn.Module, layer_module: nn.Module, layer: str | nn.Module) -> str:
+    if isinstance(layer, str):
+        return layer
+    for name, sub in module.named_modules():
+        if sub is layer_module and name:
+            return name
+    raise KeyError(f"{type(layer).__name__} is not a submodule of {type(module).__name__}")
+
+
+# Receptive fields depend on the architecture only: computed once per (network, layer, shape).
+_FIELDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ReceptiveField | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _receptive_field(module: nn.Module, name: str, shape: tuple[int, ...]) -> ReceptiveField | None:
+    known = _FIELDS.setdefault(module, {})
+    key = (name, shape)
+    if key not in known:
+        try:
+            with HookSet(module) as hooks, torch.inference_mode(False):
+                hooks.eval()  # the HookSet restores every submodule's training flag
+                known[key] = receptive_field(module, name, shape)  # type: ignore[arg-type]
+        except (ValueError, RuntimeError, TypeError):
+            known[key] = None
+    return known[key]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the layer is needed."""
+
+
+def _forward_to_layer(module: nn.Module, layer: nn.Module, hooks: HookSet, x: torch.Tensor,
+                      name: str) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
+            raise ValueError(f"layer {name!r} must output a (N, C, h, w) tensor, got {shape}")
+        # A clone, as Captum does: later in-place operations must not alter the seeded tensor.
+        captured.append(output.clone())
+        raise _StopForward
+
+    hooks.forward(layer, capture)  # after the ReLU hooks: a ReLU layer's output is replaced
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            module(x)
+        except _StopForward:
+            pass
+    if not captured:
+        raise ValueError(f"layer {name!r} was not called by the forward pass")
+    activation = captured[0]
+    if activation.grad_fn is None:
+        raise ValueError(f"layer {name!r}: its output does not depend on the input")
+    return activation
+
+
+def _channel_index(channels: Any, n_channels: int) -> torch.Tensor:
+    if channels is None:
+        return torch.arange(n_channels)
+    index = torch.as_tensor(channels, dtype=torch.long).flatten()
+    if index.numel() == 0:
+        raise ValueError("channels is empty")
+    bad = index[(index < 0) | (index >= n_channels)]
+    if bad.numel():
+        raise IndexError(f"channels {bad.tolist()} out of range: the layer has {n_channels}")
+    return index
+
+
+def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch.Tensor,
+                   channels: Any, rule: Rule, max_memory: int, engine: Engine):
+    with HookSet(module) as hooks:
+        hooks.eval()
+        relu_rule(hooks, module, rule)
+        with torch.inference_mode(False):
+            # Channels-last runs oneDNN's faster CPU convolutions in the forward pass.
+            x = images.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
+        activation = _forward_to_layer(module, layer, hooks, x, name)
+    nodes = graph_nodes(activation.grad_fn, x)
+    functional = sum(1 for node in nodes if type(node).__name__ in RELU_NODES)
+    raise_functional_relus(functional, f"layer {name!r}", rule)
+    n, n_channels, h, w = activation.shape
+    index = _channel_index(channels, n_channels).to(activation.device)
+    flat = activation.detach()[:, index].flatten(2)
+    position = flat.argmax(dim=2)  # first maximum in row-major order, as Captum users pick
+    values = flat.gather(2, position[..., None])[..., 0]
+    units = torch.stack([position // w, position % w], dim=-1)
+    active = values > 0
+    maps = x.new_zeros(n, len(index), *x.shape[1:]).detach()
+    plan = None if engine == "autograd" else _compile(nodes, x)
+    if plan is None and engine == "windowed":
+        raise ValueError(f"layer {name!r}: the graph has operations the windowed engine does "
+                         "not support; use engine='auto' or 'autograd'")
+    image, slot = active.nonzero(as_tuple=True)
+    with torch.inference_mode(False), torch.no_grad():
+        if plan is not None:
+            seeds = (image, index[slot], units[image, slot, 0], units[image, slot, 1])
+            maps[image, slot] = _run_windowed(plan, seeds, x.shape, max_memory)
+        else:
+            _run_autograd(activation, x, index, units, active, maps, max_memory)
+    return maps.detach(), units, values.detach(), active, index.cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Batched autograd engine (any graph): one row of seeds per channel, all images at once.
+
+
+def _run_autograd(activation: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
+                  units: torch.Tensor, active: torch.Tensor, maps: torch.Tensor,
+                  max_memory: int) -> None:
+    n = activation.shape[0]
+    # A row of seeds goes backward through every image: budget the largest map, 4 copies.
+    per_row = 4 * n * _largest_map(activation.grad_fn) * activation.element_size()
+    rows = max(1, min(len(index), max_memory // max(1, per_row)))
+    for start in range(0, len(index), rows):
+        slots = torch.arange(start, min(start + rows, len(index)), device=x.device)
+        seeds = activation.new_zeros(len(slots), *activation.shape)
+        row, image = active[:, slots].T.nonzero(as_tuple=True)
+        slot = slots[row]
+        seeds[row, image, index[slot], units[image, slot, 0], units[image, slot, 1]] = 1
+        with torch.enable_grad():
+            (grads,) = torch.autograd.grad(activation, x, seeds, retain_graph=True,
+                                           is_grads_batched=True)
+        maps[:, slots] = grads.transpose(0, 1) * active[:, slots, None, None, None]
+
+
+def _largest_map(root: Any) -> int:
+    largest = 1
+    for node in graph_nodes(root):
+        for meta in getattr(node, "_input_metadata", ()):
+            largest = max(largest, math.prod(meta.shape[1:]))
+    return largest
+
+
+# --------------------------------------------------------------------------------------------
+# Windowed engine: an interpreter of the autograd graph that follows each seed's cone.
+#
+# A gradient is a _Win: data (B, C, sh, sw) for B seeds, and per seed the (row, col) of
+# data[..., 0, 0] in the node's map ("virtual": may lie outside the map; values there are 0,
+# or to be zeroed, see _Win.dirty). An axis that covers the whole map is "full" (offset 0 for
+# every seed, size = the map's). Seeds of any images share a batch: per-image tensors (pool
+# switches, guided-backprop masks) are read at each seed's image and window.
+
+
+@dataclass
+class _Win:
+    data: torch.Tensor
+    off: np.ndarray  # (B, 2) int64
+    full: tuple[bool, bool]
+    hot: torch.Tensor | None = None  # (B,) channel: data is 1x1, zero but for that channel
+    # Map size (h, w) outside which data may hold values that belong to no position: masking
+    # is deferred to the steps that would spread them (convolution, pooling), since padding
+    # and element-wise steps leave them in place or drop them.
+    dirty: tuple[int, int] | None = None
+
+
+def _clean(win: _Win) -> _Win:
+    """Zero the window positions outside the map (see :attr:`_Win.dirty`)."""
+    if win.dirty is None:
+        return win
+    inside = _inside(win, win.dirty)
+    data = win.data if inside is None else win.data * inside
+    return replace(win, data=data, dirty=None)
+
+
+@dataclass
+class _Step:
+    node: Any
+    apply: Callable[[_Win, torch.Tensor], list[_Win | None]]
+    children: list[Any]  # one per output of apply; None = not on a path to the input
+
+
+def _meta_shape(node: Any, index: int) -> tuple[int, ...]:
+    return tuple(node._input_metadata[index].shape)
+
+
+def _compile(nodes: list[Any], x: torch.Tensor) -> list[_Step] | None:
+    """Translate the graph into windowed steps, or None if some node is not supported."""
+    relevant = set(nodes)
+    try:
+        edges = {node: [(child, i) if child in relevant else (None, i)
+                        for child, i in node.next_functions] for node in nodes}
+        folded = _fold_batchnorms(nodes, edges)
+        steps = []
+        for node in nodes:
+            if getattr(node, "variable", None) is x:
+                continue
+            shapes = [_meta_shape(c, i) if c is not None else None for c, i in edges[node]]
+            if node in folded and not isinstance(folded[node], torch.Tensor):
+                apply = _identity  # a BatchNorm folded into the convolution below it
+            else:
+                apply = _handler(node, shapes, folded.get(node))
+            if apply is None:
+                return None
+            steps.append(_Step(node, apply, [c for c, _ in edges[node]]))
+    except (AttributeError, RuntimeError, TypeError, IndexError):  # private API changed
+        return None
+    return steps
+
+
+def _identity(win: _Win, img: torch.Tensor) -> list[_Win | None]:
+    return [win]
+
+
+def _fold_batchnorms(nodes: list[Any], edges: dict[Any, list[tuple[Any, int]]]) -> dict[Any, Any]:
+    """BatchNorm scales to fold into the convolution that feeds them (one pass fewer).
+
+    Returns {batchnorm node: True, convolution node: scale (C,)} for each conv -> BN pair
+    whose convolution output goes only to that BatchNorm.
+    """
+    parents: dict[Any, int] = {}
+    for node in nodes:
+        for child, _ in edges[node]:
+            if child is not None:
+                parents[child] = parents.get(child, 0) + 1
+    folded: dict[Any, Any] = {}
+    for node in nodes:
+        if type(node).__name__ not in _BATCHNORMS:
+            continue
+        scale = _batchnorm_scale(node)
+        children = [child for child, _ in edges[node] if child is not None]
+        if scale is None or len(children) != 1:
+            continue
+        child = children[0]
+        if type(child).__name__ == "ConvolutionBackward0" and parents.get(child) == 1 \
+                and not child._saved_transposed:
+            folded[node] = True
+            folded[child] = scale.view(-1)
+    return folded
+
+
+_BATCHNORMS = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
+
+
+def _handler(node: Any, shapes: list[tuple[int, ...] | None], scale: torch.Tensor | None = None):
+    kind = type(node).__name__
+    used = [s for s in shapes if s is not None]
+    if any(len(s) != 4 for s in used):
+        return None
+    if kind in ("CloneBackward0", "AliasBackward0"):
+        return _identity
+    if kind in ("AddBackward0", "SubBackward0"):
+        out = tuple(node._input_metadata[0].shape)
+        if any(tuple(s) != out for s in used):
+            return None  # broadcasting
+        alpha = float(node._saved_alpha) * (-1 if kind == "SubBackward0" else 1)
+        return lambda win, img: [win, win if alpha == 1 else replace(win, data=win.data * alpha)]
+    if is_rule_node(node):
+        return _relu_handler(node)
+    if kind == "ConvolutionBackward0":
+        return _conv_handler(node, shapes[0], scale)
+    if kind == "MaxPool2DWithIndicesBackward0":
+        return _pool_handler(node, shapes[0])
+    if kind in _BATCHNORMS:
+        scale = _batchnorm_scale(node)
+        return None if scale is None else \
+            lambda win, img: [replace(win, data=win.data * scale)]
+    if kind == "ConstantPadNdBackward0":
+        return _constant_pad_handler(node, shapes[0])
+    if kind in ("ReflectionPad2DBackward0", "ReplicationPad2DBackward0"):
+        return _fold_pad_handler(node, shapes[0], kind.startswith("Reflection"))
+    return None
+
+
+def _relu_handler(node: Any):
+    if not node.guided:
+        return lambda win, img: [replace(win, data=torch.relu(win.data))]
+    (saved,) = node.saved_tensors
+    positive = _channels_last_source(saved > 0)
+
+    def guided(win: _Win, img: torch.Tensor) -> list[_Win | None]:
+        mask = _gather_window(positive, img, win).permute(0, 3, 1, 2)
+        return [replace(win, data=torch.relu(win.data) * mask)]
+
+    return guided
+
+
+def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor | None):
+    if shape is None or node._saved_transposed or len(node._saved_stride) != 2:
+        return None
+    weight = node._saved_weight.detach()
+    if scale is not None:  # BatchNorm after this convolution, folded into its output channels
+        weight = weight * scale.view(-1, 1, 1, 1)
+    stride, padding = tuple(node._saved_stride), tuple(node._saved_padding)
+    dilation, groups = tuple(node._saved_dilation), int(node._saved_groups)
+    kernel = tuple(weight.shape[2:])
+    extent = shape[2:]
+    reach = [dilation[a] * (kernel[a] - 1) for a in range(2)]
+    flipped = None
+    if stride == (1, 1):
+        # A stride-1 transposed convolution is a convolution with the kernel flipped and its
+        # in/out channels swapped per group: the forward kernels are much faster on CPU.
+        out_channels, in_per_group = weight.shape[:2]
+        flipped = (weight.view(groups, out_channels // groups, in_per_group, *kernel)
+                   .transpose(1, 2).reshape(groups * in_per_group, out_channels // groups, *kernel)
+                   .flip(-1, -2).contiguous())
+
+    def conv(win: _Win, img: torch.Tensor) -> list[_Win | None]:
+        win = _clean(win)
+        if win.hot is not None and groups == 1 and dilation == (1, 1):
+            # A single unit (the seed): its transposed convolution is a copy of its kernel.
+            value = win.data.flatten(1).gather(1, win.hot[:, None])
+            out = weight.index_select(0, win.hot) * value[:, :, None, None]
+            off = win.off * np.array(stride) - np.array(padding)
+            return [_fit(out.contiguous(memory_format=torch.channels_last), off, win.full,
+                         extent)]
+        data = win.data.contiguous(memory_format=torch.channels_last)
+        if all(win.full):
+            # Whole maps: the convolution crops the padding itself.
+            if flipped is not None and all(reach[a] >= padding[a] for a in range(2)):
+                pads = tuple(reach[a] - padding[a] for a in range(2))
+                out = _conv(data, flipped, pads, dilation, groups)
+                if tuple(out.shape[2:]) == tuple(extent):
+                    return [_Win(out, win.off, win.full)]
+            sizes = [(data.shape[2 + a] - 1) * stride[a] - 2 * padding[a] + reach[a] + 1
+                     for a in range(2)]
+            extra = [extent[a] - sizes[a] for a in range(2)]
+            if all(0 <= e < max(stride[a], dilation[a]) for a, e in enumerate(extra)):
+                out = F.conv_transpose2d(data, weight, None, stride, padding, extra, groups,
+                                         dilation)
+                return [_Win(out, win.off, win.full)]
+        if flipped is not None:
+            out = _conv(data, flipped, tuple(reach), dilation, groups)
+        else:
+            out = F.conv_transpose2d(data, weight, None, stride, 0, 0, groups, dilation)
+        off = win.off * np.array(stride) - np.array(padding)
+        return [_fit(out, off, win.full, extent)]
+
+    return conv
+
+
+def _conv(data: torch.Tensor, weight: torch.Tensor, padding: tuple[int, ...],
+          dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """Stride-1 convolution; one output channel (a gray input) as depthwise + channel sum.
+
+    oneDNN's kernels are slow with a single output channel; the depthwise form is ~3x faster.
+    """
+    if weight.shape[0] == 1 and groups == 1 and weight.shape[1] > 1:
+        spread = F.conv2d(data, weight.view(weight.shape[1], 1, *weight.shape[2:]), None, 1,
+                          padding, dilation, weight.shape[1])
+        return spread.sum(dim=1, keepdim=True)
+    return F.conv2d(data, weight, None, 1, padding, dilation, groups)
+
+
+def _pool_handler(node: Any, shape: tuple[int, ...] | None):
+    if shape is None:
+        return None
+    indices = _channels_last_source(node._saved_result1)  # (N, h, w, C) flat input positions
+    kernel = tuple(node._saved_kernel_size) * (2 // len(node._saved_kernel_size))
+    stride = tuple(node._saved_stride or kernel) * (2 // len(node._saved_stride or kernel))
+    padding = tuple(node._saved_padding) * (2 // len(node._saved_padding))
+    dilation = tuple(node._saved_dilation) * (2 // len(node._saved_dilation))
+    extent = shape[2:]
+
+    def pool(win: _Win, img: torch.Tensor) -> list[_Win | None]:
+        win = _clean(win)
+        b, c, sh, sw = win.data.shape
+        where = _gather_window(indices, img, win)  # (B, sh, sw, C)
+        sizes, offs, full = [], [], []
+        for a, size in enumerate((sh, sw)):
+            span = (size - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1
+            whole = win.full[a] or span >= extent[a]
+            full.append(whole)
+            sizes.append(extent[a] if whole else span)
+            offs.append(np.zeros(b, np.int64) if whole
+                        else win.off[:, a] * stride[a] - padding[a])
+        off = np.stack(offs, axis=1)
+        if all(full):
+            flat = where  # switches are already flat positions in the whole map
+        else:
+            shift = torch.from_numpy(off).to(where.device)
+            rows = where // extent[1] - shift[:, 0, None, None, None]
+            cols = where % extent[1] - shift[:, 1, None, None, None]
+            flat = rows * sizes[1] + cols
+            valid = _inside(win, indices.shape[1:3])
+            if valid is not None:  # positions outside the map hold 0: send them anywhere
+                flat = torch.where(valid[:, 0, :, :, None], flat, 0)
+        # Scatter in channels-last layout: the result feeds a convolution that wants it.
+        values = win.data.permute(0, 2, 3, 1).reshape(b, sh * sw, c)
+        out = values.new_zeros(b, sizes[0] * sizes[1], c)
+        out.scatter_add_(1, flat.reshape(b, sh * sw, c), values)
+        out = out.view(b, sizes[0], sizes[1], c).permute(0, 3, 1, 2)
+        return [_Win(out, off, (full[0], full[1]))]
+
+    return pool
+
+
+def _channels_last_source(tensor: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> contiguous (N, h, w, C), the layout :func:`_gather_window` reads."""
+    return tensor.detach().permute(0, 2, 3, 1).contiguous()
+
+
+def _batchnorm_scale(node: Any) -> torch.Tensor | None:
+    """(1, C, 1, 1) gradient scale of an eval-mode BatchNorm; None in training mode."""
+    if bool(getattr(node, "_saved_training", True)):
+        return None  # batch statistics mix the images of a batch
+    eps = float(getattr(node, "_saved_eps", getattr(node, "_saved_epsilon", 1e-5)))
+    var = node._saved_running_var
+    if var is None:
+        return None
+    scale = torch.rsqrt(var.detach() + eps)
+    if node._saved_weight is not None:
+        scale = scale * node._saved_weight.detach()
+    return scale.view(1, -1, 1, 1)
+
+
+def _constant_pad_handler(node: Any, shape: tuple[int, ...] | None):
+    # Negative pads (crops) come back as unsigned 64-bit integers.
+    pad = tuple(int(v) - 2**64 if int(v) >= 2**63 else int(v) for v in node._saved_pad)
+    if shape is None or len(pad) > 4 and any(pad[4:]):
+        return None
+    left = pad[0]
+    top = pad[2] if len(pad) > 2 else 0
+    before = np.array([top, left])
+    extent = shape[2:]
+
+    def crop(win: _Win, img: torch.Tensor) -> list[_Win | None]:
+        if min(pad) < 0:  # the input map is larger: positions outside the output matter
+            win = _clean(win)
+        out = _fit(win.data, win.off - before, win.full, extent)
+        if win.dirty is not None and out.dirty is None and not all(out.full):
+            out.dirty = (extent[0], extent[1])
+        if out.data.shape[2:] == (1, 1):
+            out.hot = win.hot
+        return [out]
+
+    return crop
+
+
+def _fold_pad_handler(node: Any, shape: tuple[int, ...] | None, reflect: bool):
+    if shape is None:
+        return None
+    left, right, top, bottom = tuple(node._saved_padding)
+    extent = shape[2:]
+
+    def fold(win: _Win, img: torch.Tensor) -> list[_Win | None]:
+        for axis, before, after in ((0, top, bottom), (1, left, right)):
+            win = _fold_axis(win, axis, before, after, extent[axis], reflect)
+        return [replace(win, dirty=None)]  # each axis zeroed what lies outside the map
+
+    return fold
+
+
+# ---------------------------------------------------------------------------- window algebra
+
+
+def _fit(data: torch.Tensor, off: np.ndarray, full: tuple[bool, bool],
+         extent: Sequence[int]) -> _Win:
+    """Bring data with virtual offsets into a node's map of size ``extent``.
+
+    Axes that cover the map become full maps; others stay windows, marked dirty when some
+    of their positions fall outside the map (see :func:`_clean`).
+    """
+    off = off.copy()
+    flags = list(full)
+    dirty = False
+    for axis in range(2):
+        size = data.shape[2 + axis]
+        column = off[:, axis]
+        uniform = column.min() == column.max()
+        if flags[axis] or size >= extent[axis]:
+            if uniform:
+                data = _slice_axis(data, axis, -int(column[0]), extent[axis])
+            else:
+                data = _shift_axis(data, axis, -column, extent[axis])
+            off[:, axis] = 0
+            flags[axis] = True
+        elif (column < 0).any() or (column + size > extent[axis]).any():
+            dirty = True
+    return _Win(data, off, (flags[0], flags[1]), dirty=(extent[0], extent[1]) if dirty else None)
+
+
+def _slice_axis(data: torch.Tensor, axis: int, start: int, size: int) -> torch.Tensor:
+    """data[..., start:start + size] along ``axis`` (2 or 3 = axis + 2), zero-padded."""
+    dim = 2 + axis
+    length = data.shape[dim]
+    before, after = max(0, -start), max(0, start + size - length)
+    if before or after:
+        pad = [0, 0, 0, 0]
+        pad[2 * (1 - axis)], pad[2 * (1 - axis) + 1] = before, after
+        data = F.pad(data, pad)
+        start += before
+    return data.narrow(dim, start, size)
+
+
+def _shift_axis(data: torch.Tensor, axis: int, delta: np.ndarray, size: int) -> torch.Tensor:
+    """result[b, ..., t] = data[b, ..., t + delta[b]] (zero outside), per-seed shifts."""
+    if delta.min() == delta.max():
+        return _slice_axis(data, axis, int(delta[0]), size)
+    dim = 2 + axis
+    length = data.shape[dim]
+    source = np.arange(size)[None, :] + delta[:, None]
+    source = torch.from_numpy(np.where((source >= 0) & (source < length), source, length))
+    pad = [0, 0, 0, 0]
+    pad[2 * (1 - axis) + 1] = 1  # a zero slot at index `length` for positions outside
+    padded = F.pad(data, pad)
+    seeds = torch.arange(len(delta), device=data.device)[:, None]
+    # Advanced indexing on (seed, position) pairs: cheaper than gather's per-element index.
+    moved = padded.movedim(dim, 1)[seeds, source.to(data.device)]
+    return moved.movedim(1, dim)
+
+
+def _gather_window(source: torch.Tensor, img: torch.Tensor, win: _Win) -> torch.Tensor:
+    """Per-image tensor (N, h, w, C) read at each seed's window: (B, sh, sw, C)."""
+    b, _, sh, sw = win.data.shape
+    if all(win.full):
+        return source.index_select(0, img)
+    h, w = source.shape[1:3]
+    rows = torch.from_numpy(np.clip(win.off[:, :1] + np.arange(sh), 0, h - 1)).to(img.device)
+    cols = torch.from_numpy(np.clip(win.off[:, 1:] + np.arange(sw), 0, w - 1)).to(img.device)
+    return source[img[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _inside(win: _Win, extent: Sequence[int]) -> torch.Tensor | None:
+    """(B, 1, sh, sw) bool: window positions inside a map of size ``extent``; None if all."""
+    inside = None
+    for axis in range(2):
+        column, size = win.off[:, axis], win.data.shape[2 + axis]
+        if win.full[axis] or ((column >= 0).all() and (column + size <= extent[axis]).all()):
+            continue
+        position = torch.from_numpy(column[:, None] + np.arange(size)).to(win.data.device)
+        mask = (position >= 0) & (position < extent[axis])
+        mask = mask[:, None, :, None] if axis == 0 else mask[:, None, None, :]
+        inside = mask if inside is None else inside & mask
+    return inside
+
+
+def _fold_axis(win: _Win, axis: int, before: int, after: int, extent: int,
+               reflect: bool) -> _Win:
+    """Backward of reflection/replication padding along one axis: fold the border back.
+
+    Positions in the padding add their gradient to the input position they copy
+    (reflection: -x and 2(E-1)-x; replication: 0 and E-1); the others keep theirs.
+    """
+    dim = 2 + axis
+    size = win.data.shape[dim]
+    column = win.off[:, axis] - before  # input coordinate of window position 0, per seed
+    if win.full[axis]:
+        return _fold_whole(win, axis, before, after, extent, reflect)
+    outside = [*range(-before, 0), *range(extent, extent + after)]
+    sources, targets = [], []
+    for x in outside:
+        target = (-x if x < 0 else 2 * (extent - 1) - x) if reflect else min(max(x, 0), extent - 1)
+        source_index, target_index = x - column, target - column
+        present = (source_index >= 0) & (source_index < size)
+        if not present.any():
+            continue
+        if ((target_index < 0) | (target_index >= size))[present].any() or size >= extent:
+            whole = _shift_axis(win.data, axis, -win.off[:, axis], before + extent + after)
+            off = win.off.copy()
+            off[:, axis] = 0
+            full = list(win.full)
+            full[axis] = True
+            return _fold_whole(_Win(whole, off, (full[0], full[1])), axis, before, after,
+                               extent, reflect)
+        sources.append((np.clip(source_index, 0, size - 1), present))
+        targets.append(np.clip(target_index, 0, size - 1))
+    position = torch.from_numpy(column[:, None] + np.arange(size)).to(win.data.device)
+    shape = [len(column), 1, 1, 1]
+    shape[dim] = size
+    inside = ((position >= 0) & (position < extent)).view(shape)
+    out = win.data * inside
+    for (source_index, present), target_index in zip(sources, targets, strict=True):
+        slab_shape = list(win.data.shape)
+        slab_shape[dim] = 1
+        index_shape = [len(column), 1, 1, 1]
+        pick = torch.from_numpy(source_index).to(out.device).view(index_shape).expand(slab_shape)
+        slab = win.data.gather(dim, pick) * torch.from_numpy(present).to(out.device).view(
+            index_shape)
+        put = torch.from_numpy(target_index).to(out.device).view(index_shape).expand(slab_shape)
+        out.scatter_add_(dim, put, slab)  # `out` is a fresh tensor
+    off = win.off.copy()
+    off[:, axis] = column
+    return _Win(out, off, win.full)
+
+
+def _fold_whole(win: _Win, axis: int, before: int, after: int, extent: int,
+                reflect: bool) -> _Win:
+    """:func:`_fold_axis` for a whole padded axis (size before + extent + after)."""
+    dim = 2 + axis
+    data = win.data
+    out = data.narrow(dim, before, extent).clone()
+    for x in range(-before, 0):
+        target = -x if reflect else 0
+        out.narrow(dim, target, 1).add_(data.narrow(dim, x + before, 1))
+    for x in range(extent, extent + after):
+        target = 2 * (extent - 1) - x if reflect else extent - 1
+        out.narrow(dim, target, 1).add_(data.narrow(dim, x + before, 1))
+    return _Win(out, win.off, win.full)
+
+
+def _accumulate(a: _Win, b: _Win, extent: Sequence[int]) -> _Win:
+    """Sum of two gradients of the same node (e.g. both branches of a residual block)."""
+    a, b = _clean(a), _clean(b)
+    if a.off.shape == b.off.shape and a.full == b.full and a.data.shape == b.data.shape \
+            and (a.off == b.off).all():
+        return _Win(a.data + b.data, a.off, a.full)
+    off = np.zeros_like(a.off)
+    sizes, flags = [], []
+    for axis in range(2):
+        if a.full[axis] or b.full[axis]:
+            sizes.append(extent[axis])
+            flags.append(True)
+            continue
+        start = np.minimum(a.off[:, axis], b.off[:, axis])
+        stop = np.maximum(a.off[:, axis] + a.data.shape[2 + axis],
+                          b.off[:, axis] + b.data.shape[2 + axis])
+        size = int((stop - start).max())
+        if size >= extent[axis]:
+            sizes.append(extent[axis])
+            flags.append(True)
+        else:
+            off[:, axis] = start
+            sizes.append(size)
+            flags.append(False)
+    total = None
+    for win in (a, b):
+        data = win.data
+        for axis in range(2):
+            data = _shift_axis(data, axis, off[:, axis] - win.off[:, axis], sizes[axis])
+        total = data if total is None else total + data
+    return _Win(total, off, (flags[0], flags[1]))
+
+
+def _run_windowed(plan: list[_Step], seeds: tuple[torch.Tensor, ...], input_shape: torch.Size,
+                  max_memory: int) -> torch.Tensor:
+    image, channel, row, col = seeds
+    total = len(image)
+    root = plan[0].node
+    out_shape = _meta_shape(root, 0)
+    result = torch.empty(total, *input_shape[1:], device=image.device,
+                         dtype=root._input_metadata[0].dtype)
+    # On CPU, batches whose widest gradient fits in cache run several times faster than big
+    # ones (the element-wise passes are memory-bound); on GPU only max_memory bounds them.
+    tile = max_memory // 4 if image.is_cuda else min(max_memory // 4, _CPU_TILE)
+    batch = 64
+    start = 0
+    while start < total:
+        stop = min(total, start + batch)
+        maps, peak = _windowed_batch(plan, image[start:stop], channel[start:stop],
+                                     row[start:stop], col[start:stop], out_shape, input_shape)
+        result[start:stop] = maps
+        start = stop
+        per_seed = peak / max(1, len(maps))
+        batch = int(max(1, min(8192, tile // max(1.0, per_seed))))
+    return result
+
+
+def _windowed_batch(plan, image, channel, row, col, out_shape, input_shape):
+    b = len(image)
+    data = torch.zeros(b, out_shape[1], 1, 1, device=image.device,
+                       dtype=plan[0].node._input_metadata[0].dtype)
+    data[torch.arange(b, device=image.device), channel, 0, 0] = 1
+    off = torch.stack([row, col], dim=1).cpu().numpy().astype(np.int64)
+    seed = _fit(data, off, (False, False), out_shape[2:])
+    seed.hot = channel
+    pending: dict[Any, _Win] = {plan[0].node: seed}
+    extents: dict[Any, tuple[int, int]] = {}
+    peak = seed.data.numel() * seed.data.element_size()
+    result: _Win | None = None
+    for step in plan:
+        win = pending.pop(step.node, None)
+        if win is None:
+            continue
+        for child, grad in zip(step.children, step.apply(win, image), strict=False):
+            if child is None or grad is None:
+                continue
+            peak = max(peak, grad.data.numel() * grad.data.element_size())
+            if getattr(child, "variable", None) is not None:
+                result = grad if result is None else _accumulate(result, grad, input_shape[2:])
+                continue
+            if child in pending:
+                extent = extents.setdefault(child, tuple(_meta_shape(child, 0)[2:]))
+                pending[child] = _accumulate(pending[child], grad, extent)
+            else:
+                pending[child] = grad
+    if result is None:
+        return torch.zeros(b, *input_shape[1:], device=image.device), peak
+    result = _clean(result)
+    data = result.data  # full axes already span the input; place the windowed ones
+    for axis in range(2):
+        if not result.full[axis]:
+            data = _shift_axis(data, axis, -result.off[:, axis], input_shape[2 + axis])
+    return data, peak
+
+
+# --------------------------------------------------------------------------------------------
+# Extremum points
+
+
+def extremum_points(
+    projections: Projections | torch.Tensor,
+    method: ExtremumMethod = "centroid",
+    *,
+    top: float = 0.01,
+) -> torch.Tensor:
+    """Location of each projection in input pixels: (N, K, 2) float (row, col).
+
+    Parameters
+    ----------
+    projections
+        A :class:`Projections`, or maps (N, K, c, H, W) for ``"centroid"`` / ``"argmax"``.
+    method
+        ``"centroid"`` (default): energy-weighted centroid of e = sum over input channels of
+        |map|, restricted to its strongest pixels: those with e >= the ``ceil(top * H * W)``-th
+        largest value (ties included) and e > 0. ``"argmax"``: the pixel of largest e (first in
+        row-major order). ``"rf"``: the receptive-field centre of the channel's arg-max unit
+        (no projection needed; can lie outside the image for padded layers).
+    top
+        Share of the input pixels kept by ``"centroid"``.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, K, 2) float64 (row, col) in the preprocessed input's pixel grid (pixel i covers
+        [i - 0.5, i + 0.5)); NaN for inactive channels (all-zero maps).
+    """
+    if method == "rf":
+        if not isinstance(projections, Projections) or projections.receptive_field is None:
+            raise ValueError("method='rf' needs a Projections whose layer has a known "
+                             "receptive field")
+        return rf_centres(projections)
+    maps = projections.maps if isinstance(projections, Projections) else projections
+    if maps.ndim != 5:
+        raise ValueError(f"maps must be (N, K, c, H, W), got {tuple(maps.shape)}")
+    energy = maps.detach().abs().sum(dim=2).double()  # (N, K, H, W)
+    n, k, h, w = energy.shape
+    flat = energy.flatten(2)
+    if method == "argmax":
+        position = flat.argmax(dim=2)
+        points = torch.stack([position // w, position % w], dim=-1).double()
+    elif method == "centroid":
+        if not 0 < top <= 1:
+            raise ValueError(f"top must be in (0, 1], got {top}")
+        keep = max(1, math.ceil(top * h * w))
+        threshold = flat.topk(keep, dim=2).values[..., -1:]
+        weight = torch.where((flat >= threshold) & (flat > 0), flat, 0.0)
+        rows = torch.arange(h, dtype=torch.float64, device=flat.device).repeat_interleave(w)
+        cols = torch.arange(w, dtype=torch.float64, device=flat.device).repeat(h)
+        mass = weight.sum(dim=2)
+        points = torch.stack([(weight * rows).sum(2) / mass, (weight * cols).sum(2) / mass], -1)
+    else:
+        raise ValueError(f"method must be 'centroid', 'argmax' or 'rf', not {method!r}")
+    empty = flat.amax(dim=2) <= 0
+    return points.masked_fill(empty[..., None], float("nan")).cpu()
+
+
+def rf_centres(projections: Projections) -> torch.Tensor:
+    """Receptive-field centre of each channel's arg-max unit: (N, K, 2) float64 (row, col)."""
+    field = projections.receptive_field
+    if field is None:
+        raise ValueError(f"layer {projections.layer!r}: receptive field unknown")
+    units = projections.units.double().cpu()
+    rows = field.rows.offset + units[..., 0] * field.rows.stride
+    cols = field.cols.offset + units[..., 1] * field.cols.stride
+    points = torch.stack([rows, cols], dim=-1)
+    return points.masked_fill(~projections.active.cpu()[..., None], float("nan"))
+
+
+@dataclass
+class Agreement:
+    """How often the receptive-field centre agrees with the projection's extremum point.
+
+    Attributes
+    ----------
+    rate
+        Share of active (image, channel) pairs whose two points are within ``threshold``.
+    distances
+        (N, K) Euclidean distance in input pixels (NaN for inactive channels).
+    threshold
+        Distance in input pixels under which the two points agree.
+    count
+        Number of active pairs the rate is computed on.
+    """
+
+    rate: float
+    distances: torch.Tensor
+    threshold: float
+    count: int
+
+
+def rf_agreement(projections: Projections, threshold: float | None = None, *,
+                 method: ExtremumMethod = "centroid", top: float = 0.01) -> Agreement:
+    """Share of (image, channel) pairs where the cheap receptive-field centre is right.
+
+    Parameters
+    ----------
+    projections
+        Result of :func:`deconvnet` (or :func:`guided_backprop`).
+    threshold
+        Agreement distance in input pixels (Euclidean, inclusive). Default: half the
+        layer's receptive-field stride, at least 1 pixel, i.e. the projection's point lies in
+        the feature-map cell that the arg-max unit stands for.
+    method, top
+        How the projection's point is computed (see :func:`extremum_points`).
+    """
+    field = projections.receptive_field
+    if field is None:
+        raise ValueError(f"layer {projections.layer!r}: receptive field unknown")
+    if threshold is None:
+        threshold = max(1.0, 0.5 * max(field.rows.stride, field.cols.stride))
+    centre = rf_centres(projections)
+    point = extremum_points(projections, method, top=top)
+    distances = (centre - point).norm(dim=-1)
+    known = ~torch.isnan(distances)
+    count = int(known.sum())
+    rate = float((distances[known] <= threshold).double().mean()) if count else float("nan")
+    return Agreement(rate, distances, float(threshold), count)

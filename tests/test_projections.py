@@ -1,0 +1,464 @@
+"""Projection engine: analytic answers, parity with Captum, robustness, hooks and leaks."""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
+from torch import nn
+
+from interp_fer.hooks import FunctionalReLUError, HookSet
+from interp_fer.layers import resolve_layer
+from interp_fer.projections import (
+    deconvnet,
+    extremum_points,
+    project,
+    rf_agreement,
+    rf_centres,
+)
+
+ENGINES = ("windowed", "autograd")
+CAPTUM = {"deconvnet": NeuronDeconvolution, "guided_backprop": NeuronGuidedBackprop}
+
+
+# ------------------------------------------------------------------------ hand-weighted net
+
+
+def hand_net(inplace: bool = False) -> nn.Sequential:
+    """conv 2x2 (1 -> 2) - ReLU - maxpool 2x2/1 - conv 1x1 (2 -> 1) - ReLU, weights by hand.
+
+    conv1: W0 = [[1, 0], [0, -1]] (diagonal difference), W1 = [[1, 0], [0, 0]] (copy);
+    conv2: 2 * channel 0 - 1 * channel 1.
+    """
+    net = nn.Sequential()
+    net.add_module("conv1", nn.Conv2d(1, 2, 2, bias=False))
+    net.add_module("relu1", nn.ReLU(inplace=inplace))
+    net.add_module("pool", nn.MaxPool2d(2, stride=1))
+    net.add_module("conv2", nn.Conv2d(2, 1, 1, bias=False))
+    net.add_module("relu2", nn.ReLU(inplace=inplace))
+    with torch.no_grad():
+        net.conv1.weight.copy_(torch.tensor([[[[1.0, 0.0], [0.0, -1.0]]],
+                                             [[[1.0, 0.0], [0.0, 0.0]]]]))
+        net.conv2.weight.copy_(torch.tensor([2.0, -1.0]).view(1, 2, 1, 1))
+    return net.eval()
+
+
+# x11 = 3 is a bright dot, x33 = 1 a dimmer one.
+HAND_X = torch.tensor([[0.0, 0, 0, 0], [0, 3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]).view(1, 1, 4, 4)
+# By hand: conv1 ch0 = x[i,j] - x[i+1,j+1] = [[-3,0,0],[0,3,0],[0,0,-1]] -> relu: 3 at (1,1);
+# conv1 ch1 = x[i,j] = [[0,0,0],[0,3,0],[0,0,0]]; every 2x2 pool window holds (1,1): both
+# channels pool to 3 everywhere with switch (1,1); conv2 = 2*3 - 3 = 3 everywhere: a 4-way tie,
+# so the arg-max unit is the first in row-major order, (0, 0).
+# Deconvnet from relu2 (0,0): seed 1 -> conv2^T gives ch0: 2, ch1: -1 -> pool switches (1,1)
+# -> relu of the backward signal kills ch1 -> conv1^T places 2 * W0 at (1,1).
+HAND_RELU2 = torch.tensor([[0.0, 0, 0, 0], [0, 2, 0, 0], [0, 0, -2, 0], [0, 0, 0, 0]])
+# From relu1: channel 0's max 3 at (1,1) projects W0 there; channel 1's projects W1 there.
+HAND_RELU1 = torch.tensor([[[0.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 0], [0, 0, 0, 0]],
+                           [[0.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hand_network_analytic(engine, method, inplace):
+    net = hand_net(inplace)
+    result = project(net, HAND_X, "relu2", method=method, engine=engine)
+    assert result.units.tolist() == [[[0, 0]]]  # first of the tied maxima
+    assert result.values.tolist() == [[3.0]]
+    assert result.active.tolist() == [[True]]
+    torch.testing.assert_close(result.maps[0, 0, 0], HAND_RELU2)
+    first = project(net, HAND_X, "relu1", method=method, engine=engine)
+    assert first.units.tolist() == [[[1, 1], [1, 1]]]
+    torch.testing.assert_close(first.maps[0, :, 0], HAND_RELU1)
+
+
+def test_hand_network_extremum_points():
+    result = deconvnet(hand_net(), HAND_X, "relu2")
+    # |map| has 2 at (1,1) and (2,2): top 1 % of 16 pixels is one pixel, ties included.
+    assert extremum_points(result).tolist() == [[[1.5, 1.5]]]
+    assert extremum_points(result, "argmax").tolist() == [[[1.0, 1.0]]]
+    # relu2 unit (0,0) sees input rows/cols 0..2 (2x2 conv then 2x2 pool): centre (1, 1).
+    assert extremum_points(result, "rf").tolist() == [[[1.0, 1.0]]]
+    agreement = rf_agreement(result, threshold=0.75)
+    assert agreement.count == 1 and agreement.rate == 1.0
+    assert agreement.distances.item() == pytest.approx(math.sqrt(0.5))
+    assert rf_agreement(result, threshold=0.5).rate == 0.0
+    assert rf_agreement(result).threshold == 1.0  # half of stride 1, at least one pixel
+
+
+def test_inactive_channel_is_zero_and_nan():
+    net = hand_net()
+    x = torch.zeros_like(HAND_X)  # every unit is 0: the maximum is not positive
+    result = deconvnet(net, x, "relu2")
+    assert result.active.tolist() == [[False]]
+    assert not result.maps.any()
+    assert torch.isnan(extremum_points(result)).all()
+    assert torch.isnan(rf_centres(result)).all()
+    assert rf_agreement(result).count == 0
+
+
+def test_extremum_centroid_uses_top_share():
+    maps = torch.zeros(1, 1, 1, 10, 10)
+    maps[0, 0, 0, 2, 3] = 5.0
+    maps[0, 0, 0, 8, 8] = 1.0  # outside the top 1 % (one pixel of 100)
+    assert extremum_points(maps).tolist() == [[[2.0, 3.0]]]
+    # top 2 %: both pixels, weighted by energy.
+    assert extremum_points(maps, top=0.02)[0, 0].tolist() == pytest.approx([3.0, 3.8333333])
+    with pytest.raises(ValueError):
+        extremum_points(maps, top=0)
+
+
+# ------------------------------------------------------------------------ Captum parity
+
+
+def captum_map(method, module, layer, x, channel, row, col):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CAPTUM[method](module, resolve_layer(module, layer)).attribute(
+            x, neuron_selector=(channel, row, col))[0]
+
+
+def assert_matches_captum(module, x, result, slots=None):
+    """Each active map equals Captum's to 1e-5 of the map's max |value|."""
+    checked = 0
+    for image in range(x.shape[0]):
+        for slot in slots if slots is not None else range(len(result.channels)):
+            if not result.active[image, slot]:
+                continue
+            row, col = result.units[image, slot].tolist()
+            expected = captum_map(result.method, module, result.layer, x[image:image + 1],
+                                  int(result.channels[slot]), row, col)
+            error = (expected - result.maps[image, slot]).abs().max()
+            assert error <= 1e-5 * expected.abs().max(), (result.layer, image, slot)
+            checked += 1
+    assert checked
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    from interp_fer.models import load_model
+    from interp_fer.samples import sample_face
+
+    faces = [sample_face("happy"), sample_face("surprise")]
+    models = {}
+    for name in ("mini-xception", "pyemotion"):
+        model = load_model(name)
+        models[name] = (model, model.preprocess(faces))
+    return models
+
+
+ZOO_STAGES = [("mini-xception", s) for s in ("conv1", "conv2", "block1", "block2", "block3",
+                                             "block4")] + \
+             [("pyemotion", s) for s in ("conv_1", "conv_2", "conv_3", "conv_4")]
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+@pytest.mark.parametrize(("name", "stage"), ZOO_STAGES)
+def test_zoo_parity_with_captum(zoo, name, stage, method):
+    model, x = zoo[name]
+    assert stage in model.stages
+    n_channels = _channels(model.module, stage, x)
+    # Three channels spread over the layer (first, middle, last), both faces.
+    channels = sorted({0, n_channels // 2, n_channels - 1})
+    result = project(model.module, x, stage, channels, method=method)
+    assert result.maps.shape == (2, len(channels), 1, *model.input_size)
+    assert_matches_captum(model.module, x, result)
+
+
+def _channels(module, layer, x):
+    with torch.no_grad():
+        outputs = []
+        handle = resolve_layer(module, layer).register_forward_hook(
+            lambda _m, _i, out: outputs.append(out.shape[1]))
+        try:
+            module(x[:1])
+        finally:
+            handle.remove()
+    return outputs[0]
+
+
+def test_zoo_engines_agree_and_channel_subset(zoo):
+    model, x = zoo["mini-xception"]
+    full = deconvnet(model.module, x, "block3")
+    auto = deconvnet(model.module, x, "block3", channels=[40, 3], engine="autograd")
+    assert auto.channels.tolist() == [40, 3]
+    torch.testing.assert_close(auto.maps, full.maps[:, [40, 3]], rtol=0, atol=1e-5)
+    assert torch.equal(auto.units, full.units[:, [40, 3]])
+
+
+def test_zoo_rf_agreement_reports_rate(zoo):
+    model, x = zoo["pyemotion"]
+    result = deconvnet(model.module, x, "conv_3")
+    agreement = rf_agreement(result)
+    assert agreement.threshold == 2.0  # half the stride (4 px) of conv_3
+    assert agreement.count == result.active.sum()
+    assert 0.0 <= agreement.rate <= 1.0
+    assert agreement.distances.shape == result.values.shape
+
+
+# ------------------------------------------------------------------------ real-model shapes
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: one in-place ReLU module used twice, residual add in place."""
+
+    def __init__(self, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.down = None
+        if stride != 1:
+            self.down = nn.Sequential(nn.Conv2d(channels, channels, 1, stride, bias=False),
+                                      nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def tiny_resnet(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    net = nn.Sequential()
+    net.add_module("stem", nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6),
+                                         nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)))
+    net.add_module("layer1", BasicBlock(6))
+    net.add_module("layer2", BasicBlock(6, stride=2))
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+@pytest.mark.parametrize("layer", ["stem", "layer1", "layer2", "layer2.conv1"])
+def test_residual_inplace_parity_with_captum(engine, method, layer):
+    net = tiny_resnet()
+    x = torch.randn(2, 1, 17, 19, generator=torch.Generator().manual_seed(1))
+    result = project(net, x, layer, method=method, engine=engine)
+    assert_matches_captum(net, x, result)
+
+
+def random_net(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """Odd sizes, strides, dilation, groups, every padding kind, pooling with padding."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.ReplicationPad2d((1, 0, 2, 1)), nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        nn.ConstantPad2d((0, 1, 1, -1), -1.0), nn.Conv2d(4, 6, 3, dilation=2, padding=2),
+        nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+    ).eval()
+    return net, torch.randn(3, 2, 21 + seed, 18, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_windowed_engine_matches_autograd(seed, method):
+    net, x = random_net(seed)
+    for layer in ("1", "4", "5", "9"):
+        windowed = project(net, x, layer, method=method, engine="windowed")
+        batched = project(net, x, layer, method=method, engine="autograd")
+        assert torch.equal(windowed.units, batched.units)
+        scale = batched.maps.flatten(2).abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        assert ((windowed.maps - batched.maps).flatten(2).abs() <= 1e-5 * scale).all()
+
+
+def test_random_net_parity_with_captum():
+    net, x = random_net(0)
+    assert_matches_captum(net, x[:1], deconvnet(net, x[:1], "9"))
+
+
+def test_unsupported_operation_falls_back_to_autograd():
+    class Upsampling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(F.interpolate(self.conv(x), scale_factor=2.0))
+
+    torch.manual_seed(0)
+    net = Upsampling().eval()
+    x = torch.randn(2, 1, 9, 9)
+    result = deconvnet(net, x, "relu")
+    assert_matches_captum(net, x, result)
+    with pytest.raises(ValueError, match="windowed engine"):
+        deconvnet(net, x, "relu", engine="windowed")
+
+
+# ------------------------------------------------------------------------ robustness
+
+
+class FunctionalReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3)
+        self.conv2 = nn.Conv2d(3, 3, 3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(F.relu(self.conv1(x))))
+
+
+def all_hooks(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_backward_pre_hooks", {})) for m in module.modules())
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_functional_relu_raises_clear_error(method):
+    net = FunctionalReLU().eval()
+    with pytest.raises(FunctionalReLUError, match="1 ReLU operation.*nn.ReLU modules"):
+        project(net, torch.randn(1, 1, 8, 8), "relu", method=method)
+    assert all_hooks(net) == 0
+    # Before the functional ReLU, there is nothing to complain about.
+    project(net, torch.randn(1, 1, 8, 8), "conv1", method=method)
+
+
+def test_hooks_removed_and_flags_restored_when_forward_raises():
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.relu = nn.ReLU(inplace=True)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.relu(self.conv(x))
+            raise RuntimeError("boom")  # before the layer "bn" is reached
+
+    net = Broken().train()
+    net.conv.eval()
+    flags = [m.training for m in net.modules()]
+    with pytest.raises(RuntimeError, match="boom"):
+        deconvnet(net, torch.randn(1, 1, 6, 6), "bn")
+    assert all_hooks(net) == 0
+    assert [m.training for m in net.modules()] == flags
+
+
+def test_hooks_removed_when_layer_output_is_not_spatial():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).eval()
+    with pytest.raises(ValueError, match="must output a \\(N, C, h, w\\)"):
+        deconvnet(net, torch.randn(1, 1, 4, 4), "3")
+    assert all_hooks(net) == 0
+
+
+def test_hookset_removes_everything_on_exception():
+    net = tiny_resnet()
+    net.train()
+    with pytest.raises(KeyError), HookSet(net) as hooks:
+        hooks.eval()
+        hooks.forward(net.stem, lambda *a: None)
+        hooks.forward_pre(net.layer1, lambda *a: None)
+        assert all_hooks(net) == 2 and not net.training
+        raise KeyError("inside")
+    assert all_hooks(net) == 0
+    assert all(m.training for m in net.modules())
+
+
+def test_training_mode_gives_eval_result_and_flags_restored():
+    net = tiny_resnet()
+    x = torch.randn(2, 1, 16, 16)
+    expected = deconvnet(net, x, "layer2")
+    net.train()
+    net.layer1.bn1.eval()  # mixed state must survive
+    flags = [m.training for m in net.modules()]
+    stats = net.layer1.bn2.running_mean.clone()
+    result = deconvnet(net, x, "layer2")
+    assert [m.training for m in net.modules()] == flags
+    assert torch.equal(net.layer1.bn2.running_mean, stats)  # no BatchNorm update
+    torch.testing.assert_close(result.maps, expected.maps)
+
+
+def test_thousand_calls_leave_no_hook_and_no_growth():
+    net = hand_net(inplace=True)
+    x = HAND_X.repeat(2, 1, 1, 1)
+
+    def live_tensors() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance() pokes deprecated torch objects
+            warnings.simplefilter("ignore")
+            return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+    for _ in range(20):  # warm-up: caches, lazy imports
+        deconvnet(net, x, "relu2")
+    before = live_tensors()
+    for i in range(1000):
+        engine = "autograd" if i % 3 == 0 else "windowed"
+        result = deconvnet(net, x, "relu2" if i % 2 else "relu1", engine=engine)
+    del result
+    assert all_hooks(net) == 0
+    assert live_tensors() <= before + 5
+
+
+def test_layer_and_channel_arguments():
+    net = hand_net()
+    by_module = deconvnet(net, HAND_X, net.relu1, channels=1)
+    assert by_module.layer == "relu1" and by_module.channels.tolist() == [1]
+    torch.testing.assert_close(by_module.maps[0, 0, 0], HAND_RELU1[1])
+    with pytest.raises(KeyError, match="no layer named"):
+        deconvnet(net, HAND_X, "relu3")
+    with pytest.raises(IndexError, match="out of range"):
+        deconvnet(net, HAND_X, "relu1", channels=[0, 2])
+    with pytest.raises(ValueError, match="N, c, H, W"):
+        deconvnet(net, HAND_X[0], "relu1")
+    with pytest.raises(ValueError, match="method"):
+        project(net, HAND_X, "relu1", method="gradient")  # type: ignore[arg-type]
+
+
+def test_batches_of_images_and_memory_bound_give_same_maps():
+    net = tiny_resnet()
+    x = torch.randn(5, 1, 16, 16)
+    whole = deconvnet(net, x, "layer2")
+    pieces = deconvnet(net, x, "layer2", image_batch=2, max_memory=64 * 2**10)
+    torch.testing.assert_close(pieces.maps, whole.maps, rtol=0, atol=1e-6)
+    assert pieces.maps.dtype == torch.float32 and pieces.units.dtype == torch.long
+
+
+def test_inference_mode_caller():
+    net = hand_net()
+    with torch.inference_mode():
+        result = deconvnet(net, HAND_X, "relu2")
+    torch.testing.assert_close(result.maps[0, 0, 0], HAND_RELU2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_cuda_matches_cpu(method):
+    net = tiny_resnet()
+    x = torch.randn(2, 1, 16, 16)
+    cpu = project(net, x, "layer2", method=method)
+    gpu = project(net.cuda(), x.cuda(), "layer2", method=method)
+    assert gpu.maps.is_cuda
+    assert torch.equal(gpu.units.cpu(), cpu.units)
+    torch.testing.assert_close(gpu.maps.cpu(), cpu.maps, rtol=0,
+                               atol=1e-5 * float(cpu.maps.abs().max()))
+
+
+def test_project_figure_grid(zoo, tmp_path):
+    from interp_fer.figures import project_figure
+    from interp_fer.samples import sample_face
+
+    model, _ = zoo["pyemotion"]
+    figure = project_figure(model, sample_face("happy"), "conv_2", channels=[0, 5, 9],
+                            method="guided_backprop")
+    images = [ax for ax in figure.axes if ax.images]
+    assert len(images) == 4  # the face and three projections
+    figure.savefig(tmp_path / "projections.pdf")
+    default = project_figure(model, sample_face("happy"), "conv_1", max_channels=4)
+    assert sum(1 for ax in default.axes if ax.images) == 5
