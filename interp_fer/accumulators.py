@@ -267,6 +267,9 @@ class PointingAccumulator:
         """
         distances = distance_maps(regions)  # (N, A, H, W)
         height, width = regions.shape[-2:]
+        located = np.isfinite(points).all(axis=-1)  # an inactive channel has no point
+        active = np.asarray(active, dtype=bool) & located
+        points = np.where(located[..., None], points, 0.0)
         rows = np.clip(np.floor(points[..., 0] + 0.5).astype(np.int64), 0, height - 1)
         cols = np.clip(np.floor(points[..., 1] + 0.5).astype(np.int64), 0, width - 1)
         n = len(points)
@@ -358,3 +361,37 @@ class DissectionIoU:
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.thresholds = arrays["thresholds"]
         self.intersection, self.union = arrays["intersection"], arrays["union"]
+
+
+@dataclass
+class TopImages:
+    """The ``k`` images on which each channel responds most (peak activation), streamed.
+
+    Ties keep the earlier image, so the result does not depend on batch boundaries.
+    """
+
+    n_channels: int
+    k: int = 8
+    values: np.ndarray = field(init=False)
+    indices: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.values = np.full((self.n_channels, self.k), -np.inf)
+        self.indices = np.full((self.n_channels, self.k), -1, dtype=np.int64)
+
+    def update(self, image_indices: np.ndarray, peaks: np.ndarray) -> None:
+        """Add a batch: ``peaks`` (N, K) peak activation of each channel per image."""
+        values = np.concatenate([self.values, np.asarray(peaks, dtype=np.float64).T], axis=1)
+        indices = np.concatenate(
+            [self.indices, np.broadcast_to(np.asarray(image_indices)[None, :],
+                                           (self.n_channels, len(image_indices)))], axis=1)
+        # Sort by value descending, then by image index ascending (stable tie-break).
+        order = np.lexsort((indices, -values), axis=1)[:, :self.k]
+        self.values = np.take_along_axis(values, order, axis=1)
+        self.indices = np.take_along_axis(indices, order, axis=1)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"values": self.values, "indices": self.indices}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.values, self.indices = arrays["values"], arrays["indices"]

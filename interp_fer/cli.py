@@ -147,6 +147,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     """``interp-fer map``: the AU <-> channel mapping and its report."""
     from .layer_mapping import MappingOptions
     from .mapping import map_dataset, randomized_copy
+    from .report import write_report
 
     model = _load_model(args)
     dataset = _open_data(args.data, model.class_names)
@@ -162,15 +163,17 @@ def cmd_map(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, alpha=args.alpha, progress=not args.quiet)
     result = map_dataset(model, dataset, layers, checkpoint=checkpoint, **common)
     result.save(out)
+    control_result = None
     if args.control == "randomized":
         control = randomized_copy(model, seed=args.seed)
         control_result = map_dataset(control, dataset, layers,
                                      checkpoint=f"{out}/.checkpoint-control.npz", **common)
         control_result.save(f"{out}/control_randomized")
+    write_report(result, model, dataset, f"{out}/report.html", control=control_result)
     mapped = result.mapping["au"].notna().sum()
     print(f"mapped {mapped} of {len(result.mapping)} channels of {', '.join(result.run['layers'])} "
           f"on {result.run['data']['n_mapped']} faces; wrote {out}/mapping.csv, scores.csv, "
-          "run.json")
+          "run.json, report.html")
     return 0
 
 

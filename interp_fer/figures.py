@@ -9,9 +9,18 @@ blue-red map centred on zero for signed values), sizes for one paper column (3.5
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # annotations only: figures must not import torch at module level
+    import os
+
+    import pandas as pd
+    import torch
+
+    from .models import FERModel
 
 ONE_COLUMN = 3.5  # inches
 TWO_COLUMNS = 7.2  # inches
@@ -88,14 +97,6 @@ def plot_confusion_matrix(
     return figure
 
 
-from typing import TYPE_CHECKING  # noqa: E402  (kept beside project_figure, its only user)
-
-if TYPE_CHECKING:  # annotations only: figures must not import torch at module level
-    import os
-
-    import torch
-
-    from .models import FERModel
 
 
 def project_figure(
@@ -426,3 +427,102 @@ def au_regions_figure(
     x1, y1 = min(w, int(np.ceil(hi[0] + pad)) + 1), min(h, int(np.ceil(hi[1] + pad)) + 1)
     crop = np.asarray(image)[y0:y1, x0:x1]
     return plot_au_regions(crop, found.landmarks - [x0, y0], regions, width=width)
+
+
+# -- the AU <-> channel mapping (interp_fer.mapping) -----------------------------------------
+
+
+def plot_distance_heatmap(
+    scores: pd.DataFrame,
+    layer: str,
+    *,
+    alpha: float = 0.05,
+    width: float = TWO_COLUMNS,
+    limit: float | None = None,
+) -> Figure:
+    """AU x channel heatmap of the distance D for one layer, significant pairs marked.
+
+    Parameters
+    ----------
+    scores
+        One row per (layer, channel, AU) with ``distance`` and ``q_value``
+        (:attr:`interp_fer.mapping.MappingResult.scores`).
+    layer
+        Which layer to draw.
+    alpha
+        Pairs with ``q_value <= alpha`` and positive D get a dot.
+    width
+        Figure width in inches.
+    limit
+        Symmetric colour limit; default the largest |D| of the layer.
+    """
+    import matplotlib
+
+    part = scores[scores["layer"] == layer]
+    grid = part.pivot(index="au", columns="channel", values="distance")
+    q = part.pivot(index="au", columns="channel", values="q_value").reindex_like(grid)
+    values = grid.to_numpy(dtype=float)
+    bound = limit or float(np.nanmax(np.abs(values))) or 1.0
+    with matplotlib.rc_context(STYLE):
+        height = max(1.6, 0.16 * len(grid) + 0.9)
+        figure = new_figure(width, height)
+        ax = figure.add_subplot()
+        image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
+                          interpolation="nearest")
+        rows, cols = np.nonzero((q.to_numpy(dtype=float) <= alpha) & (values > 0))
+        ax.plot(cols, rows, ".", color="black", ms=2.5)
+        ax.set_yticks(np.arange(len(grid)), [f"AU{int(a)}" for a in grid.index])
+        step = max(1, len(grid.columns) // 16)
+        ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
+        ax.set_xlabel(f"channel of {layer}")
+        ax.set_title(f"{layer}: distance D (dots: q <= {alpha:g}, D > 0)")
+        figure.colorbar(image, ax=ax, label="D", shrink=0.9)
+    return figure
+
+
+def plot_channel_faces(
+    model: FERModel,
+    inputs: torch.Tensor,
+    layer: str,
+    channel: int,
+    *,
+    title: str = "",
+    width: float = ONE_COLUMN,
+) -> Figure:
+    """A channel's deconvnet projections on several faces (e.g. its top-activating ones).
+
+    Parameters
+    ----------
+    model
+        The network.
+    inputs
+        (n, c, H, W) preprocessed faces.
+    layer, channel
+        Which channel to project.
+    title
+        Figure title.
+    width
+        Figure width in inches.
+    """
+    import matplotlib
+
+    from .attributions import display_scale
+    from .projections import deconvnet, extremum_points
+
+    result = deconvnet(model.module, inputs, layer, [channel])
+    points = extremum_points(result)[:, 0]
+    maps = display_scale(result.maps[:, 0].sum(dim=1))
+    faces = inputs.mean(dim=1).cpu().numpy()
+    with matplotlib.rc_context(STYLE):
+        figure = new_figure(width, width / len(inputs) * 1.25)
+        axes = figure.subplots(1, len(inputs), squeeze=False).ravel()
+        for i, ax in enumerate(axes):
+            ax.set_axis_off()
+            ax.imshow(faces[i], cmap="gray")
+            if bool(result.active[i, 0]):
+                ax.imshow(maps[i], cmap="RdBu_r", vmin=-1, vmax=1,
+                          alpha=np.clip(2 * np.abs(maps[i]), 0, 1))
+                ax.plot(points[i, 1], points[i, 0], "+", color="black", ms=6, mew=1.0)
+        if title:
+            figure.suptitle(title, fontsize=8)
+    return figure

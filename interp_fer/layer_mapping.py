@@ -28,6 +28,7 @@ from .accumulators import (
     DissectionIoU,
     PeakHistograms,
     PointingAccumulator,
+    TopImages,
     channel_edges,
     poisson_weights,
     region_peaks,
@@ -125,6 +126,7 @@ class LayerMapping:
     peaks: PeakHistograms
     pointing: PointingAccumulator
     iou: DissectionIoU
+    top: TopImages
     n_images: int = field(default=0)
 
     @classmethod
@@ -149,6 +151,7 @@ class LayerMapping:
             PeakHistograms(edges, len(aus), options.n_boot, options.n_null),
             PointingAccumulator(k, len(aus), options.hit_tolerance),
             DissectionIoU(thresholds, len(aus)),
+            TopImages(k),
         )
 
     def update(self, image_indices: np.ndarray, acts: torch.Tensor, geometry: FaceGeometry,
@@ -186,6 +189,7 @@ class LayerMapping:
         self.peaks.update(r_in.cpu().numpy(), r_out.cpu().numpy(), weights, null_in, null_out)
         self.pointing.update(points, active, geometry.regions, geometry.face, geometry.iod)
         self.iou.update(acts, geometry.regions)
+        self.top.update(image_indices, acts.flatten(2).amax(dim=2).float().cpu().numpy())
         self.n_images += n
 
     def scores(self) -> pd.DataFrame:
@@ -239,6 +243,7 @@ class LayerMapping:
         arrays = {f"peaks.{k}": v for k, v in self.peaks.state().items()}
         arrays.update({f"pointing.{k}": v for k, v in self.pointing.state().items()})
         arrays.update({f"iou.{k}": v for k, v in self.iou.state().items()})
+        arrays.update({f"top.{k}": v for k, v in self.top.state().items()})
         arrays["n_images"] = np.array(self.n_images)
         return arrays
 
@@ -250,4 +255,5 @@ class LayerMapping:
         self.peaks.restore(part("peaks."))
         self.pointing.restore(part("pointing."))
         self.iou.restore(part("iou."))
+        self.top.restore(part("top."))
         self.n_images = int(arrays["n_images"])

@@ -124,12 +124,18 @@ class MappingResult:
         landmark status, skipped inputs with reasons (``run.json``).
     landmarks
         The landmark table of the dataset (:func:`interp_fer.faces.landmarks_table`).
+    faces
+        The mapped images: dataset ``index``, ``key`` and the crop fed to the network.
+    top_images
+        Per layer, ``values``/``indices`` (K, k): each channel's top-activating images.
     """
 
     mapping: pd.DataFrame
     scores: pd.DataFrame
     run: dict[str, Any]
     landmarks: pd.DataFrame | None = None
+    faces: pd.DataFrame | None = None
+    top_images: dict[str, dict[str, np.ndarray]] | None = None
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``mapping.csv``, ``scores.csv`` and ``run.json`` into ``out_dir``."""
@@ -417,7 +423,11 @@ def map_dataset(
     }
     if saver:
         saver.clear()
-    return MappingResult(mapping, scores, run, table)
+    face_table = pd.DataFrame([
+        {"index": f.index, "key": f.key, "crop_top": f.crop.top, "crop_left": f.crop.left,
+         "crop_height": f.crop.height, "crop_width": f.crop.width} for f in faces])
+    top = {name: accumulators[name].top.state() for name in layers}
+    return MappingResult(mapping, scores, run, table, face_table, top)
 
 
 def randomized_copy(model: FERModel, seed: int = 0) -> FERModel:

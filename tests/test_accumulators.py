@@ -82,3 +82,18 @@ def test_dissection_iou_by_hand():
     iou = DissectionIoU(np.array([1.0]), n_aus=2)
     iou.update(acts, regions)
     np.testing.assert_allclose(iou.iou, [[0.5, 0.0]])
+
+
+def test_top_images_independent_of_batching():
+    from interp_fer.accumulators import TopImages
+
+    peaks = np.random.default_rng(0).normal(size=(50, 3))
+    peaks[10, 0] = peaks[20, 0] = 9.0  # a tie: the earlier image wins
+    whole = TopImages(3, k=4)
+    whole.update(np.arange(50), peaks)
+    parts = TopImages(3, k=4)
+    for start in range(0, 50, 7):
+        parts.update(np.arange(start, min(start + 7, 50)), peaks[start:start + 7])
+    np.testing.assert_array_equal(whole.indices, parts.indices)
+    assert list(whole.indices[0, :2]) == [10, 20]
+    np.testing.assert_array_equal(whole.indices[1], np.argsort(-peaks[:, 1], kind="stable")[:4])
