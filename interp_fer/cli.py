@@ -8,6 +8,7 @@ faces, the default). Run ``interp-fer COMMAND --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -159,8 +160,11 @@ def cmd_map(args: argparse.Namespace) -> int:
     aus = [int(a) for a in args.aus.split(",")] if args.aus else None
     out = args.out
     checkpoint = f"{out}/.checkpoint.npz"
+    # INTERP_FER_CHECKPOINT_EVERY: batches between checkpoints (tests set it to 1).
+    every = int(os.environ.get("INTERP_FER_CHECKPOINT_EVERY", "10"))
     common = dict(aus=aus, locate=args.locate, options=options, crop=args.crop,
-                  batch_size=args.batch_size, alpha=args.alpha, progress=not args.quiet)
+                  batch_size=args.batch_size, alpha=args.alpha, progress=not args.quiet,
+                  checkpoint_every=every)
     result = map_dataset(model, dataset, layers, checkpoint=checkpoint, **common)
     result.save(out)
     control_result = None

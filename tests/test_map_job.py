@@ -1,0 +1,82 @@
+"""The `map` job end to end on the sample faces: files, determinism, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from interp_fer.mapping import MAPPING_COLUMNS
+
+ARGS = ["--layers", "conv2,block2", "--n-boot", "8", "--n-null", "4", "--batch-size", "2",
+        "--locate", "rf-center", "--seed", "3", "--quiet"]
+
+
+def _map(out, *extra, check=True):
+    command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS, *extra]
+    return subprocess.run(command, check=check, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, sample_faces):
+    out = tmp_path_factory.mktemp("map") / "reference"
+    _map(out)
+    return out
+
+
+def test_outputs(reference_run):
+    mapping = pd.read_csv(reference_run / "mapping.csv")
+    assert list(mapping.columns[:len(MAPPING_COLUMNS)]) == MAPPING_COLUMNS
+    assert set(mapping["layer"]) == {"conv2", "block2"}
+    assert len(mapping) == 8 + 32
+    scores = pd.read_csv(reference_run / "scores.csv")
+    assert list(scores.columns) == ["layer", "channel", "au", "measure", "value"]
+    assert {"distance", "p_value", "q_value", "hit_rate", "iou", "ks", "cohen_d"} <= \
+        set(scores["measure"])
+    run = json.loads((reference_run / "run.json").read_text())
+    assert run["seed"] == 3 and run["layers"] == ["conv2", "block2"]
+    assert sum(run["landmark_status"].values()) == run["data"]["n_images"] == 7
+    assert "torch" in run["versions"]
+    report = (reference_run / "report.html").read_text()
+    assert report.startswith("<!DOCTYPE html>") and "data:image/png;base64," in report
+    assert 'id="mapping"' in report
+
+
+def test_resume_after_kill_gives_identical_files(reference_run, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS]
+    env = dict(os.environ, INTERP_FER_CHECKPOINT_EVERY="1")
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    checkpoint = out / ".checkpoint.npz"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert checkpoint.exists(), "the run should have checkpointed before finishing"
+    _map(out)
+    for name in ("mapping.csv", "scores.csv"):
+        assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
+    assert not checkpoint.exists()
+
+
+def test_changing_an_argument_invalidates_the_checkpoint(tmp_path):
+    from interp_fer.checkpoint import Checkpoint
+
+    out = tmp_path / "other"
+    out.mkdir()
+    stale = Checkpoint(out / ".checkpoint.npz", "a key of another run")
+    stale.save(3, {"conv2/n_images": __import__("numpy").array(999)})
+    _map(out, "--seed", "4")
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 4
+    mapping = pd.read_csv(out / "mapping.csv")
+    assert (mapping["n_images"] == 7).all()
