@@ -144,6 +144,33 @@ def cmd_project(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_landmarks(args: argparse.Namespace) -> int:
+    """``interp-fer landmarks``: faces and 68 landmarks of a dataset, with statuses."""
+    from .faces import landmarks_table, write_landmarks
+
+    dataset = _open_data(args.data, None)
+    precropped = {"auto": "auto", "yes": True, "no": False}[args.precropped]
+    table = landmarks_table(((s.key, s.image, s.error) for s in dataset.samples()),
+                            total=len(dataset), faces=args.faces, detector=args.detector,
+                            precropped=precropped, workers=args.workers,
+                            cache=not args.no_cache, progress=not args.quiet)
+    path = write_landmarks(table, args.out)
+    counts = table["status"].value_counts()
+    print(", ".join(f"{status}: {count}" for status, count in counts.items()))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_au_regions(args: argparse.Namespace) -> int:
+    """``interp-fer au-regions``: every AU region drawn on a face."""
+    from .data import read_image
+    from .figures import au_regions_figure
+
+    au_regions_figure(read_image(args.image)).savefig(args.out, dpi=300)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_map(args: argparse.Namespace) -> int:
     """``interp-fer map``: the AU <-> channel mapping and its report."""
     from .layer_mapping import MappingOptions
@@ -222,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
                          default="deconvnet")
     project.add_argument("--out", required=True, metavar="FIG", help="figure file (.pdf/.png)")
     project.set_defaults(handler=cmd_project)
+
+    marks = commands.add_parser("landmarks", help="dlib 68 landmarks of a dataset, with statuses")
+    marks.add_argument("--data", default=SAMPLES,
+                       help="dataset folder/CSV, or 'samples' (default: %(default)s)")
+    marks.add_argument("--out", required=True, metavar="FILE", help="CSV to write")
+    marks.add_argument("--faces", choices=("largest", "all"), default="largest")
+    marks.add_argument("--detector", choices=("hog", "cnn"), default="hog")
+    marks.add_argument("--precropped", choices=("auto", "yes", "no"), default="auto",
+                       help="registered face crops (e.g. FER2013): upsample, fallback box")
+    marks.add_argument("--workers", type=int, help="processes (default: every core)")
+    marks.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    marks.add_argument("--quiet", action="store_true", help="no progress bar")
+    marks.set_defaults(handler=cmd_landmarks)
+
+    regions = commands.add_parser("au-regions", help="draw every AU region on a face")
+    regions.add_argument("--image", required=True, help="face image file")
+    regions.add_argument("--out", required=True, metavar="FIG", help="figure file (.pdf/.png)")
+    regions.set_defaults(handler=cmd_au_regions)
 
     mapping = commands.add_parser("map", help="map each channel to the facial Action Unit it "
                                   "detects (distance function, significance, report)")

@@ -1,31 +1,44 @@
-"""Faces and dlib 68-point landmarks, with a path for small pre-cropped faces.
+"""Faces and dlib 68-point landmarks, including small pre-cropped faces (FER2013, 48 px).
 
 Conventions
 -----------
 * Images are numpy ``uint8`` arrays, ``(H, W)`` grey or ``(H, W, 3)`` RGB.
 * Landmarks are ``float64`` arrays of shape ``(68, 2)`` in ``(x, y)`` pixel coordinates of the
   image that was given, iBUG 300-W order (0-based: jaw 0-16, brows 17-26, nose 27-35,
-  eyes 36-47, mouth 48-67). Integer coordinates are pixel centres (dlib's convention), so
-  pixel ``(row r, col c)`` has its centre at ``x = c, y = r``.
+  eyes 36-47, mouth 48-67). Integer coordinates are pixel centres (dlib's convention):
+  pixel ``image[r, c]`` has its centre at ``x = c, y = r``.
 * Face boxes are ``(left, top, right, bottom)`` in the same frame.
 
 Two ways to find a face
 -----------------------
-*Photos* (``precropped=False``): dlib's detector (HOG by default, or the CNN/MMOD model) on the
-image, optionally upsampled by dlib's pyramid; every face found, largest first.
+*Photos* (``precropped=False``): dlib's detector (HOG by default, or the MMOD CNN) on the image,
+with dlib's pyramid upsampling for small faces; every face found, largest first.
 
-*Pre-cropped, registered faces* (``precropped=True``; ``"auto"`` picks it for images whose
-smaller side is at most :data:`AUTO_PRECROPPED_MAX_SIDE` pixels, e.g. FER2013's 48 x 48): the
-crop is resized so that its smaller side is at least ``crop_min_side`` pixels (dlib's HOG
-window is 80 px, so a 48 px face is invisible to it otherwise), the detector runs on that, and a
-detection counts only if its box overlaps the box expected for such crops
-(IoU >= ``min_box_iou``). When nothing is detected, the landmark predictor is run on a fixed
-box (``fallback_box``, fractions of the crop) calibrated on FER2013 (see
-``landmarks/README.md``, "How good the 48 px path is"); the result says which path was used.
+*Registered face crops* (``precropped=True``; ``"auto"`` picks it for images whose smaller side
+is at most :data:`AUTO_PRECROPPED_MAX_SIDE` px, e.g. FER2013's 48 x 48): the crop is enlarged
+(bicubic, integer factor) until its smaller side reaches ``crop_min_side`` (dlib's HOG window
+is 80 px: a 48 px face is invisible to it otherwise), the detector runs on that, and a
+detection counts only if its box overlaps the box expected for such crops. When nothing is
+detected, the landmarks are predicted in that fixed box (``fallback_box``, calibrated on
+FER2013), then the box is re-estimated from those landmarks the way dlib's detector would have
+drawn it (:func:`box_from_landmarks`) and the landmarks predicted again (``refine_fallback``
+times). ``landmarks/README.md`` ("How good the 48 px path is") gives the calibration and the
+measured errors. Each result says which path was used.
 
-Every image gets a :class:`FaceLandmarks` with a status: ``detected``, ``fallback_box``,
-``no_face``, ``unreadable`` (no pixels), ``invalid`` (wrong shape or dtype) or ``error``
-(dlib failed; the message says why). Nothing is dropped silently.
+Every image gets a :class:`FaceLandmarks` whose status is one of :data:`STATUSES`:
+``detected``, ``fallback_box``, ``no_face``, ``unreadable`` (no pixels), ``invalid`` (wrong
+shape or dtype) or ``error`` (dlib failed; the message says why). Nothing is dropped silently
+and one bad image never stops a run.
+
+The landmark predictor
+----------------------
+dlib's ``shape_predictor_68_face_landmarks.dat`` (Kazemi & Sullivan 2014 regression-tree
+cascade) is evaluated by :class:`ShapePredictor`, a vectorised numpy port of dlib's
+``shape_predictor::operator()`` that reads the same model file. It reproduces dlib's landmarks
+exactly (same pixels sampled, same trees, float32 accumulation in the same order; tested),
+except that it returns sub-pixel coordinates where dlib rounds to whole pixels, and it
+landmarks a batch of faces at once (about 3x faster than dlib's build here, which matters for
+the 400 faces/s target). ``backend="dlib"`` uses dlib's own predictor instead.
 """
 
 from __future__ import annotations
@@ -35,7 +48,10 @@ import importlib.util
 import json
 import logging
 import math
-from collections.abc import Sequence
+import multiprocessing as mp
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -47,18 +63,24 @@ log = logging.getLogger(__name__)
 N_LANDMARKS = 68
 
 #: Smaller image side (pixels) up to which ``precropped="auto"`` treats an image as a registered
-#: face crop. dlib's HOG detector cannot see faces smaller than about 80 px without help.
+#: face crop: dlib's HOG detector cannot see faces smaller than about 80 px without help.
 AUTO_PRECROPPED_MAX_SIDE = 96
 
 #: Face box expected in a FER2013-style crop, as fractions ``(left, top, right, bottom)`` of the
-#: crop's width and height, in edge coordinates (0 = the crop's left/top edge, 1 = its
-#: right/bottom edge). Medians over 5,390 FER2013 test images where the HOG detector found the
-#: face (crops resized x2, bicubic); see ``landmarks/README.md`` for the calibration and its
-#: spread, and ``benchmarks/landmark_quality.py --calibrate`` to redo it.
-FER2013_FACE_BOX = (0.0625, 0.1563, 0.9688, 1.0000)
+#: crop (edge coordinates: 0 = the crop's left/top edge, 1 = its right/bottom edge). Medians of
+#: the HOG detector's boxes over the 5,177 FER2013 test images where it found a face (crops
+#: enlarged x2, bicubic, no box filter). ``benchmarks/landmark_quality.py --calibrate`` redoes
+#: it; ``landmarks/README.md`` gives the spread.
+FER2013_FACE_BOX = (0.0677, 0.1719, 0.9740, 0.9740)
 
-#: Bump when the detection pipeline changes in a way that changes its output: it is part of the
-#: cache key, so stale cached landmarks are never returned.
+#: dlib HOG face box from landmarks: centre = landmark centroid + ``offset`` x r, side = ``side``
+#: x r, where r is the RMS distance of the 68 points from their centroid. Medians over the
+#: 5,177 FER2013 test faces where the HOG detector succeeds (``benchmarks/landmark_quality.py``);
+#: used to re-centre the fallback box on the face it found (``refine_fallback``).
+BOX_FROM_LANDMARKS = {"offset": (0.017, -0.092), "side": 2.787}
+
+#: Bump when the pipeline changes its output: it is part of the cache key, so stale cached
+#: landmarks are never returned.
 PIPELINE_VERSION = 1
 
 STATUSES = ("detected", "fallback_box", "no_face", "unreadable", "invalid", "error")
@@ -76,13 +98,13 @@ CNN_DETECTOR_FILE = "mmod_human_face_detector.dat"
 def model_path(filename: str) -> Path:
     """Path of a model file shipped in the ``face-recognition-models`` distribution.
 
-    The package is located without importing it: its ``__init__`` imports ``pkg_resources``,
+    The package is located without being imported: its ``__init__`` imports ``pkg_resources``,
     which recent setuptools no longer ship.
 
     Parameters
     ----------
     filename
-        File name inside the package's ``models/`` folder, e.g. ``PREDICTOR_FILE``.
+        File name inside the package's ``models/`` folder, e.g. :data:`PREDICTOR_FILE`.
 
     Returns
     -------
@@ -92,7 +114,7 @@ def model_path(filename: str) -> Path:
     Raises
     ------
     FileNotFoundError
-        When the package or the file is missing (with the fix in the message).
+        When the package or the file is missing (the message says how to fix it).
     """
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     hint = "install it with: pip install face-recognition-models==0.3.0"
@@ -105,130 +127,8 @@ def model_path(filename: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Settings and results
+# Geometry helpers on landmark arrays
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LandmarkSettings:
-    """How faces are found and landmarked. Part of the cache key.
-
-    Attributes
-    ----------
-    detector
-        ``"hog"`` (dlib's frontal HOG + linear SVM detector, fast) or ``"cnn"`` (dlib's MMOD CNN,
-        ``mmod_human_face_detector.dat``; more robust to pose, ~100x slower on a CPU).
-    faces
-        ``"largest"`` (one face per image, the largest box) or ``"all"`` (every face).
-    precropped
-        ``True`` for registered face crops (upsampling, expected-box check, fallback box),
-        ``False`` for photos, ``"auto"`` to decide per image by its size.
-    upsample
-        dlib pyramid upsampling steps for photos; ``None`` = 1 for images whose larger side is
-        below 1,000 px, else 0.
-    crop_min_side
-        Pre-cropped images are resized (bicubic, integer factor) so that their smaller side
-        reaches at least this many pixels before detection and landmarking.
-    threshold
-        Detector score threshold (HOG: SVM margin, dlib's default 0; CNN: confidence).
-    min_box_iou
-        Pre-cropped mode: a detection counts only when its box overlaps the expected box
-        ``fallback_box`` by at least this IoU (rejects detections of background texture).
-    fallback_box
-        Pre-cropped mode: face box as fractions ``(left, top, right, bottom)`` of the crop,
-        used when nothing is detected; ``None`` disables the fallback (status ``no_face``).
-    """
-
-    detector: Literal["hog", "cnn"] = "hog"
-    faces: Literal["largest", "all"] = "largest"
-    precropped: bool | Literal["auto"] = "auto"
-    upsample: int | None = None
-    crop_min_side: int = 96
-    threshold: float = 0.0
-    min_box_iou: float = 0.3
-    fallback_box: tuple[float, float, float, float] | None = FER2013_FACE_BOX
-
-    def __post_init__(self) -> None:
-        if self.detector not in ("hog", "cnn"):
-            raise ValueError(f"detector must be 'hog' or 'cnn', not {self.detector!r}")
-        if self.faces not in ("largest", "all"):
-            raise ValueError(f"faces must be 'largest' or 'all', not {self.faces!r}")
-        if self.precropped not in (True, False, "auto"):
-            raise ValueError(f"precropped must be True, False or 'auto', not {self.precropped!r}")
-        if self.upsample is not None and self.upsample < 0:
-            raise ValueError(f"upsample must be >= 0 or None, not {self.upsample}")
-        if self.crop_min_side < 1:
-            raise ValueError(f"crop_min_side must be >= 1, not {self.crop_min_side}")
-        if self.fallback_box is not None:
-            box = tuple(float(v) for v in self.fallback_box)
-            if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-                raise ValueError(
-                    f"fallback_box must be (left, top, right, bottom) fractions with "
-                    f"left < right and top < bottom, not {self.fallback_box!r}"
-                )
-            object.__setattr__(self, "fallback_box", box)
-
-    def fingerprint(self) -> str:
-        """Hash of these settings, the model files and the pipeline version (cache key part)."""
-        import dlib
-
-        payload = {
-            "settings": asdict(self),
-            "pipeline": PIPELINE_VERSION,
-            "dlib": dlib.__version__,
-            "models": f"{MODEL_PACKAGE}-0.3.0",
-        }
-        text = json.dumps(payload, sort_keys=True)
-        return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-
-@dataclass(frozen=True)
-class FaceLandmarks:
-    """One face (or the absence of one) in one image.
-
-    Attributes
-    ----------
-    status
-        One of :data:`STATUSES`.
-    landmarks
-        ``(68, 2)`` float64 ``(x, y)`` pixel coordinates, or ``None`` when there is no face.
-    box
-        Face box ``(left, top, right, bottom)`` in pixels, or ``None``.
-    path
-        How the box was found: ``"hog"``, ``"cnn"``, ``"fallback_box"`` or ``"none"``.
-    scale
-        Factor by which the image was resized before detection (1 for photos).
-    score
-        Detector score of the face (NaN for the fallback box).
-    n_faces
-        Number of faces the detector accepted in the image.
-    face_index
-        Rank of this face by box area (0 = largest).
-    message
-        Why there is no face, for ``unreadable``/``invalid``/``error``.
-    """
-
-    status: str
-    landmarks: np.ndarray | None = None
-    box: tuple[float, float, float, float] | None = None
-    path: str = "none"
-    scale: float = 1.0
-    score: float = math.nan
-    n_faces: int = 0
-    face_index: int = 0
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Whether landmarks are available."""
-        return self.landmarks is not None
-
-    @property
-    def iod(self) -> float:
-        """Inter-ocular distance (pixels) between the eye centres, NaN without landmarks."""
-        if self.landmarks is None:
-            return math.nan
-        return float(inter_ocular_distance(self.landmarks))
 
 
 def eye_centres(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -259,14 +159,14 @@ def inter_ocular_distance(landmarks: np.ndarray) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(...)`` array (a 0-d array for a single face).
+        ``(...)`` array (0-d for one face).
     """
     left, right = eye_centres(landmarks)
     return np.linalg.norm(right - left, axis=-1)
 
 
 def landmark_error(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Mean point-to-point error normalised by the reference's IOD (NME).
+    """Mean point-to-point distance normalised by the reference's IOD (NME).
 
     Parameters
     ----------
@@ -283,62 +183,73 @@ def landmark_error(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.linalg.norm(pred - ref, axis=-1).mean(axis=-1) / inter_ocular_distance(ref)
 
 
-# --------------------------------------------------------------------------------------------
-# Small array helpers
-# --------------------------------------------------------------------------------------------
+def _mirror_index() -> tuple[int, ...]:
+    """iBUG 68 index of each point's left/right counterpart (see :data:`MIRROR_INDEX`)."""
+    pairs = [(i, 16 - i) for i in range(17)]                      # jaw
+    pairs += [(17 + i, 26 - i) for i in range(10)]                # brows
+    pairs += [(i, i) for i in range(27, 31)]                      # nose bridge
+    pairs += [(31 + i, 35 - i) for i in range(5)]                 # nostrils
+    pairs += [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]  # eyes
+    pairs += [(48 + i, 54 - i) for i in range(7)]                 # upper outer lip
+    pairs += [(55 + i, 59 - i) for i in range(5)]                 # lower outer lip
+    pairs += [(60 + i, 64 - i) for i in range(5)]                 # upper inner lip
+    pairs += [(65, 67), (66, 66), (67, 65)]                       # lower inner lip
+    index = [-1] * N_LANDMARKS
+    for a, b in pairs:
+        index[a], index[b] = b, a
+    return tuple(index)
 
 
-def _check_image(image: Any) -> tuple[np.ndarray | None, str, str]:
-    """Return (contiguous image, status, message); status "" when the image is usable."""
-    if image is None:
-        return None, "unreadable", "no pixels (image could not be read)"
-    if not isinstance(image, np.ndarray):
-        return None, "invalid", f"expected a numpy array, got {type(image).__name__}"
-    if image.dtype != np.uint8:
-        return None, "invalid", f"expected dtype uint8, got {image.dtype} (convert it first)"
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        return None, "invalid", f"expected shape (H, W) or (H, W, 3), got {image.shape}"
-    if image.shape[0] < 2 or image.shape[1] < 2:
-        return None, "invalid", f"image too small: {image.shape}"
-    return np.ascontiguousarray(image), "", ""
+#: ``MIRROR_INDEX[i]`` is the point that plays point ``i``'s role in the horizontally mirrored
+#: face (36, the outer corner of the image-left eye, becomes 45, and so on).
+MIRROR_INDEX = _mirror_index()
 
 
-def _resize(image: np.ndarray, scale: int) -> np.ndarray:
-    """Integer-factor bicubic resize (PIL's pixel-centre-aligned sampling)."""
-    from PIL import Image
+def mirror_landmarks(landmarks: np.ndarray, width: float) -> np.ndarray:
+    """Landmarks of the horizontally flipped image ``image[:, ::-1]``.
 
-    if scale == 1:
-        return image
-    h, w = image.shape[:2]
-    pil = Image.fromarray(image)
-    return np.asarray(pil.resize((w * scale, h * scale), Image.Resampling.BICUBIC))
+    Parameters
+    ----------
+    landmarks
+        ``(..., 68, 2)`` ``(x, y)`` pixel coordinates.
+    width
+        Image width in pixels (pixel ``c`` becomes ``width - 1 - c``).
 
-
-def _to_original(xy: np.ndarray, scale: float) -> np.ndarray:
-    """Map pixel-centre coordinates of an image resized by ``scale`` back to the original.
-
-    The centre of resized pixel ``i`` lies at original coordinate ``(i + 0.5) / scale - 0.5``.
+    Returns
+    -------
+    numpy.ndarray
+        ``(..., 68, 2)``, re-indexed so that each point keeps its anatomical role.
     """
-    return (np.asarray(xy, dtype=float) + 0.5) / scale - 0.5
+    lm = np.asarray(landmarks, dtype=float)[..., MIRROR_INDEX, :].copy()
+    lm[..., 0] = (width - 1) - lm[..., 0]
+    return lm
 
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two ``(left, top, right, bottom)`` boxes."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / area)
+def box_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
+    """The square face box dlib's HOG detector would give for these landmarks.
+
+    Parameters
+    ----------
+    landmarks
+        ``(..., 68, 2)`` ``(x, y)`` pixel coordinates.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(..., 4)`` boxes ``(left, top, right, bottom)`` (see :data:`BOX_FROM_LANDMARKS`).
+    """
+    lm = np.asarray(landmarks, dtype=float)
+    centroid = lm.mean(axis=-2)
+    r = np.sqrt(((lm - centroid[..., None, :]) ** 2).sum(axis=-1).mean(axis=-1))[..., None]
+    centre = centroid + np.asarray(BOX_FROM_LANDMARKS["offset"]) * r
+    half = BOX_FROM_LANDMARKS["side"] * r / 2
+    return np.concatenate([centre - half, centre + half], axis=-1)
 
 
 def fraction_box_to_pixels(
     fractions: Sequence[float], height: int, width: int
 ) -> tuple[float, float, float, float]:
-    """Convert a box in crop fractions (edge coordinates) to pixel-centre coordinates.
+    """Convert a box in crop fractions (edge coordinates) to pixel coordinates.
 
     Parameters
     ----------
@@ -364,13 +275,528 @@ def pixel_box_to_fractions(
     return ((b0 + 0.5) / width, (b1 + 0.5) / height, (b2 + 0.5) / width, (b3 + 0.5) / height)
 
 
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two ``(left, top, right, bottom)`` boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union)
+
+
+def _resize(image: np.ndarray, scale: int) -> np.ndarray:
+    """Integer-factor bicubic enlargement (PIL samples at pixel centres)."""
+    if scale == 1:
+        return image
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((w * scale, h * scale),
+                                                    Image.Resampling.BICUBIC))
+
+
+def _to_original(xy: np.ndarray, scale: float) -> np.ndarray:
+    """Map pixel coordinates of an image enlarged by ``scale`` back to the original.
+
+    The centre of enlarged pixel ``i`` lies at original coordinate ``(i + 0.5) / scale - 0.5``.
+    """
+    return (np.asarray(xy, dtype=float) + 0.5) / scale - 0.5
+
+
+def _to_scaled(xy: np.ndarray | Sequence[float], scale: float) -> np.ndarray:
+    """Inverse of :func:`_to_original`."""
+    return (np.asarray(xy, dtype=float) + 0.5) * scale - 0.5
+
+
+def _intensity(image: np.ndarray) -> np.ndarray:
+    """Grey levels as dlib samples them: RGB pixels become ``(r + g + b) // 3``."""
+    if image.ndim == 2:
+        return image
+    return (image.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# dlib's shape predictor, read from its file and evaluated with numpy
+# --------------------------------------------------------------------------------------------
+
+
+def _varint_starts(buf: np.ndarray, block: int = 1 << 14, margin: int = 256) -> np.ndarray:
+    """Offsets of every integer in a dlib-serialised file.
+
+    dlib writes every number as a small variable-length integer (a header byte whose low four
+    bits give the number of little-endian bytes that follow; bit 7 is the sign) and floats as
+    two of them (mantissa, exponent), so the whole file is one chain of such tokens. The chain
+    is walked in many blocks at once: a walk started at an arbitrary byte re-synchronises with
+    the true chain within a few tokens, so each block only keeps the tokens it finds past a
+    ``margin``. The result is verified end to end, so a failed re-synchronisation is an error,
+    never a wrong model.
+    """
+    n = buf.size
+    pad = block + margin + 16
+    step = np.ones(n + pad, dtype=np.int64)
+    step[:n] += buf & 0x0F
+    starts_block = np.arange(0, n, block, dtype=np.int64)
+    own_from = starts_block + margin
+    own_from[0] = 0
+    stop = np.minimum(starts_block + block + margin, n)
+    mark = np.zeros(n + pad, dtype=bool)
+    pos = starts_block.copy()
+    while True:
+        live = pos < stop
+        if not live.any():
+            break
+        mark[pos[live & (pos >= own_from)]] = True
+        pos = np.where(live, pos + step[pos], pos)
+    starts = np.flatnonzero(mark[:n])
+    ok = (
+        starts.size > 0
+        and starts[0] == 0
+        and np.array_equal(starts[1:], starts[:-1] + step[starts[:-1]])
+        and starts[-1] + step[starts[-1]] == n
+    )
+    if not ok:
+        raise ValueError("could not tokenise the dlib model file (not a dlib serialisation?)")
+    return starts
+
+
+def _decode_varints(buf: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Values of the dlib integers starting at ``starts`` (see :func:`_varint_starts`)."""
+    padded = np.concatenate([buf, np.zeros(16, dtype=np.uint8)])
+    header = padded[starts]
+    size = header & 0x0F
+    if size.max() > 8:
+        raise ValueError("dlib model file holds an integer wider than 64 bits")
+    values = np.zeros(starts.size, dtype=np.int64)
+    for j in range(int(size.max())):
+        sel = np.flatnonzero(size > j)
+        values[sel] |= padded[starts[sel] + 1 + j].astype(np.int64) << (8 * j)
+    np.negative(values, out=values, where=(header & 0x80) != 0)
+    return values
+
+
+def _floats(mantissa: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """dlib's portable float encoding: ``mantissa * 2**exponent`` (as float32)."""
+    if np.abs(exponent).max(initial=0) > 1000:  # dlib's codes for inf/nan: not in real models
+        raise ValueError("dlib model file holds non-finite floats")
+    return np.ldexp(mantissa.astype(np.float64), exponent.astype(np.int64)).astype(np.float32)
+
+
+def parse_shape_predictor(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a dlib ``shape_predictor`` file into arrays.
+
+    The layout (dlib ``shape_predictor`` serialisation, version 1): initial shape (column
+    matrix), forests (cascade levels x trees, each tree = splits ``(idx1, idx2, thresh)`` in
+    breadth-first order and leaf displacement vectors), anchor indices and pixel deltas of the
+    feature pixels of each level.
+
+    Parameters
+    ----------
+    path
+        The ``.dat`` file.
+
+    Returns
+    -------
+    dict
+        ``initial`` (P, 2) float32, ``idx1``/``idx2`` (levels, trees, splits) int16, ``thresh``
+        (levels, trees, splits) float32, ``leaves`` (levels, trees, splits + 1, 2P) float32,
+        ``anchors`` (levels, features) int16, ``deltas`` (levels, features, 2) float32.
+        Shape coordinates are normalised to the face box (0..1).
+    """
+    buf = np.fromfile(path, dtype=np.uint8)
+    v = _decode_varints(buf, _varint_starts(buf))
+    pos = 0
+
+    def take(k: int) -> np.ndarray:
+        nonlocal pos
+        out = v[pos : pos + k]
+        if out.size != k:
+            raise ValueError(f"{path}: truncated dlib shape predictor file")
+        pos += k
+        return out
+
+    def expect(value: int, what: str) -> None:
+        got = int(take(1)[0])
+        if got != value:
+            raise ValueError(f"{path}: unexpected {what} {got} (expected {value})")
+
+    expect(1, "version")
+    rows, cols = (int(x) for x in take(2))
+    n2 = abs(rows)
+    if abs(cols) != 1 or n2 % 2:
+        raise ValueError(f"{path}: initial shape is {rows}x{cols}, not a column of (x, y) pairs")
+    initial = take(2 * n2).reshape(-1, 2)
+    initial = _floats(initial[:, 0], initial[:, 1]).reshape(-1, 2)
+    n_levels = int(take(1)[0])
+    n_trees = int(v[pos])
+    n_splits = int(v[pos + 1])
+    n_leaves = int(v[pos + 2 + 4 * n_splits])
+    tree_len = 1 + 4 * n_splits + 1 + n_leaves * (2 + 2 * n2)
+    levels = take(n_levels * (1 + n_trees * tree_len)).reshape(n_levels, -1)
+    if not (levels[:, 0] == n_trees).all():
+        raise ValueError(f"{path}: cascade levels do not all hold {n_trees} trees")
+    trees = levels[:, 1:].reshape(n_levels, n_trees, tree_len)
+    if not ((trees[:, :, 0] == n_splits).all() and (trees[:, :, 1 + 4 * n_splits] == n_leaves)
+            .all() and n_leaves == n_splits + 1):
+        raise ValueError(f"{path}: trees are not all complete trees of the same depth")
+    splits = trees[:, :, 1 : 1 + 4 * n_splits].reshape(n_levels, n_trees, n_splits, 4)
+    leaves = trees[:, :, 2 + 4 * n_splits :].reshape(n_levels, n_trees, n_leaves, 2 + n2 * 2)
+    if not ((leaves[..., 0] == -n2).all() and (leaves[..., 1] == -1).all()):
+        raise ValueError(f"{path}: leaf vectors are not {n2}-long columns")
+    leaf_values = leaves[..., 2:].reshape(n_levels, n_trees, n_leaves, n2, 2)
+    anchors, deltas = [], []
+    expect(n_levels, "number of anchor lists")
+    for _ in range(n_levels):
+        anchors.append(take(int(take(1)[0])))
+    expect(n_levels, "number of delta lists")
+    for _ in range(n_levels):
+        d = take(4 * int(take(1)[0])).reshape(-1, 4)
+        deltas.append(np.stack([_floats(d[:, 0], d[:, 1]), _floats(d[:, 2], d[:, 3])], axis=1))
+    if pos != v.size:
+        raise ValueError(f"{path}: {v.size - pos} unread numbers at the end of the file")
+    return {
+        "initial": initial,
+        "idx1": splits[..., 0].astype(np.int16),
+        "idx2": splits[..., 1].astype(np.int16),
+        "thresh": _floats(splits[..., 2], splits[..., 3]),
+        "leaves": _floats(leaf_values[..., 0], leaf_values[..., 1]),
+        "anchors": np.stack(anchors).astype(np.int16),
+        "deltas": np.stack(deltas).astype(np.float32),
+    }
+
+
+class ShapePredictor:
+    """dlib's 68-point shape predictor evaluated with numpy, on many faces at once.
+
+    Parameters
+    ----------
+    arrays
+        Output of :func:`parse_shape_predictor`.
+
+    Notes
+    -----
+    Per cascade level, as dlib does: the similarity transform from the mean shape to the
+    current shape places each feature pixel (anchor landmark + rotated/scaled delta); the box
+    maps normalised to image coordinates; the pixel nearest to it (or 0 outside the image) is
+    sampled; each tree compares pixel pairs down to a leaf; leaf displacements are added to the
+    shape in float32 in tree order (so results match dlib bit for bit before its final rounding).
+    """
+
+    #: Faces per vectorised chunk (bounds memory: about 0.5 MB per face).
+    CHUNK = 256
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.initial = np.asarray(arrays["initial"], dtype=np.float32)
+        n_levels, n_trees, n_splits = arrays["idx1"].shape
+        self.n_levels, self.n_trees, self.n_splits = n_levels, n_trees, n_splits
+        self.depth = int(round(math.log2(n_splits + 1)))
+        self.n_points = self.initial.shape[0]
+        self.n_features = arrays["anchors"].shape[1]
+        # flat per-level tables indexed by tree * n_splits + node
+        self.idx1 = arrays["idx1"].reshape(n_levels, -1).astype(np.int64)
+        self.idx2 = arrays["idx2"].reshape(n_levels, -1).astype(np.int64)
+        self.thresh = arrays["thresh"].reshape(n_levels, -1).astype(np.float32)
+        self.leaves = arrays["leaves"].reshape(n_levels, n_trees * (n_splits + 1), -1)
+        self.anchors = arrays["anchors"].astype(np.intp)
+        self.deltas = arrays["deltas"].astype(np.float32)
+        centred = self.initial.astype(np.float64) - self.initial.mean(axis=0)
+        self._ref_centred = centred
+        self._ref_norm = float((centred**2).sum())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, *, cache: bool = True) -> ShapePredictor:
+        """Load a dlib shape predictor, converting it once to a cached ``.npz``.
+
+        Parameters
+        ----------
+        path
+            The ``.dat`` file; default dlib's 68-point model from face-recognition-models.
+        cache
+            Keep the converted arrays under ``cache_dir("landmarks")`` (parsing the 100 MB
+            file takes a few seconds; loading the cache a fraction of one).
+        """
+        path = Path(path) if path is not None else model_path(PREDICTOR_FILE)
+        if not cache:
+            return cls(parse_shape_predictor(path))
+        from .paths import cache_dir
+
+        stat = path.stat()
+        with open(path, "rb") as handle:  # head + tail + size: cheap and enough to spot a swap
+            head = handle.read(1 << 20)
+            handle.seek(max(0, stat.st_size - (1 << 20)))
+            tail = handle.read()
+        digest = hashlib.blake2b(head + tail + str(stat.st_size).encode(), digest_size=8)
+        target = cache_dir("landmarks") / f"{path.stem}-{digest.hexdigest()}.npz"
+        if target.is_file():
+            try:
+                with np.load(target) as data:
+                    return cls({k: data[k] for k in data.files})
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("ignoring unreadable converted predictor %s: %s", target, exc)
+        arrays = parse_shape_predictor(path)
+        partial = target.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(partial, **arrays)
+        os.replace(partial, target)  # atomic: concurrent workers never read half a file
+        return cls(arrays)
+
+    def predict(self, images: Sequence[np.ndarray], boxes: np.ndarray) -> np.ndarray:
+        """Landmarks of one face per (image, box) pair.
+
+        Parameters
+        ----------
+        images
+            N uint8 images, ``(H, W)`` or ``(H, W, 3)``; sizes may differ. The same image
+            object may appear several times (several faces).
+        boxes
+            ``(N, 4)`` face boxes ``(left, top, right, bottom)`` in pixels; fractional values
+            are used as they are (dlib would round them).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N, 68, 2)`` float64 ``(x, y)`` pixel coordinates.
+        """
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(images) != len(boxes):
+            raise ValueError(f"{len(images)} images but {len(boxes)} boxes")
+        out = np.empty((len(boxes), self.n_points, 2))
+        for a in range(0, len(boxes), self.CHUNK):
+            out[a : a + self.CHUNK] = self._predict(images[a : a + self.CHUNK],
+                                                    boxes[a : a + self.CHUNK])
+        return out
+
+    def _similarity(self, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Least-squares rotation+scale ``[[a, -b], [b, a]]`` from the mean shape to ``cur``."""
+        c = cur.astype(np.float64) - cur.mean(axis=1, keepdims=True, dtype=np.float64)
+        r = self._ref_centred
+        a = (c[..., 0] * r[:, 0] + c[..., 1] * r[:, 1]).sum(axis=1) / self._ref_norm
+        b = (c[..., 1] * r[:, 0] - c[..., 0] * r[:, 1]).sum(axis=1) / self._ref_norm
+        return a.astype(np.float32)[:, None], b.astype(np.float32)[:, None]
+
+    def _predict(self, images: Sequence[np.ndarray], boxes: np.ndarray) -> np.ndarray:
+        n = len(images)
+        # one flat pixel buffer for the chunk (each distinct image once), with a 0 at the end
+        # that out-of-image samples point to
+        index_of: dict[int, int] = {}
+        planes, offsets, heights, widths = [], [], [], []
+        total = 0
+        for img in images:
+            if id(img) not in index_of:
+                index_of[id(img)] = len(planes)
+                g = _intensity(img)
+                planes.append(g.ravel())
+                offsets.append(total)
+                heights.append(g.shape[0])
+                widths.append(g.shape[1])
+                total += g.size
+        which = np.array([index_of[id(img)] for img in images])
+        flat = np.concatenate([*planes, np.zeros(1, np.uint8)]).astype(np.float32)
+        off = np.array(offsets, dtype=np.int64)[which][:, None]
+        hs = np.array(heights, dtype=np.int64)[which][:, None]
+        ws = np.array(widths, dtype=np.int64)[which][:, None]
+
+        x0, y0 = boxes[:, 0:1], boxes[:, 1:2]
+        bw, bh = boxes[:, 2:3] - x0, boxes[:, 3:4] - y0
+        cur = np.repeat(self.initial[None], n, axis=0)
+        tree_base = (np.arange(self.n_trees) * self.n_splits)[None, :]
+        leaf_base = (np.arange(self.n_trees) * (self.n_splits + 1))[None, :]
+        row_base = (np.arange(n) * self.n_features)[:, None]
+        for k in range(self.n_levels):
+            a, b = self._similarity(cur)
+            d = self.deltas[k]
+            anchor = cur[:, self.anchors[k]]
+            u = a * d[:, 0] - b * d[:, 1] + anchor[..., 0]  # float32, as dlib
+            v = b * d[:, 0] + a * d[:, 1] + anchor[..., 1]
+            px = np.floor(x0 + u * bw + 0.5).astype(np.int64)  # float64 + round, as dlib
+            py = np.floor(y0 + v * bh + 0.5).astype(np.int64)
+            inside = (px >= 0) & (py >= 0) & (px < ws) & (py < hs)
+            feat = flat[np.where(inside, off + py * ws + px, flat.size - 1)].ravel()
+            node = np.zeros((n, self.n_trees), dtype=np.int64)
+            for _ in range(self.depth):
+                j = tree_base + node
+                left = (feat[row_base + self.idx1[k][j]] - feat[row_base + self.idx2[k][j]]
+                        > self.thresh[k][j])
+                node = 2 * node + 2 - left
+            leaf = node - self.n_splits + leaf_base
+            table = self.leaves[k]
+            flat_cur = cur.reshape(n, -1)
+            for t in range(self.n_trees):  # in order, in float32: dlib's rounding exactly
+                flat_cur += table[leaf[:, t]]
+        return np.stack([x0 + cur[..., 0] * bw, y0 + cur[..., 1] * bh], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LandmarkSettings:
+    """How faces are found and landmarked. All fields are part of the cache key.
+
+    Attributes
+    ----------
+    detector
+        ``"hog"`` (dlib's frontal HOG + linear SVM detector, fast) or ``"cnn"`` (dlib's MMOD
+        CNN ``mmod_human_face_detector.dat``; more tolerant of pose, ~100x slower on a CPU).
+    faces
+        ``"largest"`` (one face per image: the largest box) or ``"all"``.
+    precropped
+        ``True`` for registered face crops (enlargement, expected-box check, fallback box),
+        ``False`` for photos, ``"auto"`` to decide per image by its size.
+    upsample
+        dlib pyramid upsampling steps for photos; ``None``: 1 when the larger image side is
+        below 1,000 px, else 0, and one step more when that finds nothing in a photo of at
+        most 512 px.
+    crop_min_side
+        Pre-cropped images are enlarged (bicubic, integer factor) until their smaller side
+        reaches this many pixels, before detection and landmarking.
+    threshold
+        Detector score threshold (HOG: SVM margin, dlib's default 0; CNN: confidence).
+    min_box_iou
+        Pre-cropped mode: a detection counts only when its box overlaps the expected box
+        (``fallback_box``) by at least this IoU; this rejects detections of background texture.
+    fallback_box
+        Pre-cropped mode: the face box as fractions ``(left, top, right, bottom)`` of the crop,
+        used when nothing is detected; ``None`` disables the fallback (status ``no_face``).
+    refine_fallback
+        Pre-cropped mode: after landmarking in the fallback box, re-estimate the box from the
+        landmarks (:func:`box_from_landmarks`) and landmark again, this many times. The fixed
+        box fits the average crop; re-centring it on the face found halves the 90th
+        percentile of the error (``landmarks/README.md``).
+    backend
+        Landmark predictor: ``"numpy"`` (:class:`ShapePredictor`, sub-pixel, batched) or
+        ``"dlib"`` (dlib's own, whole-pixel output).
+    """
+
+    detector: Literal["hog", "cnn"] = "hog"
+    faces: Literal["largest", "all"] = "largest"
+    precropped: bool | Literal["auto"] = "auto"
+    upsample: int | None = None
+    crop_min_side: int = 96
+    threshold: float = 0.0
+    min_box_iou: float = 0.3
+    fallback_box: tuple[float, float, float, float] | None = FER2013_FACE_BOX
+    refine_fallback: int = 2
+    backend: Literal["numpy", "dlib"] = "numpy"
+
+    def __post_init__(self) -> None:
+        choices = {"detector": ("hog", "cnn"), "faces": ("largest", "all"),
+                   "precropped": (True, False, "auto"), "backend": ("numpy", "dlib")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.upsample is not None and self.upsample < 0:
+            raise ValueError(f"upsample must be >= 0 or None, not {self.upsample}")
+        if self.refine_fallback < 0:
+            raise ValueError(f"refine_fallback must be >= 0, not {self.refine_fallback}")
+        if self.crop_min_side < 1:
+            raise ValueError(f"crop_min_side must be >= 1, not {self.crop_min_side}")
+        if self.fallback_box is not None:
+            box = tuple(float(v) for v in self.fallback_box)
+            if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError("fallback_box must be (left, top, right, bottom) fractions "
+                                 f"with left < right and top < bottom, not {self.fallback_box!r}")
+            object.__setattr__(self, "fallback_box", box)
+
+    def fingerprint(self) -> str:
+        """Hash of these settings, the model versions and the pipeline version."""
+        import dlib
+
+        payload = {"settings": asdict(self), "pipeline": PIPELINE_VERSION,
+                   "box_from_landmarks": BOX_FROM_LANDMARKS,
+                   "dlib": dlib.__version__, "models": f"{MODEL_PACKAGE}-0.3.0"}
+        text = json.dumps(payload, sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+@dataclass(frozen=True)
+class FaceLandmarks:
+    """One face (or the reason there is none) in one image.
+
+    Attributes
+    ----------
+    status
+        One of :data:`STATUSES`.
+    landmarks
+        ``(68, 2)`` float64 ``(x, y)`` pixel coordinates, or ``None`` without a face.
+    box
+        Face box ``(left, top, right, bottom)`` in pixels, or ``None``.
+    path
+        How the box was found: ``"hog"``, ``"cnn"``, ``"fallback_box"`` or ``"none"``.
+    scale
+        Factor by which the image was enlarged before detection (1 for photos).
+    score
+        Detector score of the face (NaN for the fallback box).
+    n_faces
+        Number of faces the detector accepted in the image.
+    face_index
+        Rank of this face by box area (0 = largest).
+    message
+        Why there is no face, for ``no_face``/``unreadable``/``invalid``/``error``.
+    """
+
+    status: str
+    landmarks: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None
+    path: str = "none"
+    scale: float = 1.0
+    score: float = math.nan
+    n_faces: int = 0
+    face_index: int = 0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether landmarks are available."""
+        return self.landmarks is not None
+
+    @property
+    def iod(self) -> float:
+        """Inter-ocular distance in pixels (NaN without landmarks)."""
+        return math.nan if self.landmarks is None else float(inter_ocular_distance(self.landmarks))
+
+
+def _check_image(image: Any) -> tuple[np.ndarray | None, str, str]:
+    """Return (C-contiguous image, status, message); status is "" when the image is usable."""
+    if image is None:
+        return None, "unreadable", "no pixels (the image could not be read)"
+    if not isinstance(image, np.ndarray):
+        return None, "invalid", f"expected a numpy array, got {type(image).__name__}"
+    if image.dtype != np.uint8:
+        return None, "invalid", f"expected dtype uint8, got {image.dtype}"
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        return None, "invalid", f"expected shape (H, W) or (H, W, 3), got {image.shape}"
+    if min(image.shape[:2]) < 8:
+        return None, "invalid", f"image too small to hold a face: {image.shape}"
+    return np.ascontiguousarray(image), "", ""
+
+
 # --------------------------------------------------------------------------------------------
 # The detector (holds dlib's models)
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Pending:
+    """A face box waiting for the batched landmark predictor."""
+
+    work: np.ndarray
+    box: tuple[float, float, float, float]  # original pixel frame
+    work_box: tuple[float, float, float, float]  # pixel frame of ``work``
+    scale: int
+    status: str
+    path: str
+    score: float
+    n_faces: int
+    face_index: int
+
+
 class LandmarkDetector:
-    """dlib face detector + 68-point shape predictor, loaded lazily, once per instance.
+    """Face detector + 68-point landmark predictor; models load lazily, once per instance.
 
     Parameters
     ----------
@@ -379,9 +805,9 @@ class LandmarkDetector:
 
     Examples
     --------
-    >>> det = LandmarkDetector(precropped=True)          # doctest: +SKIP
-    >>> face = det(fer_image_48x48)                       # doctest: +SKIP
-    >>> face.status, face.landmarks.shape                 # doctest: +SKIP
+    >>> from skimage import data
+    >>> face = LandmarkDetector()(data.astronaut())
+    >>> face.status, face.landmarks.shape
     ('detected', (68, 2))
     """
 
@@ -391,19 +817,21 @@ class LandmarkDetector:
         self._detector: Any = None
         self._predictor: Any = None
 
-    # -- lazy model loading ------------------------------------------------------------------
     @property
     def predictor(self) -> Any:
-        """dlib ``shape_predictor`` (68 points), loaded on first use."""
+        """The landmark predictor (:class:`ShapePredictor` or dlib's), loaded on first use."""
         if self._predictor is None:
-            import dlib
+            if self.settings.backend == "dlib":
+                import dlib
 
-            self._predictor = dlib.shape_predictor(str(model_path(PREDICTOR_FILE)))
+                self._predictor = dlib.shape_predictor(str(model_path(PREDICTOR_FILE)))
+            else:
+                self._predictor = ShapePredictor.load()
         return self._predictor
 
     @property
     def detector(self) -> Any:
-        """dlib face detector (HOG or CNN per the settings), loaded on first use."""
+        """dlib's face detector (HOG or CNN per the settings), loaded on first use."""
         if self._detector is None:
             import dlib
 
@@ -414,34 +842,48 @@ class LandmarkDetector:
                 self._detector = dlib.get_frontal_face_detector()
         return self._detector
 
-    # -- public API ----------------------------------------------------------------------------
     def __call__(self, image: np.ndarray | None) -> FaceLandmarks:
-        """Landmarks of the largest face of one image (see :meth:`detect` for all faces)."""
+        """Landmarks of the largest face of one image (never raises on bad input)."""
         return self.detect(image)[0]
 
     def detect(self, image: np.ndarray | None) -> list[FaceLandmarks]:
-        """Find faces and their landmarks in one image; never raises on bad input.
+        """Faces and landmarks of one image; see :meth:`detect_many`."""
+        return self.detect_many([image])[0]
+
+    def detect_many(self, images: Sequence[np.ndarray | None]) -> list[list[FaceLandmarks]]:
+        """Faces and landmarks of several images (landmarks are predicted as one batch).
 
         Parameters
         ----------
-        image
-            ``(H, W)`` or ``(H, W, 3)`` uint8 array, or ``None`` for an unreadable file.
+        images
+            ``(H, W)`` or ``(H, W, 3)`` uint8 arrays; ``None`` for unreadable files.
 
         Returns
         -------
-        list of FaceLandmarks
-            At least one entry. With ``faces="largest"`` exactly one; with ``"all"`` one per
-            face, largest first (or one entry whose status says why there is none).
+        list of list of FaceLandmarks
+            One list per image, never empty: with ``faces="largest"`` exactly one entry; with
+            ``"all"`` one per face, largest first (or one entry saying why there is none).
         """
-        img, status, message = _check_image(image)
-        if img is None:
-            return [FaceLandmarks(status=status, message=message)]
-        try:
-            faces = self._detect(img)
-        except Exception as exc:  # dlib raises RuntimeError on odd inputs; keep the run going
-            log.warning("landmark detection failed: %s", exc)
-            return [FaceLandmarks(status="error", message=f"{type(exc).__name__}: {exc}")]
-        return faces if self.settings.faces == "all" else faces[:1]
+        results: list[list[FaceLandmarks]] = [[] for _ in images]
+        pending: list[tuple[int, _Pending]] = []
+        for i, image in enumerate(images):
+            img, status, message = _check_image(image)
+            if img is None:
+                results[i] = [FaceLandmarks(status=status, message=message)]
+                continue
+            try:
+                found = self._find_boxes(img)
+            except Exception as exc:  # dlib raises RuntimeError on odd inputs: keep going
+                log.warning("face detection failed: %s", exc)
+                results[i] = [FaceLandmarks("error", message=f"{type(exc).__name__}: {exc}")]
+                continue
+            if isinstance(found, FaceLandmarks):
+                results[i] = [found]
+            else:
+                pending.extend((i, p) for p in found)
+        if pending:
+            self._landmark(pending, results)
+        return results
 
     def is_precropped(self, image: np.ndarray) -> bool:
         """Whether ``image`` is handled as a registered face crop under these settings."""
@@ -449,47 +891,42 @@ class LandmarkDetector:
             return min(image.shape[:2]) <= AUTO_PRECROPPED_MAX_SIDE
         return bool(self.settings.precropped)
 
-    def landmarks_in_box(
-        self, image: np.ndarray, box: Sequence[float], scale: int = 1
-    ) -> np.ndarray:
-        """Run the shape predictor in a given face box.
+    def landmarks_in_boxes(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Landmarks predicted in given face boxes of one image (no detection).
 
         Parameters
         ----------
         image
-            uint8 image (already resized by ``scale`` when ``scale > 1``).
-        box
-            ``(left, top, right, bottom)`` in the pixel frame of ``image``.
-        scale
-            Factor by which ``image`` was resized from the original; the landmarks are
-            returned in the original's pixel frame.
+            ``(H, W)`` or ``(H, W, 3)`` uint8.
+        boxes
+            ``(N, 4)`` boxes ``(left, top, right, bottom)`` in pixels of ``image``.
 
         Returns
         -------
         numpy.ndarray
-            ``(68, 2)`` float64 ``(x, y)``.
+            ``(N, 68, 2)`` float64 ``(x, y)``.
         """
-        import dlib
+        img, status, message = _check_image(image)
+        if img is None:
+            raise ValueError(f"cannot landmark this image: {message}")
+        boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+        return self._predict([img] * len(boxes), boxes)
 
-        rect = dlib.rectangle(*(int(round(v)) for v in box))
-        shape = self.predictor(image, rect)
-        xy = np.array([(p.x, p.y) for p in shape.parts()], dtype=float)
-        return _to_original(xy, scale) if scale != 1 else xy
+    # -- internals ---------------------------------------------------------------------------
 
-    # -- internals -------------------------------------------------------------------------------
     def _raw_detections(self, image: np.ndarray, upsample: int) -> list[tuple[tuple, float]]:
         """Detector boxes ``((l, t, r, b), score)`` in the pixel frame of ``image``."""
         s = self.settings
         if s.detector == "cnn":
-            dets = self.detector(image, upsample)
-            out = [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence)
-                   for d in dets]
-            return [(b, float(c)) for b, c in out if c >= s.threshold]
+            found = [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()),
+                      float(d.confidence)) for d in self.detector(image, upsample)]
+            return [(b, c) for b, c in found if c >= s.threshold]
         rects, scores, _ = self.detector.run(image, upsample, s.threshold)
         return [((r.left(), r.top(), r.right(), r.bottom()), float(c))
                 for r, c in zip(rects, scores, strict=True)]
 
-    def _detect(self, img: np.ndarray) -> list[FaceLandmarks]:
+    def _find_boxes(self, img: np.ndarray) -> list[_Pending] | FaceLandmarks:
+        """Face boxes to landmark, or the final result when there is nothing to landmark."""
         s = self.settings
         h, w = img.shape[:2]
         precropped = self.is_precropped(img)
@@ -498,32 +935,379 @@ class LandmarkDetector:
             work = _resize(img, scale)
             upsample = 0
         else:
-            scale = 1
-            work = img
+            scale, work = 1, img
             upsample = s.upsample if s.upsample is not None else int(max(h, w) < 1000)
 
-        dets = self._raw_detections(work, upsample)
-        # dlib boxes: inclusive pixel indices in the resized image -> original pixel frame
-        boxes = [(tuple(_to_original(np.array(b, dtype=float), scale)), sc) for b, sc in dets]
+        raw = self._raw_detections(work, upsample)
+        if not raw and not precropped and s.upsample is None and max(h, w) <= 512:
+            raw = self._raw_detections(work, upsample + 1)  # small faces in small photos
+        boxes = [(tuple(float(v) for v in _to_original(b, scale)), b, score) for b, score in raw]
         expected = None
         if precropped and s.fallback_box is not None:
             expected = fraction_box_to_pixels(s.fallback_box, h, w)
-            boxes = [(b, sc) for b, sc in boxes if _box_iou(b, expected) >= s.min_box_iou]
+            boxes = [bs for bs in boxes if _box_iou(bs[0], expected) >= s.min_box_iou]
         boxes.sort(key=lambda bs: (bs[0][2] - bs[0][0]) * (bs[0][3] - bs[0][1]), reverse=True)
         n = len(boxes)
         if s.faces == "largest":
-            boxes = boxes[:1]  # the predictor is the costly part: run it on one face only
-        out = []
-        for i, (box, score) in enumerate(boxes):
-            work_box = [(v + 0.5) * scale - 0.5 for v in box]
-            lm = self.landmarks_in_box(work, work_box, scale)
-            out.append(FaceLandmarks("detected", lm, tuple(float(v) for v in box), s.detector,
-                                     float(scale), score, n, i))
-        if out:
-            return out
+            boxes = boxes[:1]
+        if boxes:
+            return [_Pending(work, b, wb, scale, "detected", s.detector, sc, n, i)
+                    for i, (b, wb, sc) in enumerate(boxes)]
         if expected is not None:
-            work_box = [(v + 0.5) * scale - 0.5 for v in expected]
-            lm = self.landmarks_in_box(work, work_box, scale)
-            return [FaceLandmarks("fallback_box", lm, expected, "fallback_box", float(scale))]
-        return [FaceLandmarks("no_face", scale=float(scale),
-                              message="no face found by the detector")]
+            work_box = tuple(float(v) for v in _to_scaled(expected, scale))
+            return [_Pending(work, expected, work_box, scale, "fallback_box", "fallback_box",
+                             math.nan, 0, 0)]
+        return FaceLandmarks("no_face", scale=float(scale), message="no face found by the detector")
+
+    def _predict(self, works: list[np.ndarray], work_boxes: np.ndarray) -> np.ndarray:
+        if self.settings.backend == "dlib":
+            import dlib
+
+            out = []
+            for work, box in zip(works, work_boxes, strict=True):
+                shape = self.predictor(work, dlib.rectangle(*(int(round(v)) for v in box)))
+                out.append([(p.x, p.y) for p in shape.parts()])
+            return np.array(out, dtype=float).reshape(-1, N_LANDMARKS, 2)
+        return self.predictor.predict(works, work_boxes)
+
+    def _landmark(self, pending: list[tuple[int, _Pending]],
+                  results: list[list[FaceLandmarks]]) -> None:
+        works = [p.work for _, p in pending]
+        work_boxes = np.array([p.work_box for _, p in pending], dtype=float)
+        try:
+            xy = self._predict(works, work_boxes)
+            fallback = np.array([p.status == "fallback_box" for _, p in pending])
+            for _ in range(self.settings.refine_fallback if fallback.any() else 0):
+                rows = np.flatnonzero(fallback)
+                work_boxes[rows] = box_from_landmarks(xy[rows])
+                xy[rows] = self._predict([works[r] for r in rows], work_boxes[rows])
+        except Exception as exc:  # keep the batch: redo one by one to isolate the culprit
+            if len(pending) > 1:
+                for item in pending:
+                    self._landmark([item], results)
+                return
+            i, _ = pending[0]
+            results[i] = [FaceLandmarks("error", message=f"{type(exc).__name__}: {exc}")]
+            return
+        for (i, p), lm, wb in zip(pending, xy, work_boxes, strict=True):
+            lm = _to_original(lm, p.scale) if p.scale != 1 else lm
+            box = tuple(float(v) for v in _to_original(wb, p.scale))
+            results[i].append(FaceLandmarks(p.status, lm, box, p.path, float(p.scale),
+                                            p.score, p.n_faces, p.face_index))
+
+
+# --------------------------------------------------------------------------------------------
+# Landmark cache (SQLite under cache_dir("landmarks"))
+# --------------------------------------------------------------------------------------------
+
+
+def image_digest(image: np.ndarray) -> str:
+    """Content hash of an image array (shape, dtype and pixels)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.shape}{image.dtype}".encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()
+
+
+class LandmarkCache:
+    """Landmarks keyed by (image content hash, settings fingerprint), in one SQLite file.
+
+    Parameters
+    ----------
+    path
+        Database file; default ``cache_dir("landmarks") / "landmarks.sqlite"``.
+    """
+
+    _SCHEMA = """CREATE TABLE IF NOT EXISTS faces (
+        image TEXT, settings TEXT, face INTEGER, status TEXT, path TEXT, scale REAL,
+        score REAL, n_faces INTEGER, box BLOB, landmarks BLOB, message TEXT,
+        PRIMARY KEY (image, settings, face)) WITHOUT ROWID"""
+    #: statuses worth caching (the others are not computed from pixels, or may be transient)
+    CACHED = ("detected", "fallback_box", "no_face")
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        if path is None:
+            from .paths import cache_dir
+
+            path = cache_dir("landmarks") / "landmarks.sqlite"
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+        self._db.execute(self._SCHEMA)
+        self._db.commit()
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def __enter__(self) -> LandmarkCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_many(self, digests: Sequence[str], settings: str) -> dict[str, list[FaceLandmarks]]:
+        """Cached results for the given image digests (missing ones are absent)."""
+        found: dict[str, list[FaceLandmarks]] = {}
+        unique = list(dict.fromkeys(digests))
+        for a in range(0, len(unique), 500):  # SQLite bounds the number of parameters
+            part = unique[a : a + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT image, face, status, path, scale, score, n_faces, box, landmarks, "
+                f"message FROM faces WHERE settings = ? AND image IN ({marks}) ORDER BY face",
+                [settings, *part])
+            for image, face, status, path, scale, score, n, box, lm, message in rows:
+                landmarks = None if lm is None else np.frombuffer(lm, "<f8").reshape(-1, 2).copy()
+                box_t = None if box is None else tuple(float(v) for v in np.frombuffer(box, "<f8"))
+                found.setdefault(image, []).append(FaceLandmarks(
+                    status, landmarks, box_t, path, scale,
+                    math.nan if score is None else score, n, face, message))
+        return found
+
+    def put_many(self, entries: Iterable[tuple[str, list[FaceLandmarks]]], settings: str) -> None:
+        """Store results (one transaction; statuses outside :attr:`CACHED` are skipped)."""
+        rows = []
+        for digest, faces in entries:
+            if not faces or faces[0].status not in self.CACHED:
+                continue
+            for f in faces:
+                rows.append((
+                    digest, settings, f.face_index, f.status, f.path, f.scale,
+                    None if math.isnan(f.score) else f.score, f.n_faces,
+                    None if f.box is None else np.asarray(f.box, "<f8").tobytes(),
+                    None if f.landmarks is None else np.asarray(f.landmarks, "<f8").tobytes(),
+                    f.message))
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO faces VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                 rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Many images -> one table
+# --------------------------------------------------------------------------------------------
+
+_WORKER: LandmarkDetector | None = None
+#: Images per worker task: large enough for the batched predictor to amortise its per-level
+#: numpy overhead, small enough to balance two workers.
+_TASK = 128
+
+
+def _worker_init(settings: LandmarkSettings) -> None:
+    """Pool initialiser: one detector (models loaded once) per worker process."""
+    global _WORKER
+    _WORKER = LandmarkDetector(settings)
+    _WORKER.predictor  # noqa: B018 - load the models now, not inside the first task
+    _WORKER.detector  # noqa: B018
+
+
+def _worker_run(images: list[np.ndarray | None]) -> list[list[FaceLandmarks]]:
+    assert _WORKER is not None, "worker used without _worker_init"
+    return _WORKER.detect_many(images)
+
+
+def landmark_columns() -> list[str]:
+    """Names of the 136 landmark columns: ``x0..x67`` then ``y0..y67``."""
+    return [f"x{i}" for i in range(N_LANDMARKS)] + [f"y{i}" for i in range(N_LANDMARKS)]
+
+
+def _rows_to_frame(keys: list[str], faces: list[FaceLandmarks]) -> Any:
+    import pandas as pd
+
+    n = len(faces)
+    lm = np.full((n, N_LANDMARKS, 2), np.nan)
+    box = np.full((n, 4), np.nan)
+    for r, f in enumerate(faces):
+        if f.landmarks is not None:
+            lm[r] = f.landmarks
+        if f.box is not None:
+            box[r] = f.box
+    meta = pd.DataFrame({
+        "key": keys,
+        "status": [f.status for f in faces],
+        "path": [f.path for f in faces],
+        "scale": np.array([f.scale for f in faces], dtype=float),
+        "face_index": np.array([f.face_index for f in faces], dtype=int),
+        "n_faces": np.array([f.n_faces for f in faces], dtype=int),
+        "score": np.array([f.score for f in faces], dtype=float),
+        "box_left": box[:, 0], "box_top": box[:, 1],
+        "box_right": box[:, 2], "box_bottom": box[:, 3],
+        "iod": inter_ocular_distance(lm),
+        "message": [f.message for f in faces],
+    })
+    coords = pd.DataFrame(np.concatenate([lm[..., 0], lm[..., 1]], axis=1),
+                          columns=landmark_columns())
+    return pd.concat([meta, coords], axis=1)
+
+
+def _blocks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    block: list[Any] = []
+    for item in items:
+        block.append(item)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def landmarks_table(
+    images: Iterable[tuple[str, np.ndarray | None] | tuple[str, np.ndarray | None, str | None]],
+    *,
+    settings: LandmarkSettings | None = None,
+    workers: int | None = None,
+    cache: bool | str | os.PathLike = True,
+    progress: bool = True,
+    total: int | None = None,
+    **overrides: Any,
+) -> Any:
+    """Landmarks of many images as a table, in parallel, with a cache.
+
+    Parameters
+    ----------
+    images
+        ``(key, image)`` pairs (or ``(key, image, error)`` triples, e.g. from
+        :class:`interp_fer.data.ImageDataset`); ``image`` is a uint8 ``(H, W)`` or
+        ``(H, W, 3)`` array, or ``None`` for an unreadable file (``error`` says why).
+    settings
+        :class:`LandmarkSettings`; keyword arguments (``detector=``, ``faces=``,
+        ``precropped=``, ...) override its fields.
+    workers
+        Worker processes (each loads the models once); default: every CPU core, at most 8.
+        1, or fewer than 256 images left to compute, runs in this process.
+    cache
+        ``True``: reuse and extend the cache under ``cache_dir("landmarks")``; a path: that
+        SQLite file; ``False``: no cache.
+    progress
+        Show a tqdm progress bar.
+    total
+        Number of images, for the progress bar when ``images`` has no length.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per image (per face with ``faces="all"``), in input order: ``key``,
+        ``status``, ``path`` (``hog``/``cnn``/``fallback_box``/``none``), ``scale``,
+        ``face_index``, ``n_faces``, ``score``, ``box_left``, ``box_top``, ``box_right``,
+        ``box_bottom``, ``iod`` (pixels), ``message``, then ``x0..x67``, ``y0..y67`` (pixels
+        of the given image; NaN without a face).
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or LandmarkSettings()
+    if overrides:
+        settings = replace(settings, **overrides)
+    fingerprint = settings.fingerprint()
+    if total is None and hasattr(images, "__len__"):
+        total = len(images)  # type: ignore[arg-type]
+    # each worker holds its own models (~70 MB): all cores, but no more than 8 by default
+    workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+    store = None
+    if cache:
+        store = LandmarkCache(None if cache is True else cache)
+
+    keys: list[str] = []
+    faces: list[FaceLandmarks] = []
+    local: LandmarkDetector | None = None
+    pool = None
+    bar = tqdm(total=total, disable=not progress, unit="img", desc="landmarks")
+    try:
+        for block in _blocks(images, 2048):
+            block_keys, block_imgs, block_msgs = [], [], []
+            for item in block:
+                block_keys.append(str(item[0]))
+                block_imgs.append(item[1])
+                block_msgs.append(item[2] if len(item) > 2 else None)
+            computed: dict[int, list[FaceLandmarks]] = {}
+            digests: list[str | None] = []
+            for i, im in enumerate(block_imgs):  # bad input needs no detector (nor cache)
+                checked, status, message = _check_image(im)
+                if checked is None:
+                    computed[i] = [FaceLandmarks(status=status, message=message)]
+                    digests.append(None)
+                else:
+                    block_imgs[i] = checked
+                    digests.append(image_digest(checked))
+            known = store.get_many([d for d in digests if d], fingerprint) if store else {}
+            todo = [i for i, d in enumerate(digests) if d is not None and d not in known]
+            if len(todo) >= 2 * _TASK and workers > 1:
+                if pool is None:
+                    if settings.backend == "numpy":
+                        ShapePredictor.load()  # convert the model once, before the workers
+                    pool = _make_pool(workers, settings)
+                chunks = [todo[a : a + _TASK] for a in range(0, len(todo), _TASK)]
+                for chunk, res in zip(chunks, pool.imap(
+                        _worker_run, [[block_imgs[i] for i in c] for c in chunks]), strict=True):
+                    computed.update(zip(chunk, res, strict=True))
+                    bar.update(len(chunk))
+            elif todo:
+                local = local or LandmarkDetector(settings)
+                res = local.detect_many([block_imgs[i] for i in todo])
+                computed.update(zip(todo, res, strict=True))
+                bar.update(len(todo))
+            bar.update(len(block) - len(todo))
+            if store:
+                store.put_many(((digests[i], computed[i]) for i in todo), fingerprint)
+            for i, key in enumerate(block_keys):
+                result = computed.get(i) or known[digests[i]]  # type: ignore[index]
+                if block_msgs[i] and result[0].status == "unreadable":
+                    result = [replace(result[0], message=str(block_msgs[i]))]
+                keys.extend([key] * len(result))
+                faces.extend(result)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if store is not None:
+            store.close()
+    return _rows_to_frame(keys, faces)
+
+
+def _make_pool(workers: int, settings: LandmarkSettings) -> Any:
+    """Process pool whose workers each hold one :class:`LandmarkDetector`."""
+    # fork where it exists: workers start at once and, unlike spawn/forkserver, do not re-run
+    # the caller's script (which would recurse without an ``if __name__ == "__main__"`` guard).
+    # Workers only run numpy and dlib, so threads inherited from e.g. torch are not touched.
+    method = "fork" if "fork" in mp.get_all_start_methods() else None
+    ctx = mp.get_context(method)
+    return ctx.Pool(workers, initializer=_worker_init, initargs=(settings,))
+
+
+def landmarks_array(table: Any) -> np.ndarray:
+    """The ``(N, 68, 2)`` landmark array of a :func:`landmarks_table` table (NaN = no face)."""
+    x = table[[f"x{i}" for i in range(N_LANDMARKS)]].to_numpy(dtype=float)
+    y = table[[f"y{i}" for i in range(N_LANDMARKS)]].to_numpy(dtype=float)
+    return np.stack([x, y], axis=-1)
+
+
+def write_landmarks(table: Any, path: str | os.PathLike) -> Path:
+    """Write a :func:`landmarks_table` table to CSV (coordinates to 1/1000 pixel).
+
+    Parameters
+    ----------
+    table
+        The table.
+    path
+        Output ``.csv`` file; parent folders are created.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    table.to_csv(partial, index=False, float_format="%.3f")
+    os.replace(partial, path)  # never leave half a CSV behind
+    return path
+
+
+def read_landmarks(path: str | os.PathLike) -> Any:
+    """Read a CSV written by :func:`write_landmarks` back into a table."""
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype={"key": str, "message": str})
+    table["message"] = table["message"].fillna("")
+    return table
