@@ -20,6 +20,7 @@ from interp_fer.faces import (
     read_landmarks,
     write_landmarks,
 )
+from interp_fer.shape_predictor import parse_shape_predictor
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_truncated_model_file_is_rejected(tmp_path):
     path = tmp_path / "broken.dat"
     path.write_bytes(F.model_path(F.PREDICTOR_FILE).read_bytes()[:5000])
     with pytest.raises(ValueError, match="truncated|tokenise"):
-        F.parse_shape_predictor(path)
+        parse_shape_predictor(path)
 
 
 # -- real faces ---------------------------------------------------------------------------------
