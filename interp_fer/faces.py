@@ -922,7 +922,7 @@ def landmarks_table(
                         ShapePredictor.load()  # convert the model once, before the workers
                     pool = _make_pool(workers, settings)
                 chunks = [todo[a : a + _TASK] for a in range(0, len(todo), _TASK)]
-                for chunk, res in zip(chunks, pool.imap(
+                for chunk, res in zip(chunks, pool.map(
                         _worker_run, [[block_imgs[i] for i in c] for c in chunks]), strict=True):
                     computed.update(zip(chunk, res, strict=True))
                     bar.update(len(chunk))
@@ -943,8 +943,7 @@ def landmarks_table(
     finally:
         bar.close()
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown()
         if store is not None:
             store.close()
     return _rows_to_frame(keys, faces)
@@ -955,9 +954,13 @@ def _make_pool(workers: int, settings: LandmarkSettings) -> Any:
     # fork where it exists: workers start at once and, unlike spawn/forkserver, do not re-run
     # the caller's script (which would recurse without an ``if __name__ == "__main__"`` guard).
     # Workers only run numpy and dlib, so threads inherited from e.g. torch are not touched.
+    # An executor, not mp.Pool: a worker that dies (e.g. a crash inside dlib) raises
+    # BrokenProcessPool here instead of leaving the caller waiting forever.
+    from concurrent.futures import ProcessPoolExecutor
+
     method = "fork" if "fork" in mp.get_all_start_methods() else None
-    ctx = mp.get_context(method)
-    return ctx.Pool(workers, initializer=_worker_init, initargs=(settings,))
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                               initializer=_worker_init, initargs=(settings,))
 
 
 def landmarks_array(table: Any) -> np.ndarray:

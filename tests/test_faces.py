@@ -392,3 +392,21 @@ def test_plot_landmarks_returns_a_figure(astronaut, astronaut_face):
     fig = plot_landmarks(astronaut, astronaut_face.landmarks, box=astronaut_face.box,
                          numbers=True)
     assert isinstance(fig, Figure)
+
+
+def test_a_crashed_worker_is_an_error_not_a_hang():
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = F._make_pool(2, F.LandmarkSettings())
+    try:
+        with pytest.raises(BrokenProcessPool):
+            list(pool.map(_die, [signal.SIGKILL]))
+    finally:
+        pool.shutdown()
+
+
+def _die(sig):
+    import os
+
+    os.kill(os.getpid(), sig)
