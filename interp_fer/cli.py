@@ -276,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--layers", default="all",
                          help="comma-separated layer names, or 'all' stages (default)")
     mapping.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    mapping.add_argument("--labels", metavar="CSV", help="expression or AU labels (path,...)")
     mapping.add_argument("--locate", choices=("deconv", "rf-center"), default="deconv",
                          help="extremum point of each channel (default: %(default)s)")
     mapping.add_argument("--aus", help="comma-separated AU numbers (default: all defined)")
