@@ -1,0 +1,69 @@
+"""Wall time and peak memory of the `map` job on the FER2013 test split.
+
+Maps every convolutional stage of mini-Xception on ../shared/data/fer2013 (7,178 images) and
+prints the wall time of each phase and the peak resident memory of this process and of its
+landmark workers. Target (issue 5): <= 10 min wall and <= 2 GB peak RSS on a 2-core machine
+with deconvnet location.
+
+Run: ``python benchmarks/map_fer2013.py [--fer2013 PATH] [--limit N] [--locate deconv|rf-center]
+[--n-null N] [--n-boot N]``. ``--limit`` maps the first N images only (the time printed is
+then also extrapolated linearly to the whole split, as a rough guide).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fer2013", type=Path, default=Path(os.environ.get(
+        "INTERP_FER_FER2013", REPO.parent / "shared/data/fer2013")))
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--locate", choices=("deconv", "rf-center"), default="deconv")
+    parser.add_argument("--n-null", type=int, default=20)
+    parser.add_argument("--n-boot", type=int, default=50)
+    parser.add_argument("--model", default="mini-xception")
+    args = parser.parse_args()
+    labels = args.fer2013 / "test_labels.csv"
+    if not labels.is_file():
+        raise SystemExit(f"FER2013 test split not found at {args.fer2013}")
+
+    from interp_fer import load_model, open_dataset
+    from interp_fer.layer_mapping import MappingOptions
+    from interp_fer.mapping import map_dataset
+
+    model = load_model(args.model)
+    dataset = open_dataset(labels, class_names=model.class_names)
+    if args.limit:
+        dataset = dataset.subset(limit=args.limit)
+    options = MappingOptions(n_null=args.n_null, n_boot=args.n_boot)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = map_dataset(model, dataset, locate=args.locate, options=options,
+                             checkpoint=Path(tmp) / "checkpoint.npz", progress=True)
+        result.save(tmp)
+    wall = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    n = len(dataset)
+    print(f"{model.name}: {n} images, layers {', '.join(result.run['layers'])}, "
+          f"locate={args.locate}, n_null={args.n_null}, n_boot={args.n_boot}")
+    print(f"wall {wall:.1f} s ({n / wall:.1f} images/s)"
+          + (f"; whole split (7,178) extrapolated: {wall * 7178 / n / 60:.1f} min"
+             if n < 7178 else ""))
+    print(f"peak RSS: this process {own:.0f} MiB, largest landmark worker {children:.0f} MiB")
+    print(f"landmark status: {result.run['landmark_status']}")
+    mapped = int(result.mapping["au"].notna().sum())
+    print(f"channels mapped: {mapped} of {len(result.mapping)}")
+
+
+if __name__ == "__main__":
+    main()
