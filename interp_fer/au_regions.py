@@ -772,7 +772,12 @@ def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
 def _default_regions() -> AURegions:
     from importlib.resources import files
 
-    resource = files(DATA_PACKAGE).joinpath(DATA_FILE)
+    try:
+        resource = files(DATA_PACKAGE).joinpath(DATA_FILE)
+    except ModuleNotFoundError:
+        # Running from a source checkout without installing: setup.cfg maps the top-level
+        # landmarks/ folder to interp_fer.landmarks only in installed (or editable) packages.
+        resource = Path(__file__).resolve().parents[1] / "landmarks" / DATA_FILE
     try:
         data = json.loads(resource.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,9 +19,13 @@ ARGS = ["--layers", "conv2,block2", "--n-boot", "8", "--n-null", "4", "--batch-s
         "--locate", "rf-center", "--seed", "3", "--quiet"]
 
 
-def _map(out, *extra, check=True):
+def _map(out, *extra):
     command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS, *extra]
-    return subprocess.run(command, check=check, capture_output=True, text=True, timeout=600)
+    # Run outside the checkout so that the installed package, not the source tree, is used.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          cwd=Path(out).parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def test_resume_after_kill_gives_identical_files(reference_run, tmp_path):
     command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS]
     env = dict(os.environ, INTERP_FER_CHECKPOINT_EVERY="1")
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.DEVNULL, cwd=tmp_path)
     checkpoint = out / ".checkpoint.npz"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and child.poll() is None:
