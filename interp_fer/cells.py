@@ -48,8 +48,7 @@ class CellGrid:
     def from_field(cls, field: ReceptiveField, shape: tuple[int, int],
                    image_shape: tuple[int, int]) -> CellGrid:
         """Cell geometry of a (h, w) feature map whose units have receptive field ``field``."""
-        rows = field.rows.offset + field.rows.stride * np.arange(shape[0])
-        cols = field.cols.offset + field.cols.stride * np.arange(shape[1])
+        rows, cols = field.centre(np.arange(shape[0]), np.arange(shape[1]))
 
         def bounds(centres: np.ndarray, stride: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
             lo = np.ceil(centres - stride / 2.0).astype(np.int64)

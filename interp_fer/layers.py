@@ -174,20 +174,40 @@ def resolve_layer(module: nn.Module, layer: str | nn.Module) -> nn.Module:
                    "(`interp-fer layers --model M` lists them)")
 
 
-def _record_outputs(module: nn.Module, names: Iterable[str], example: torch.Tensor):
-    modules = dict(module.named_modules())
+def layer_outputs(module: nn.Module, names: Iterable[str], inputs: torch.Tensor, *,
+                  grad: bool = False) -> dict[str, torch.Tensor]:
+    """Outputs of the named layers for one forward pass, in eval mode.
+
+    Parameters
+    ----------
+    module
+        The network; its ``training`` flag is restored afterwards, and the hooks are removed
+        even when the forward pass raises.
+    names
+        Layer names (dotted paths).
+    inputs
+        (N, c, H, W) network input.
+    grad
+        Record the autograd graph (needed to trace receptive fields); otherwise the pass runs
+        in inference mode.
+
+    Returns
+    -------
+    dict
+        Layer name -> its output tensor (layers whose output is not a tensor are left out).
+    """
     outputs: dict[str, torch.Tensor] = {}
     handles = []
-    for name in names:
-        def hook(_module, _inputs, output, name=name):
-            if isinstance(output, torch.Tensor):
-                outputs[name] = output
-        handles.append(modules[name].register_forward_hook(hook))
     was_training = module.training
     try:
+        for name in names:
+            def hook(_module, _inputs, output, name=name):
+                if isinstance(output, torch.Tensor):
+                    outputs[name] = output
+            handles.append(resolve_layer(module, name).register_forward_hook(hook))
         module.eval()
-        with torch.enable_grad():
-            module(example)
+        with torch.enable_grad() if grad else torch.inference_mode():
+            module(inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -217,7 +237,7 @@ def layer_table(
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     example = torch.zeros(1, *input_shape, device=device, requires_grad=True)
     names = [name for name, _ in module.named_modules() if name]
-    outputs = _record_outputs(module, names, example)
+    outputs = layer_outputs(module, names, example, grad=True)
     stage_set = set(stages)
     modules = dict(module.named_modules())
     table = []
@@ -253,7 +273,7 @@ def receptive_field(model: FERModel | nn.Module, layer: str,
     resolve_layer(module, layer)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     example = torch.zeros(1, *shape, device=device, requires_grad=True)
-    output = _record_outputs(module, [layer], example)[layer]
+    output = layer_outputs(module, [layer], example, grad=True)[layer]
     field = _trace(output, example) if output.ndim == 4 and output.grad_fn else None
     if field is None:
         raise ValueError(f"layer {layer!r}: receptive field unknown (output shape "

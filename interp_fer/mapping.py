@@ -27,6 +27,7 @@ import torch
 from .cells import CellGrid
 from .data import ImageDataset
 from .layer_mapping import FaceGeometry, LayerMapping, MappingOptions
+from .layers import layer_outputs
 from .models import FERModel
 from .preprocessing import Crop
 from .statistics import benjamini_hochberg
@@ -230,21 +231,6 @@ def _geometry(faces: list[_Face], regions: Any, aus: tuple[int, ...],
     return FaceGeometry(masks, face_masks, iod)
 
 
-def _capture(module: torch.nn.Module, layers: Sequence[str], inputs: torch.Tensor
-             ) -> dict[str, torch.Tensor]:
-    from .hooks import HookSet
-    from .layers import resolve_layer
-
-    outputs: dict[str, torch.Tensor] = {}
-    with HookSet(module) as hooks, torch.inference_mode():
-        for name in layers:
-            def keep(_module, _inputs, output, name=name):
-                outputs[name] = output.detach()
-            hooks.forward(resolve_layer(module, name), keep)
-        module(inputs)
-    return outputs
-
-
 def _locate(model: FERModel, layer: str, inputs: torch.Tensor, acts: torch.Tensor,
             field: Any, locate: str) -> tuple[np.ndarray, np.ndarray]:
     """(N, K, 2) extremum points in input pixels and (N, K) activity of every channel."""
@@ -255,10 +241,9 @@ def _locate(model: FERModel, layer: str, inputs: torch.Tensor, acts: torch.Tenso
         return extremum_points(projections).numpy(), projections.active.cpu().numpy()
     flat = acts.flatten(2)
     values, position = flat.max(dim=2)
-    width = acts.shape[-1]
-    rows = field.rows.offset + (position // width).double().cpu().numpy() * field.rows.stride
-    cols = field.cols.offset + (position % width).double().cpu().numpy() * field.cols.stride
-    return np.stack([rows, cols], axis=-1), (values > 0).cpu().numpy()
+    position = position.cpu().numpy()
+    rows, cols = field.centre(position // acts.shape[-1], position % acts.shape[-1])
+    return np.stack([rows, cols], axis=-1).astype(np.float64), (values > 0).cpu().numpy()
 
 
 def _versions() -> dict[str, str]:
@@ -354,7 +339,7 @@ def map_dataset(
                          "the mapping needs at least 2")
 
     shape = (model.preprocess.channels, *size)
-    probe = _capture(model.module, layers, torch.zeros(1, *shape, device=model.device))
+    probe = layer_outputs(model.module, layers, torch.zeros(1, *shape, device=model.device))
     fields = {name: receptive_field(model, name) for name in layers}
     grids = {name: CellGrid.from_field(fields[name], tuple(probe[name].shape[-2:]), size)
              for name in layers}
@@ -377,7 +362,7 @@ def map_dataset(
             inputs = model.preprocess([f.crop.apply(image) for f, image in zip(batch, images,
                                                                                strict=True)])
             inputs = inputs.to(model.device)
-            acts = _capture(model.module, layers, inputs)
+            acts = layer_outputs(model.module, layers, inputs)
         if not accumulators:  # the first batch fixes bins and thresholds, resumed or not
             accumulators = {name: LayerMapping.calibrate(name, grids[name], aus, acts[name],
                                                          options) for name in layers}

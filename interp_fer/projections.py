@@ -953,8 +953,7 @@ def rf_centres(projections: Projections) -> torch.Tensor:
     if field is None:
         raise ValueError(f"layer {projections.layer!r}: receptive field unknown")
     units = projections.units.double().cpu()
-    rows = field.rows.offset + units[..., 0] * field.rows.stride
-    cols = field.cols.offset + units[..., 1] * field.cols.stride
+    rows, cols = field.centre(units[..., 0], units[..., 1])
     points = torch.stack([rows, cols], dim=-1)
     return points.masked_fill(~projections.active.cpu()[..., None], float("nan"))
 
