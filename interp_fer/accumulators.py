@@ -248,7 +248,7 @@ class PointingAccumulator:
         self.distance_sum = np.zeros((self.n_channels, self.n_aus))
         self.chance_sum = np.zeros(self.n_aus)
 
-    def update(self, points: np.ndarray, active: np.ndarray, regions: np.ndarray,
+    def update(self, points: np.ndarray, active: np.ndarray, distances: np.ndarray,
                faces: np.ndarray, iod: np.ndarray) -> None:
         """Add a batch.
 
@@ -258,15 +258,15 @@ class PointingAccumulator:
             (N, K, 2) extremum points, (row, col) in input pixels.
         active
             (N, K) boolean; inactive channels (no positive response) are not counted.
-        regions
-            (N, A, H, W) region masks on the input grid.
+        distances
+            (N, A, H, W) distance in pixels to each region on the input grid
+            (:func:`distance_maps`).
         faces
             (N, H, W) face masks.
         iod
             (N,) inter-ocular distance in input pixels.
         """
-        distances = distance_maps(regions)  # (N, A, H, W)
-        height, width = regions.shape[-2:]
+        height, width = distances.shape[-2:]
         located = np.isfinite(points).all(axis=-1)  # an inactive channel has no point
         active = np.asarray(active, dtype=bool) & located
         points = np.where(located[..., None], points, 0.0)
@@ -274,7 +274,7 @@ class PointingAccumulator:
         cols = np.clip(np.floor(points[..., 1] + 0.5).astype(np.int64), 0, width - 1)
         n = len(points)
         image = np.arange(n)[:, None]
-        at_point = distances[image[:, :, None], np.arange(regions.shape[1])[None, None, :],
+        at_point = distances[image[:, :, None], np.arange(distances.shape[1])[None, None, :],
                              rows[:, :, None], cols[:, :, None]]  # (N, K, A)
         scale = np.asarray(iod, dtype=np.float64)[:, None, None]
         weight = np.asarray(active, dtype=np.float64)[:, :, None] * np.ones((1, 1, self.n_aus))

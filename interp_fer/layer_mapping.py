@@ -19,6 +19,7 @@ nothing about dlib or images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,7 @@ from .accumulators import (
     PointingAccumulator,
     TopImages,
     channel_edges,
+    distance_maps,
     poisson_weights,
     region_peaks,
 )
@@ -75,6 +77,9 @@ class MappingOptions:
 class FaceGeometry:
     """Where the face and its AU regions are, for a batch, on the network input grid.
 
+    What is derived from the geometry alone (distance maps, random placements) is computed on
+    first use and kept, so every layer of a batch shares it.
+
     Attributes
     ----------
     regions
@@ -88,27 +93,34 @@ class FaceGeometry:
     regions: np.ndarray
     face: np.ndarray
     iod: np.ndarray
+    _placements: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
 
+    @cached_property
+    def distances(self) -> np.ndarray:
+        """(N, A, H, W) distance in pixels to the nearest pixel of each region."""
+        return distance_maps(self.regions)
 
-def null_regions(geometry: FaceGeometry, image_indices: np.ndarray, n_null: int,
-                 seed: int) -> np.ndarray:
-    """Random placements of every region on its own face: (N, A, n_null, H, W) boolean.
+    def placements(self, image_indices: np.ndarray, n_null: int, seed: int) -> np.ndarray:
+        """Random placements of every region on its own face: (N, A, n_null, H, W) boolean.
 
-    Placements are a deterministic function of (seed, image index, AU position), so a run
-    cut into other batches, or resumed, draws the same ones. A region that fits nowhere
-    inside the face is kept where it is (it then contributes no evidence either way).
-    """
-    n, a, height, width = geometry.regions.shape
-    out = np.zeros((n, a, n_null, height, width), dtype=bool)
-    for i, index in enumerate(image_indices):
-        for j in range(a):
-            rng = np.random.default_rng([seed, 0xA11, int(index), j])
-            try:
-                placed = random_placements(geometry.regions[i, j], geometry.face[i], n_null, rng)
-            except ValueError:
-                placed = [geometry.regions[i, j]] * n_null
-            out[i, j] = np.stack(placed)
-    return out
+        Placements are a deterministic function of (seed, image index, AU position), so a run
+        cut into other batches, or resumed, draws the same ones. A region that fits nowhere
+        inside the face is kept where it is (it then contributes no evidence either way).
+        """
+        key = (n_null, seed, tuple(int(i) for i in image_indices))
+        if key not in self._placements:
+            n, a, height, width = self.regions.shape
+            out = np.zeros((n, a, n_null, height, width), dtype=bool)
+            for i, index in enumerate(image_indices):
+                for j in range(a):
+                    rng = np.random.default_rng([seed, 0xA11, int(index), j])
+                    try:
+                        placed = random_placements(self.regions[i, j], self.face[i], n_null, rng)
+                    except ValueError:
+                        placed = [self.regions[i, j]] * n_null
+                    out[i, j] = np.stack(placed)
+            self._placements[key] = out
+        return self._placements[key]
 
 
 @dataclass
@@ -178,7 +190,7 @@ class LayerMapping:
         r_in, r_out = region_peaks(acts, in_cells, face_cells)
         null_in = null_out = None
         if self.options.n_null:
-            placed = null_regions(geometry, image_indices, self.options.n_null, self.options.seed)
+            placed = geometry.placements(image_indices, self.options.n_null, self.options.seed)
             placed_cells = torch.from_numpy(self.grid.cells_in(placed)).to(device)
             m = self.options.n_null
             flat = placed_cells.reshape(n, a * m, *placed_cells.shape[-2:])
@@ -187,7 +199,7 @@ class LayerMapping:
             null_out = nout.reshape(n, -1, a, m).cpu().numpy()
         weights = poisson_weights(self.options.seed, image_indices, self.options.n_boot)
         self.peaks.update(r_in.cpu().numpy(), r_out.cpu().numpy(), weights, null_in, null_out)
-        self.pointing.update(points, active, geometry.regions, geometry.face, geometry.iod)
+        self.pointing.update(points, active, geometry.distances, geometry.face, geometry.iod)
         self.iou.update(acts, geometry.regions)
         self.top.update(image_indices, acts.flatten(2).amax(dim=2).float().cpu().numpy())
         self.n_images += n

@@ -55,7 +55,7 @@ def test_nan_images_are_left_out():
 
 
 def test_pointing_by_hand():
-    from interp_fer.accumulators import PointingAccumulator
+    from interp_fer.accumulators import PointingAccumulator, distance_maps
 
     regions = np.zeros((1, 2, 20, 20), bool)
     regions[0, 0, 5:8, 5:8] = True
@@ -63,7 +63,8 @@ def test_pointing_by_hand():
     faces = np.ones((1, 20, 20), bool)
     points = np.array([[[6.0, 6.0], [7.0, 10.0]]])  # channel 0 inside AU 0; channel 1 3 px right
     pointing = PointingAccumulator(n_channels=2, n_aus=2, tolerance=0.1)
-    pointing.update(points, np.ones((1, 2), bool), regions, faces, iod=np.array([20.0]))
+    pointing.update(points, np.ones((1, 2), bool), distance_maps(regions), faces,
+                    iod=np.array([20.0]))
     np.testing.assert_array_equal(pointing.hit_rate, [[1, 0], [0, 0]])
     np.testing.assert_allclose(pointing.mean_distance[1, 0], 3 / 20)
     # within 2 px (0.1 IOD) of a 3x3 square: the square (9), four 3x2 side strips (24) and,
