@@ -179,14 +179,23 @@ def _choose_crop(shape: tuple[int, ...], box: tuple[float, float, float, float] 
     return Crop.whole(shape) if face_area >= 0.25 * shape[0] * shape[1] else Crop.around(box)
 
 
-def _landmark_pass(dataset: ImageDataset, settings: Any, progress: bool) -> pd.DataFrame:
+def _landmark_pass(dataset: ImageDataset, settings: Any, progress: bool
+                   ) -> tuple[pd.DataFrame, list[tuple[int, ...] | None]]:
+    """Landmarks of every image, and each image's shape (None when unreadable)."""
     from .faces import landmarks_table
 
-    items = ((s.key, s.image, s.error) for s in dataset.samples())
-    return landmarks_table(items, settings=settings, progress=progress, total=len(dataset))
+    shapes: list[tuple[int, ...] | None] = []
+
+    def items():
+        for sample in dataset.samples():
+            shapes.append(None if sample.image is None else sample.image.shape)
+            yield sample.key, sample.image, sample.error
+
+    table = landmarks_table(items(), settings=settings, progress=progress, total=len(dataset))
+    return table, shapes
 
 
-def _faces(table: pd.DataFrame, dataset: ImageDataset, crop: str,
+def _faces(table: pd.DataFrame, shapes: list[tuple[int, ...] | None], crop: str,
            input_size: tuple[int, int]) -> tuple[list[_Face], list[tuple[str, str]]]:
     """Usable faces in dataset order, and (key, reason) of every image left out."""
     xs = table[[f"x{i}" for i in range(68)]].to_numpy(dtype=float)
@@ -196,23 +205,11 @@ def _faces(table: pd.DataFrame, dataset: ImageDataset, crop: str,
         if not np.isfinite(xs[index]).all():
             skipped.append((row.key, f"{row.status}: {row.message}".rstrip(": ")))
             continue
-        record = dataset.records[index]
-        shape = _image_shape(dataset, record)
         box = (row.box_left, row.box_top, row.box_right, row.box_bottom)
-        chosen = _choose_crop(shape, box, crop)
+        chosen = _choose_crop(shapes[index], box, crop)
         landmarks = chosen.to_input(np.stack([xs[index], ys[index]], axis=1), input_size)
         faces.append(_Face(index, row.key, chosen, landmarks))
     return faces, skipped
-
-
-def _image_shape(dataset: ImageDataset, record: Any) -> tuple[int, ...]:
-    if record.pixels is not None:
-        side = int(round(np.sqrt(len(record.pixels.split()))))
-        return (side, side)
-    from PIL import Image
-
-    with Image.open(record.path) as image:
-        return (image.height, image.width)
 
 
 def _geometry(faces: list[_Face], regions: Any, aus: tuple[int, ...],
@@ -332,8 +329,8 @@ def map_dataset(
     aus = tuple(int(a) for a in (aus or [r.number for r in regions]))
     size = model.input_size
 
-    table = _landmark_pass(dataset, settings, progress)
-    faces, skipped = _faces(table, dataset, crop, size)
+    table, shapes = _landmark_pass(dataset, settings, progress)
+    faces, skipped = _faces(table, shapes, crop, size)
     if len(faces) < 2:
         raise ValueError(f"only {len(faces)} usable face(s) in {dataset.source}: "
                          "the mapping needs at least 2")
