@@ -13,7 +13,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from .data import ImageDataset
 from .models import FERModel
@@ -59,9 +58,8 @@ class Evaluation:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write every field as JSON (NaN written as null)."""
-        payload = json.loads(json.dumps(asdict(self), default=float).replace("NaN", "null"))
         with open(path, "w") as handle:
-            json.dump(payload, handle, indent=2)
+            json.dump(_nan_to_none(asdict(self)), handle, indent=2, allow_nan=False)
 
     def summary(self) -> str:
         """Plain-text summary: accuracy, per-class table, splits, confusion and skips."""
@@ -82,6 +80,17 @@ class Evaluation:
         for reason, count in self.skipped.items():
             lines.append(f"skipped {count}: {reason}")
         return "\n".join(lines)
+
+
+def _nan_to_none(value):
+    # JSON has no NaN: classes absent from the data get null accuracies.
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(item) for item in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def _label_index(record, model: FERModel) -> int | None:
@@ -146,9 +155,7 @@ def evaluate(
                 keep.append(sample)
                 targets.append(target)
         if keep:
-            inputs = model.preprocess([s.image for s in keep]).to(model.device)
-            with torch.inference_mode():
-                predicted = model.module(inputs).argmax(dim=1).cpu().numpy()
+            predicted = model.logits([s.image for s in keep], batch_size=batch_size).argmax(axis=1)
             np.add.at(confusion, (np.asarray(targets), predicted), 1)
             for sample, target, guess in zip(keep, targets, predicted, strict=True):
                 if sample.record.usage:
