@@ -237,9 +237,7 @@ def _load_module_from_file(
                 f"(safe loader said: {str(error).splitlines()[0]})"
             ) from error
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(checkpoint, nn.Module):
-        if not allow_pickle:  # weights_only cannot return a Module, but be explicit
-            raise ModelLoadError(f"{source}: holds a pickled module; pass allow_pickle=True")
+    if isinstance(checkpoint, nn.Module):  # only the allow_pickle path can return one
         return checkpoint
     state = _extract_state_dict(checkpoint, source)
     if architecture is None:
