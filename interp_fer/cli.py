@@ -173,8 +173,9 @@ def cmd_au_regions(args: argparse.Namespace) -> int:
 
 def cmd_map(args: argparse.Namespace) -> int:
     """``interp-fer map``: the AU <-> channel mapping and its report."""
+    from .controls import randomized_copy
     from .layer_mapping import MappingOptions
-    from .mapping import map_dataset, randomized_copy
+    from .mapping import map_dataset
     from .report import write_report
 
     model = _load_model(args)
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                          default="wasserstein")
     mapping.add_argument("--n-boot", type=int, default=50, help="bootstrap replicates")
     mapping.add_argument("--n-null", type=int, default=20,
-                         help="random placements of each region per image")
+                         help="null replicates: other places on the face where each region "
+                         "is moved (default: %(default)s)")
     mapping.add_argument("--alpha", type=float, default=0.05, help="false discovery rate")
     mapping.add_argument("--crop", choices=("auto", "face", "none"), default="auto")
     mapping.add_argument("--seed", type=int, default=0)

@@ -6,8 +6,10 @@ function", "Corroborating measures", "Significance and stability"):
 
 * ``distance``: D(k, a) on the observed images (default Wasserstein-1 / pooled SD);
 * ``ci_low``/``ci_high``: percentile interval of D over the Poisson-bootstrap replicates;
-* ``p_value``: one-sided, from the random-placement null replicates (normal tail fitted to
-  them, see :func:`interp_fer.statistics.normal_tail_p_value`); ``p_empirical`` beside it;
+* ``excess``: D minus the mean D of the random-placement replicates (the area effect removed);
+* ``p_value``: one-sided, from the random-placement null replicates (predictive tail of a
+  normal fitted to them, :func:`interp_fer.statistics.normal_tail_p_value`);
+  ``p_empirical`` beside it;
 * ``stability``: share of bootstrap replicates in which AU ``a`` has the channel's largest D;
 * ``hit_rate``/``chance_rate``/``mean_distance``: pointing game of the extremum points;
 * ``iou``: dataset-level dissection IoU.
@@ -50,7 +52,8 @@ class MappingOptions:
     n_boot
         Bootstrap replicates for the confidence interval and stability.
     n_null
-        Random placements of each region per image (null replicates).
+        Null replicates: each region placed at random on its own face
+        (:meth:`FaceGeometry.placements`).
     n_bins
         Histogram bins per channel.
     hit_tolerance
@@ -222,8 +225,9 @@ class LayerMapping:
         if len(null) > 1:
             p_value = normal_tail_p_value(observed, null)
             p_empirical = empirical_p_value(observed, null)
+            excess = observed - null.mean(axis=0)
         else:
-            p_value = p_empirical = np.full_like(observed, np.nan)
+            p_value = p_empirical = excess = np.full_like(observed, np.nan)
         extra = {
             "ks": self.peaks.distances("ks")[0],
             "cohen_d": self.peaks.distances("cohen_d")[0],
@@ -235,6 +239,7 @@ class LayerMapping:
             "channel": channel.ravel(),
             "au": np.asarray(self.aus)[au.ravel()],
             "distance": observed.ravel(),
+            "excess": excess.ravel(),
             "ci_low": ci_low.ravel(),
             "ci_high": ci_high.ravel(),
             "p_value": p_value.ravel(),

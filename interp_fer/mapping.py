@@ -9,6 +9,20 @@ run and assigns each channel the AU with the largest distance D among its signif
 (DESIGN.md: "the mapping of a channel is the AU with the largest D, when that D is
 significant"). A channel with no significant pair keeps an empty ``au``; its best pair's
 numbers are still reported (``best_au``), so a reader sees how close it came.
+
+Why D may be negative for a mapped pair: ``r_out`` is a peak over the whole rest of the face,
+a much larger area than the region, so even a channel that prefers the region often peaks
+elsewhere (D < 0). Significance is judged against the same regions placed at random on the
+same faces, which face the same area handicap; ``excess`` (D minus the mean D of those
+placements) shows the effect with the area effect removed. D, not ``excess``, ranks the AUs
+of a channel, as DESIGN.md says; on planted channels D ranks right where ``excess`` can
+prefer a larger, nearby region (``tests/test_mapping_controls.py``).
+
+On aligned faces almost every spatially structured channel, including those of a network
+with random weights, beats the random-placement null for some AU: eyes, brows and mouth are
+where the image has contrast. The mapping says where a channel responds, not that training
+put it there; compare with ``--control randomized`` (Adebayo et al. 2018) and read the
+corroborating measures (hit rate against chance, IoU) beside D.
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ MAPPING_COLUMNS = [
     "stability", "hit_rate", "chance_rate", "iou", "n_images",
 ]
 MEASURES = [
-    "distance", "ci_low", "ci_high", "p_value", "p_empirical", "q_value", "stability",
+    "distance", "excess", "ci_low", "ci_high", "p_value", "p_empirical", "q_value", "stability",
     "hit_rate", "chance_rate", "mean_distance_iod", "iou", "ks", "cohen_d", "n_images",
 ]
 
@@ -70,7 +84,7 @@ def mapping_table(scores: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         scores = add_q_values(scores)
     rows = []
     for (layer, channel), pairs in scores.groupby(["layer", "channel"], sort=False):
-        significant = pairs[(pairs["q_value"] <= alpha) & (pairs["distance"] > 0)]
+        significant = pairs[pairs["q_value"] <= alpha]
         chosen = significant if len(significant) else pairs
         best = chosen.loc[chosen["distance"].idxmax()] if chosen["distance"].notna().any() \
             else chosen.iloc[0]
@@ -212,6 +226,34 @@ def _faces(table: pd.DataFrame, shapes: list[tuple[int, ...] | None], crop: str,
     return faces, skipped
 
 
+def input_landmarks(model: FERModel, dataset: ImageDataset, *, crop: str = "auto",
+                    landmark_settings: Any = None, progress: bool = False) -> np.ndarray:
+    """Landmarks of every usable face, on the network input grid, as the mapping sees them.
+
+    Parameters
+    ----------
+    model
+        Gives the input size.
+    dataset
+        Face images.
+    crop, landmark_settings
+        As in :func:`map_dataset`.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_faces, 68, 2) (x, y) in input pixels, in dataset order; images without landmarks
+        are left out.
+    """
+    from .faces import LandmarkSettings
+
+    table, shapes = _landmark_pass(dataset, landmark_settings or LandmarkSettings(), progress)
+    faces, _ = _faces(table, shapes, crop, model.input_size)
+    return np.stack([f.landmarks for f in faces]) if faces else np.zeros((0, 68, 2))
+
+
 def _geometry(faces: list[_Face], regions: Any, aus: tuple[int, ...],
               size: tuple[int, int]) -> FaceGeometry:
     from .faces import inter_ocular_distance
@@ -322,6 +364,9 @@ def map_dataset(
         raise ValueError(f"crop must be 'auto', 'face' or 'none', not {crop!r}")
     options = options or MappingOptions()
     settings = landmark_settings or LandmarkSettings()
+    if settings.faces != "largest":
+        raise ValueError("the mapping takes one face per image: use LandmarkSettings("
+                         "faces='largest') (crop group photos into single faces first)")
     layers = tuple(layers or model.stages)
     if not layers:
         raise ValueError("no layers to map: name some (interp-fer layers lists them)")
@@ -410,32 +455,3 @@ def map_dataset(
          "crop_height": f.crop.height, "crop_width": f.crop.width} for f in faces])
     top = {name: accumulators[name].top.state() for name in layers}
     return MappingResult(mapping, scores, run, table, face_table, top)
-
-
-def randomized_copy(model: FERModel, seed: int = 0) -> FERModel:
-    """A copy of ``model`` with every learned weight re-drawn at random (Adebayo et al. 2018).
-
-    Convolutions and linear layers get Kaiming-normal weights and zero biases; BatchNorm
-    layers become the identity (unit scale, zero shift and running statistics), so
-    activations keep a sane range. The control answers: would the analysis "find" the same
-    AU detectors in a network that learned nothing?
-    """
-    import copy
-
-    from .models import with_module
-
-    generator = torch.Generator().manual_seed(seed)
-    module = copy.deepcopy(model.module).cpu()
-    with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, torch.nn.Conv2d | torch.nn.Linear):
-                fan_in = sub.weight[0].numel()
-                sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator)
-                                 * np.sqrt(2.0 / fan_in))
-                if sub.bias is not None:
-                    sub.bias.zero_()
-            elif isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
-                sub.reset_parameters()
-                sub.reset_running_stats()
-    module.to(model.device).eval()
-    return with_module(model, module, name=f"{model.name} (randomized weights)")

@@ -238,15 +238,30 @@ def empirical_p_value(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
 
 
 def normal_tail_p_value(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
-    """One-sided p-value of ``observed`` under a normal fitted to the null replicates.
+    """One-sided p-value of ``observed`` under a normal null estimated from its replicates.
 
-    Resolves p-values below ``1 / n_null``, which Benjamini-Hochberg over thousands of
-    (channel, AU) pairs needs; :func:`empirical_p_value` is reported beside it as a check.
+    With ``m`` replicates of estimated mean and SD, a new draw from the same normal follows
+    ``mean + sd * sqrt(1 + 1/m) * t(m - 1)`` (the predictive distribution), so the tail is
+    Student's t rather than the normal: with m = 20 a normal tail rejects 3.5 times too often
+    at p = 1e-3 (measured), and worse further out, where Benjamini-Hochberg over thousands of
+    (channel, AU) pairs decides. Resolves p-values below ``1 / m``; :func:`empirical_p_value` is reported
+    beside it as a check.
+
+    Parameters
+    ----------
+    observed
+        (...) statistics.
+    null
+        (m, ...) statistics under the null, m >= 2.
     """
     null = np.asarray(null, dtype=np.float64)
+    m = len(null)
+    if m < 2:
+        raise ValueError("the normal null needs at least 2 replicates")
     mean = null.mean(axis=0)
-    sd = null.std(axis=0, ddof=1)
+    scale = null.std(axis=0, ddof=1) * np.sqrt(1.0 + 1.0 / m)
+    observed = np.asarray(observed, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(sd > 0, (np.asarray(observed) - mean) / np.where(sd > 0, sd, 1.0),
-                     np.where(np.asarray(observed) > mean, np.inf, 0.0))
-    return stats.norm.sf(z)
+        t = np.where(scale > 0, (observed - mean) / np.where(scale > 0, scale, 1.0),
+                     np.where(observed > mean, np.inf, 0.0))
+    return stats.t.sf(t, df=m - 1)

@@ -98,3 +98,25 @@ def test_top_images_independent_of_batching():
     np.testing.assert_array_equal(whole.indices, parts.indices)
     assert list(whole.indices[0, :2]) == [10, 20]
     np.testing.assert_array_equal(whole.indices[1], np.argsort(-peaks[:, 1], kind="stable")[:4])
+
+
+def test_region_peaks_match_the_dense_definition():
+    # Random maps, regions of every size (empty, one cell, most of the face) and a face
+    # smaller than the grid: the fast path and its dense fallback must both be exact.
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.randn(3, 5, 9, 9, generator=generator)
+    face = torch.zeros(3, 9, 9, dtype=torch.bool)
+    face[:, 1:8, 1:8] = True
+    regions = torch.rand(3, 6, 9, 9, generator=generator) < torch.tensor(
+        [0.0, 0.02, 0.1, 0.5, 0.9, 1.0])[None, :, None, None]
+    for top in (1, 4, 81):
+        r_in, r_out = region_peaks(acts, regions, face, top=top)
+        for i in range(3):
+            for j in range(6):
+                for c in range(5):
+                    inside = acts[i, c][regions[i, j]]
+                    outside = acts[i, c][face[i] & ~regions[i, j]]
+                    want_in = inside.max() if len(inside) else torch.tensor(float("nan"))
+                    want_out = outside.max() if len(outside) else torch.tensor(float("nan"))
+                    torch.testing.assert_close(r_in[i, c, j], want_in, equal_nan=True)
+                    torch.testing.assert_close(r_out[i, c, j], want_out, equal_nan=True)
