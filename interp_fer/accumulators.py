@@ -14,7 +14,7 @@ bins fixed before the pass (:func:`channel_edges`), the exact running moments, t
 ``n_boot`` Poisson-bootstrap reweightings of the images (online bootstrap: image ``i`` gets
 weight ``Poisson(1)`` in replicate ``b``, drawn from ``(seed, i)`` so the result does not depend
 on batch boundaries or on resuming), and under ``n_null`` random placements of each region on
-the same face (:func:`interp_fer.statistics.random_placements`).
+the same face (:func:`interp_fer.statistics.random_offsets`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cells import SparseMasks
 from .statistics import histogram_distance
 
 
-def region_peaks(acts: torch.Tensor, in_cells: torch.Tensor, face_cells: torch.Tensor,
+def region_peaks(acts: torch.Tensor, cells: SparseMasks, face_cells: torch.Tensor,
                  top: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Peak response of each channel inside each region and elsewhere on the face.
 
@@ -35,13 +36,14 @@ def region_peaks(acts: torch.Tensor, in_cells: torch.Tensor, face_cells: torch.T
     ----------
     acts
         (N, K, h, w) feature maps.
-    in_cells
-        (N, S, h, w) boolean: the cells of each of S regions (real or placed).
+    cells
+        N x S cell masks on the (h, w) grid, (image, region) in C order: the cells of each of
+        S regions (real or placed) of every image (:meth:`interp_fer.cells.CellGrid.cell_masks`).
     face_cells
         (N, h, w) boolean: the cells of the face.
     top
-        How many of each channel's best face cells to keep for ``r_out`` (a speed knob;
-        the result does not depend on it).
+        How many of each channel's best face cells to keep for ``r_out`` on fine grids (a
+        speed knob; the result does not depend on it).
 
     Returns
     -------
@@ -50,43 +52,89 @@ def region_peaks(acts: torch.Tensor, in_cells: torch.Tensor, face_cells: torch.T
 
     Notes
     -----
-    Regions are small and many (S = AUs x null replicates), so the dense (N, K, S, h*w)
-    masked maximum would dominate a run. ``r_in`` is a scatter-max over the regions' cells
-    only; ``r_out`` is the best of each channel's ``top`` face cells that is not in the
-    region, computed densely only for the (image, region, channel) triples whose ``top``
-    cells all lie inside the region.
+    Regions are small and many (S = AUs x null replicates), so a dense (N, K, S, h*w)
+    masked maximum would dominate a run. On coarse grids (at most 63 cells) the regions of an
+    image fall on few distinct sets of cells, each masked once. On finer grids ``r_in`` is a
+    scatter-max over
+    the regions' cells only, and ``r_out`` is the channel's best face cell when the region
+    does not hold it (most triples), else the best of its ``top`` face cells outside the
+    region, computed densely only for the triples whose ``top`` cells all lie inside it.
     """
     n, k = acts.shape[:2]
-    s = in_cells.shape[1]
-    flat = acts.reshape(n, k, -1).float()
-    cells = in_cells.reshape(n, s, -1)
+    s = cells.n_masks // n
+    size = acts.shape[-2] * acts.shape[-1]
+    flat = acts.reshape(n, k, size).float()
     device = flat.device
     nan = torch.tensor(float("nan"), device=device)
+    owner = torch.from_numpy(cells.mask).to(device)
+    cell = torch.from_numpy(cells.position).to(device)
 
-    image, region, cell = cells.nonzero(as_tuple=True)
-    values = flat[image, :, cell]  # (P, K)
+    member = torch.zeros(n * s, size, dtype=torch.bool, device=device)
+    member[owner, cell] = True
+    member = member.reshape(n, s, size)
+    face = face_cells.reshape(n, 1, size)
+    if size <= 63:
+        r_in, r_out = _coarse_peaks(flat, member, face)
+    else:
+        r_in, r_out = _sparse_peaks(flat, member, face, owner, cell, top)
+    return (torch.where(torch.isinf(r_in), nan, r_in), torch.where(torch.isinf(r_out), nan, r_out))
+
+
+def _coarse_peaks(flat: torch.Tensor, member: torch.Tensor, face: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Grids of at most 63 cells: a region's cells fit in one int64 bit pattern, and the many
+    # placed regions of an image fall on few distinct patterns; mask each pattern once.
+    n, k, size = flat.shape
+    s = member.shape[1]
+    bits = (member.long() << torch.arange(size, device=flat.device)).sum(dim=-1)  # (N, S)
+    image = torch.arange(n, device=flat.device)[:, None].expand(n, s)
+    keys, inverse = torch.unique(torch.stack([image, bits], dim=-1).reshape(-1, 2), dim=0,
+                                 return_inverse=True)
+    cells = (keys[:, 1:] >> torch.arange(size, device=flat.device)) & 1 == 1  # (U, size)
+    values = flat[keys[:, 0]]  # (U, K, size)
+    outside = face[keys[:, 0]] & ~cells[:, None]
+    r_in = torch.where(cells[:, None], values, float("-inf")).amax(dim=-1)  # (U, K)
+    r_out = torch.where(outside, values, float("-inf")).amax(dim=-1)
+    return (r_in[inverse].reshape(n, s, k).permute(0, 2, 1),
+            r_out[inverse].reshape(n, s, k).permute(0, 2, 1))
+
+
+def _sparse_peaks(flat: torch.Tensor, member: torch.Tensor, face: torch.Tensor,
+                  owner: torch.Tensor, cell: torch.Tensor, top: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Flat (linear) indices throughout: multi-tensor advanced indexing is several times slower.
+    n, k, size = flat.shape
+    s = member.shape[1]
+    device = flat.device
+    by_cell = flat.permute(0, 2, 1).reshape(n * size, k)
+    values = by_cell.index_select(0, (owner // s) * size + cell)  # (P, K)
     r_in = torch.full((n * s, k), float("-inf"), device=device)
-    r_in.scatter_reduce_(0, (image * s + region)[:, None].expand(-1, k), values, reduce="amax",
+    r_in.scatter_reduce_(0, owner[:, None].expand(-1, k), values, reduce="amax",
                          include_self=True)
     r_in = r_in.reshape(n, s, k).permute(0, 2, 1)
 
-    face = face_cells.reshape(n, 1, -1)
+    member = member.reshape(-1)
     on_face = torch.where(face, flat, float("-inf"))
-    best, where = on_face.topk(min(top, on_face.shape[-1]), dim=-1)  # (N, K, T), descending
-    rows = torch.arange(n, device=device)[:, None, None, None]
-    inside = cells[rows, torch.arange(s, device=device)[None, :, None, None], where[:, None]]
-    candidates = torch.where(inside, float("-inf"), best[:, None])  # (N, S, K, T)
-    r_out = candidates.amax(dim=-1)
-    # All `top` best cells inside the region, and more face cells beyond them: go dense.
-    unresolved = inside.all(dim=-1) & (face.sum(dim=-1) > best.shape[-1])[:, :, None]
-    if unresolved.any():
-        i, j, c = unresolved.nonzero(as_tuple=True)
-        for chunk in torch.split(torch.arange(len(i), device=device), 4096):
-            outside = face[i[chunk], 0] & ~cells[i[chunk], j[chunk]]
-            r_out[i[chunk], j[chunk], c[chunk]] = torch.where(
-                outside, flat[i[chunk], c[chunk]], float("-inf")).amax(dim=-1)
-    r_out = r_out.permute(0, 2, 1)
-    return (torch.where(torch.isinf(r_in), nan, r_in), torch.where(torch.isinf(r_out), nan, r_out))
+    best, where = on_face.topk(min(top, size), dim=-1)  # (N, K, T), descending
+    # Most regions do not hold the channel's best face cell: then r_out is that cell's value.
+    base = (torch.arange(n * s, device=device) * size).reshape(n, s, 1)  # (N, S, 1)
+    first = member.take(base + where[:, None, :, 0])  # (N, S, K)
+    r_out = best[:, None, :, 0].expand(n, s, k).clone()
+    i, j, c = first.nonzero(as_tuple=True)
+    # The others take the best of the `top` cells outside the region...
+    pair = i * k + c
+    inside = member.take(base.reshape(-1)[i * s + j, None] + where.reshape(n * k, -1)[pair])
+    r_out[i, j, c] = torch.where(inside, float("-inf"), best.reshape(n * k, -1)[pair]
+                                 ).amax(dim=-1)
+    # ... unless all of those are inside and the face has more cells: then go dense.
+    dense = inside.all(dim=-1) & (face.sum(dim=-1)[i, 0] > best.shape[-1])
+    i, j, c = i[dense], j[dense], c[dense]
+    member = member.reshape(n, s, size)
+    for chunk in torch.split(torch.arange(len(i), device=device), 4096):
+        outside = face[i[chunk], 0] & ~member[i[chunk], j[chunk]]
+        r_out[i[chunk], j[chunk], c[chunk]] = torch.where(
+            outside, flat[i[chunk], c[chunk]], float("-inf")).amax(dim=-1)
+    return r_in, r_out.permute(0, 2, 1)
 
 
 def channel_edges(samples: np.ndarray, n_bins: int) -> np.ndarray:

@@ -14,10 +14,51 @@ covering ``[i - 0.5, i + 0.5)``; receptive-field centres use the same convention
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from .layers import ReceptiveField
+
+
+@dataclass(frozen=True)
+class SparseMasks:
+    """Many boolean masks on one grid, stored as (mask, position) pairs.
+
+    The mapping's null replicates are thousands of small regions per batch; as pairs they
+    cost memory in proportion to their total area, not to their number times the grid.
+
+    Attributes
+    ----------
+    n_masks
+        Number of masks (some may be empty).
+    shape
+        (H, W) of the grid.
+    mask
+        (P,) int64 mask index of every member, ascending.
+    position
+        (P,) int64 flat position ``row * W + col`` of every member, unique within a mask.
+    """
+
+    n_masks: int
+    shape: tuple[int, int]
+    mask: np.ndarray
+    position: np.ndarray
+
+    @classmethod
+    def from_dense(cls, masks: np.ndarray) -> SparseMasks:
+        """From (..., H, W) boolean masks (leading axes flattened in C order)."""
+        masks = np.asarray(masks, dtype=bool)
+        shape = masks.shape[-2:]
+        flat = masks.reshape(-1, shape[0] * shape[1])
+        mask, position = np.nonzero(flat)
+        return cls(len(flat), tuple(shape), mask.astype(np.int64), position.astype(np.int64))
+
+    def dense(self) -> np.ndarray:
+        """(n_masks, H, W) boolean."""
+        out = np.zeros((self.n_masks, self.shape[0] * self.shape[1]), dtype=bool)
+        out[self.mask, self.position] = True
+        return out.reshape(self.n_masks, *self.shape)
 
 
 @dataclass(frozen=True)
@@ -91,6 +132,71 @@ class CellGrid:
         if empty.any():
             by_centre[empty] = self.overlapping(masks[empty])
         return by_centre
+
+    @cached_property
+    def _pixel_cells(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per input pixel: the cell centred on it (or -1) and the cell whose footprint holds it.
+
+        None when the footprints do not tile the image or two cells share a centre pixel (the
+        dense :meth:`cells_in` then handles the grid).
+        """
+        height, width = self.image_shape
+        h, w = self.shape
+        rows, cols, inside = self.centre_pixels()
+        centre_of = np.full(height * width, -1, dtype=np.int64)
+        cell = np.arange(h * w).reshape(h, w)
+        flat = (rows[:, None] * width + cols[None, :])[inside]
+        if len(np.unique(flat)) != len(flat):
+            return None
+        centre_of[flat] = cell[inside]
+        row_lo, row_hi, col_lo, col_hi = self.footprint
+
+        def owner(lo: np.ndarray, hi: np.ndarray, limit: int) -> np.ndarray | None:
+            count = np.zeros(limit, dtype=np.int64)
+            index = np.zeros(limit, dtype=np.int64)
+            for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
+                count[a:b] += 1
+                index[a:b] = i
+            return index if (count == 1).all() else None
+
+        row_owner = owner(row_lo, row_hi, height)
+        col_owner = owner(col_lo, col_hi, width)
+        if row_owner is None or col_owner is None:
+            return None
+        footprint_of = (row_owner[:, None] * w + col_owner[None, :]).ravel()
+        return centre_of, footprint_of
+
+    def cell_masks(self, pixels: SparseMasks) -> SparseMasks:
+        """:meth:`cells_in` for sparse masks: the same rule, cost in proportion to their area.
+
+        Parameters
+        ----------
+        pixels
+            Masks on the input grid (``shape == image_shape``).
+
+        Returns
+        -------
+        SparseMasks
+            The cells of each mask on the (h, w) grid, in the same mask order.
+        """
+        if tuple(pixels.shape) != tuple(self.image_shape):
+            raise ValueError(f"masks on a {pixels.shape} grid, cells expect {self.image_shape}")
+        lookup = self._pixel_cells
+        if lookup is None:
+            return SparseMasks.from_dense(self.cells_in(pixels.dense()))
+        centre_of, footprint_of = lookup
+        centre = centre_of[pixels.position]
+        hit = centre >= 0
+        mask, cell = pixels.mask[hit], centre[hit]
+        has_centre = np.bincount(mask, minlength=pixels.n_masks) > 0
+        # A mask without any cell centre takes every cell its pixels' footprints belong to.
+        fallback = ~has_centre[pixels.mask]
+        size = self.shape[0] * self.shape[1]
+        keys = np.unique(pixels.mask[fallback] * size + footprint_of[pixels.position[fallback]])
+        mask = np.concatenate([mask, keys // size])
+        cell = np.concatenate([cell, keys % size])
+        order = np.lexsort((cell, mask))
+        return SparseMasks(pixels.n_masks, tuple(self.shape), mask[order], cell[order])
 
     def overlapping(self, masks: np.ndarray) -> np.ndarray:
         """Cells whose footprint contains at least one pixel of each mask, (..., h, w)."""

@@ -37,8 +37,8 @@ from .accumulators import (
     poisson_weights,
     region_peaks,
 )
-from .cells import CellGrid
-from .statistics import empirical_p_value, normal_tail_p_value, random_placements
+from .cells import CellGrid, SparseMasks
+from .statistics import empirical_p_value, normal_tail_p_value, random_offsets
 
 
 @dataclass
@@ -96,15 +96,20 @@ class FaceGeometry:
     regions: np.ndarray
     face: np.ndarray
     iod: np.ndarray
-    _placements: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
+    _placements: dict[tuple, SparseMasks] = field(default_factory=dict, repr=False)
 
     @cached_property
     def distances(self) -> np.ndarray:
         """(N, A, H, W) distance in pixels to the nearest pixel of each region."""
         return distance_maps(self.regions)
 
-    def placements(self, image_indices: np.ndarray, n_null: int, seed: int) -> np.ndarray:
-        """Random placements of every region on its own face: (N, A, n_null, H, W) boolean.
+    @cached_property
+    def sparse_regions(self) -> SparseMasks:
+        """The AU regions as sparse masks, (image, AU) in C order."""
+        return SparseMasks.from_dense(self.regions)
+
+    def placements(self, image_indices: np.ndarray, n_null: int, seed: int) -> SparseMasks:
+        """Random placements of every region on its own face, (image, AU, replicate) order.
 
         Placements are a deterministic function of (seed, image index, AU position), so a run
         cut into other batches, or resumed, draws the same ones. A region that fits nowhere
@@ -113,16 +118,22 @@ class FaceGeometry:
         key = (n_null, seed, tuple(int(i) for i in image_indices))
         if key not in self._placements:
             n, a, height, width = self.regions.shape
-            out = np.zeros((n, a, n_null, height, width), dtype=bool)
+            masks, positions = [], []
             for i, index in enumerate(image_indices):
                 for j in range(a):
+                    rows, cols = np.nonzero(self.regions[i, j])
                     rng = np.random.default_rng([seed, 0xA11, int(index), j])
                     try:
-                        placed = random_placements(self.regions[i, j], self.face[i], n_null, rng)
+                        offsets = random_offsets(self.regions[i, j], self.face[i], n_null, rng)
                     except ValueError:
-                        placed = [self.regions[i, j]] * n_null
-                    out[i, j] = np.stack(placed)
-            self._placements[key] = out
+                        offsets = np.zeros((n_null, 2), dtype=np.int64)
+                    flat = (rows[None] + offsets[:, :1]) * width + cols[None] + offsets[:, 1:]
+                    first = (i * a + j) * n_null
+                    masks.append(np.repeat(np.arange(first, first + n_null), len(rows)))
+                    positions.append(flat.ravel())
+            self._placements[key] = SparseMasks(
+                n * a * n_null, (height, width),
+                np.concatenate(masks).astype(np.int64), np.concatenate(positions).astype(np.int64))
         return self._placements[key]
 
 
@@ -188,16 +199,14 @@ class LayerMapping:
         """
         n, a = geometry.regions.shape[:2]
         device = acts.device
-        in_cells = torch.from_numpy(self.grid.cells_in(geometry.regions)).to(device)
         face_cells = torch.from_numpy(self.grid.cells_in(geometry.face)).to(device)
+        in_cells = self.grid.cell_masks(geometry.sparse_regions)
         r_in, r_out = region_peaks(acts, in_cells, face_cells)
         null_in = null_out = None
         if self.options.n_null:
-            placed = geometry.placements(image_indices, self.options.n_null, self.options.seed)
-            placed_cells = torch.from_numpy(self.grid.cells_in(placed)).to(device)
             m = self.options.n_null
-            flat = placed_cells.reshape(n, a * m, *placed_cells.shape[-2:])
-            nin, nout = region_peaks(acts, flat, face_cells)
+            placed = geometry.placements(image_indices, m, self.options.seed)
+            nin, nout = region_peaks(acts, self.grid.cell_masks(placed), face_cells)
             null_in = nin.reshape(n, -1, a, m).cpu().numpy()
             null_out = nout.reshape(n, -1, a, m).cpu().numpy()
         weights = poisson_weights(self.options.seed, image_indices, self.options.n_boot)

@@ -191,25 +191,18 @@ def placement_offsets(region: np.ndarray, face: np.ndarray) -> np.ndarray:
     return np.stack([corner_rows - top, corner_cols - left], axis=1).astype(np.int64)
 
 
-def shift_mask(mask: np.ndarray, offset: tuple[int, int]) -> np.ndarray:
-    """Translate an (H, W) boolean mask by (d_row, d_col), dropping what leaves the grid."""
-    d_row, d_col = int(offset[0]), int(offset[1])
-    out = np.zeros_like(mask, dtype=bool)
-    height, width = mask.shape
-    src_rows = slice(max(0, -d_row), min(height, height - d_row))
-    src_cols = slice(max(0, -d_col), min(width, width - d_col))
-    dst_rows = slice(max(0, d_row), min(height, height + d_row))
-    dst_cols = slice(max(0, d_col), min(width, width + d_col))
-    out[dst_rows, dst_cols] = mask[src_rows, src_cols]
-    return out
-
-
-def random_placements(region: np.ndarray, face: np.ndarray, n: int,
-                      rng: np.random.Generator) -> list[np.ndarray]:
-    """``n`` copies of ``region`` (same shape and size) placed uniformly at random in ``face``.
+def random_offsets(region: np.ndarray, face: np.ndarray, n: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``n`` shifts that move ``region`` (same shape and size) to random places inside ``face``.
 
     The null of the mapping's significance test: it keeps the region's area and shape, so
     area effects cancel, and it works on aligned datasets where all faces look alike.
+    Shifts are drawn uniformly, with replacement, from :func:`placement_offsets`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 2) integer (d_row, d_col).
 
     Raises
     ------
@@ -219,8 +212,7 @@ def random_placements(region: np.ndarray, face: np.ndarray, n: int,
     offsets = placement_offsets(region, face)
     if len(offsets) == 0:
         raise ValueError("the region does not fit inside the face at any position")
-    chosen = offsets[rng.integers(0, len(offsets), size=n)]
-    return [shift_mask(region, offset) for offset in chosen]
+    return offsets[rng.integers(0, len(offsets), size=n)]
 
 
 def empirical_p_value(observed: np.ndarray, null: np.ndarray) -> np.ndarray:

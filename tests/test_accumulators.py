@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from interp_fer.accumulators import PeakHistograms, channel_edges, poisson_weights, region_peaks
+from interp_fer.cells import SparseMasks
 from interp_fer.statistics import signed_distance
 
 
@@ -16,11 +17,11 @@ def test_region_peaks_by_hand():
     regions = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
     regions[0, 0, 1, 0] = True  # value 4
     regions[0, 1, 0, 3] = True  # value 3, outside the face but still the region's cell
-    r_in, r_out = region_peaks(acts, regions, face)
+    r_in, r_out = region_peaks(acts, SparseMasks.from_dense(regions.numpy()), face)
     assert r_in.tolist() == [[[4.0, 3.0]]]
     assert r_out.tolist() == [[[14.0, 14.0]]]  # best face cell outside each region: (3, 2)
     empty = torch.zeros_like(regions)
-    assert torch.isnan(region_peaks(acts, empty, face)[0]).all()
+    assert torch.isnan(region_peaks(acts, SparseMasks.from_dense(empty.numpy()), face)[0]).all()
 
 
 def test_histogram_accumulation_matches_exact_distance():
@@ -104,13 +105,14 @@ def test_region_peaks_match_the_dense_definition():
     # Random maps, regions of every size (empty, one cell, most of the face) and a face
     # smaller than the grid: the fast path and its dense fallback must both be exact.
     generator = torch.Generator().manual_seed(0)
-    acts = torch.randn(3, 5, 9, 9, generator=generator)
-    face = torch.zeros(3, 9, 9, dtype=torch.bool)
-    face[:, 1:8, 1:8] = True
-    regions = torch.rand(3, 6, 9, 9, generator=generator) < torch.tensor(
-        [0.0, 0.02, 0.1, 0.5, 0.9, 1.0])[None, :, None, None]
-    for top in (1, 4, 81):
-        r_in, r_out = region_peaks(acts, regions, face, top=top)
+    # Grids of 81 and 49 cells take the fine and the coarse path.
+    for side, top in [(9, 1), (9, 4), (9, 81), (7, 32)]:
+        acts = torch.randn(3, 5, side, side, generator=generator)
+        face = torch.zeros(3, side, side, dtype=torch.bool)
+        face[:, 1:side - 1, 1:side - 1] = True
+        regions = torch.rand(3, 6, side, side, generator=generator) < torch.tensor(
+            [0.0, 0.02, 0.1, 0.5, 0.9, 1.0])[None, :, None, None]
+        r_in, r_out = region_peaks(acts, SparseMasks.from_dense(regions.numpy()), face, top=top)
         for i in range(3):
             for j in range(6):
                 for c in range(5):

@@ -62,3 +62,20 @@ def test_zoo_block4_covers_the_image(mini_xception):
         for j in range(4):
             covered[row_lo[i]:row_hi[i], col_lo[j]:col_hi[j]] = True
     assert covered.all()
+
+
+def test_sparse_cells_match_dense_rule():
+    # Random blobs of every size on grids of several strides, including regions smaller
+    # than a cell (footprint fallback) and empty ones.
+    from interp_fer.cells import SparseMasks
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((40, 32, 32), bool)
+    for i, mask in enumerate(masks[1:], start=1):
+        r, c = rng.integers(0, 30, 2)
+        size = 1 + i % 9
+        mask[r:r + size, c:c + rng.integers(1, 10)] = True
+    for stride, offset in [(1, 0), (2, 0.5), (4, 1.5), (8, 3.5)]:
+        grid = _grid(stride, offset, 2 * stride + 1, 32)
+        sparse = grid.cell_masks(SparseMasks.from_dense(masks))
+        np.testing.assert_array_equal(sparse.dense(), grid.cells_in(masks))

@@ -12,8 +12,7 @@ from interp_fer.statistics import (
     histogram_distance,
     normal_tail_p_value,
     placement_offsets,
-    random_placements,
-    shift_mask,
+    random_offsets,
     signed_distance,
 )
 
@@ -73,18 +72,13 @@ def test_placements_keep_shape_and_stay_in_face():
     region[5:8, 6:10] = True  # 3 x 4
     offsets = placement_offsets(region, face)
     assert len(offsets) == (16 - 3 + 1) * (12 - 4 + 1)
-    for mask in random_placements(region, face, 25, np.random.default_rng(0)):
-        assert mask.sum() == region.sum()
-        assert not (mask & ~face).any()
+    rows, cols = np.nonzero(region)
+    drawn = random_offsets(region, face, 25, np.random.default_rng(0))
+    assert drawn.shape == (25, 2)
+    for d_row, d_col in drawn:
+        assert face[rows + d_row, cols + d_col].all()
     with pytest.raises(ValueError, match="does not fit"):
-        random_placements(np.ones_like(face), face, 1, np.random.default_rng(0))
-
-
-def test_shift_mask():
-    mask = np.zeros((4, 4), bool)
-    mask[0, 0] = True
-    assert shift_mask(mask, (2, 3))[2, 3]
-    assert not shift_mask(mask, (-1, 0)).any()
+        random_offsets(np.ones_like(face), face, 1, np.random.default_rng(0))
 
 
 def test_p_values():
