@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .cells import SparseMasks
-from .statistics import histogram_distance
+from .statistics import histogram_auc, histogram_distance
 
 
 def region_peaks(acts: torch.Tensor, cells: SparseMasks, face_cells: torch.Tensor,
@@ -163,6 +163,24 @@ def channel_edges(samples: np.ndarray, n_bins: int) -> np.ndarray:
     return lo[:, None] + (hi - lo)[:, None] * steps[None, :]
 
 
+def bin_index(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Bin of each value on its channel's edges; the end bins absorb values beyond them.
+
+    Parameters
+    ----------
+    edges
+        (K, n_bins + 1) per-channel edges (:func:`channel_edges`).
+    values
+        (N, K, ...) finite values, channel on axis 1.
+    """
+    bins = edges.shape[1] - 1
+    index = np.empty(values.shape, dtype=np.int64)
+    for channel in range(edges.shape[0]):
+        index[:, channel] = np.searchsorted(edges[channel, 1:-1], values[:, channel],
+                                            side="right")
+    return np.clip(index, 0, bins - 1)
+
+
 def poisson_weights(seed: int, image_indices: np.ndarray, n_boot: int) -> np.ndarray:
     """(N, n_boot) bootstrap weights, a deterministic function of (seed, image index)."""
     rows = [np.random.default_rng([seed, 0x5EED, int(i)]).poisson(1.0, n_boot)
@@ -203,20 +221,11 @@ class PeakHistograms:
     def n_replicates(self) -> int:
         return 1 + self.n_boot + self.n_null
 
-    def _bins(self, values: np.ndarray) -> np.ndarray:
-        # values (N, K, A) -> bin index per channel, end bins absorb the outside
-        k, bins = self.edges.shape[0], self.edges.shape[1] - 1
-        index = np.empty(values.shape, dtype=np.int64)
-        for channel in range(k):
-            index[:, channel] = np.searchsorted(self.edges[channel, 1:-1], values[:, channel],
-                                                side="right")
-        return np.clip(index, 0, bins - 1)
-
     def _add(self, side: int, replicate: slice, values: np.ndarray, weights: np.ndarray) -> None:
         # values (N, K, A); weights (N, R) for the R replicates in `replicate`.
         finite = np.isfinite(values)
         clean = np.where(finite, values, 0.0)
-        index = self._bins(clean)
+        index = bin_index(self.edges, clean)
         n, k, a = values.shape
         bins = self.counts.shape[-1]
         w = weights[:, :, None, None] * finite[:, None]  # (N, R, K, A)
@@ -476,3 +485,84 @@ class TopImages:
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.values, self.indices = arrays["values"], arrays["indices"]
+
+
+@dataclass
+class LabelResponses:
+    """Each channel's peak response split by what the face shows, for AUCs, streamed.
+
+    Histograms on per-channel bins (memory independent of the number of images) of the
+    peak response for every (channel, AU, absent/present) and every (channel, expression).
+
+    Attributes
+    ----------
+    edges
+        (K, n_bins + 1) bin edges per channel; use fine bins (the AUC counts pairs within
+        one bin as ties).
+    n_aus, n_classes
+        Sizes of the AU and expression axes.
+    """
+
+    edges: np.ndarray
+    n_aus: int
+    n_classes: int
+    au_counts: np.ndarray = field(init=False)
+    class_counts: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        k, bins = self.edges.shape[0], self.edges.shape[1] - 1
+        self.au_counts = np.zeros((2, k, self.n_aus, bins))  # absent, present
+        self.class_counts = np.zeros((k, self.n_classes, bins))
+
+    def update(self, peaks: np.ndarray, presence: np.ndarray, classes: np.ndarray) -> None:
+        """Add a batch.
+
+        Parameters
+        ----------
+        peaks
+            (N, K) peak response of each channel.
+        presence
+            (N, A) 1.0 present, 0.0 absent, NaN unknown (:func:`interp_fer.labels.au_presence`).
+        classes
+            (N,) expression index, -1 when unlabelled.
+        """
+        peaks = np.asarray(peaks, dtype=np.float64)
+        finite = np.isfinite(peaks)
+        index = bin_index(self.edges, np.where(finite, peaks, 0.0))  # (N, K)
+        k, bins = index.shape[1], self.edges.shape[1] - 1
+        slot = np.arange(k)[None, :] * bins + index  # (N, K)
+        for side in (0, 1):
+            weight = (presence == side)[:, None, :] & finite[:, :, None]  # (N, K, A)
+            target = (slot[:, :, None] * self.n_aus
+                      + np.arange(self.n_aus)[None, None, :]).ravel()
+            counts = np.bincount(target, weights=weight.ravel().astype(np.float64),
+                                 minlength=k * bins * self.n_aus)
+            self.au_counts[side] += counts.reshape(k, bins, self.n_aus).transpose(0, 2, 1)
+        labelled = (classes >= 0) & (classes < self.n_classes)
+        for c in range(self.n_classes):
+            rows = labelled & (classes == c)
+            if rows.any():
+                counts = np.bincount(slot[rows][finite[rows]], minlength=k * bins)
+                self.class_counts[:, c] += counts.reshape(k, bins)
+
+    def au_auc(self) -> np.ndarray:
+        """(K, A) AUC of the peak response for "AU present vs absent" (NaN: one side empty)."""
+        return histogram_auc(self.au_counts[1], self.au_counts[0])
+
+    def expression_auc(self) -> np.ndarray:
+        """(K, C) one-vs-rest AUC of the peak response for each expression."""
+        total = self.class_counts.sum(axis=1, keepdims=True)
+        return histogram_auc(self.class_counts, total - self.class_counts)
+
+    @property
+    def n_present(self) -> np.ndarray:
+        """(A,) images on which each AU is present (labels known)."""
+        return self.au_counts[1, 0].sum(axis=-1)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"edges": self.edges, "au_counts": self.au_counts,
+                "class_counts": self.class_counts}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self.edges, self.au_counts = arrays["edges"], arrays["au_counts"]
+        self.class_counts = arrays["class_counts"]

@@ -180,6 +180,8 @@ def cmd_map(args: argparse.Namespace) -> int:
 
     model = _load_model(args)
     dataset = _open_data(args.data, model.class_names)
+    if args.labels:
+        dataset = dataset.with_labels(args.labels)
     if args.limit:
         dataset = dataset.subset(limit=args.limit)
     layers = None if args.layers in (None, "all") else args.layers.split(",")
@@ -203,9 +205,10 @@ def cmd_map(args: argparse.Namespace) -> int:
         control_result.save(f"{out}/control_randomized")
     write_report(result, model, dataset, f"{out}/report.html", control=control_result)
     mapped = result.mapping["au"].notna().sum()
+    extra = ", expressions.csv" if result.expressions is not None else ""
     print(f"mapped {mapped} of {len(result.mapping)} channels of {', '.join(result.run['layers'])} "
           f"on {result.run['data']['n_mapped']} faces; wrote {out}/mapping.csv, scores.csv, "
-          "run.json, report.html")
+          f"run.json{extra}, report.html")
     return 0
 
 
@@ -277,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--layers", default="all",
                          help="comma-separated layer names, or 'all' stages (default)")
     mapping.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    mapping.add_argument("--labels", metavar="CSV",
+                         help="labels CSV (path,label_index|label_name[,AU columns]) for the "
+                         "images of --data; labelled datasets are scored against their own "
+                         "labels without it (label AUCs, expressions.csv)")
     mapping.add_argument("--locate", choices=("deconv", "rf-center"), default="deconv",
                          help="extremum point of each channel (default: %(default)s)")
     mapping.add_argument("--aus", help="comma-separated AU numbers (default: all defined)")

@@ -21,7 +21,7 @@ import csv
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +153,41 @@ class ImageDataset:
             if record.aus:
                 found.update(record.aus)
         return sorted(found)
+
+    def with_labels(self, labels_csv: str | os.PathLike) -> ImageDataset:
+        """These images with the labels of a labels CSV (``path,label_index|label_name,...``).
+
+        Each record is matched to a CSV row by its resolved path, else by its file name
+        (when that is unique in the CSV). Records without a row keep what they had.
+
+        Raises
+        ------
+        DatasetError
+            When the CSV is not a labels CSV or matches none of the images.
+        """
+        labelled = open_dataset(labels_csv, class_names=self.class_names or None)
+        if any(r.path is None for r in labelled.records):
+            raise DatasetError(f"{labels_csv}: expected a labels CSV with a 'path' column")
+        by_path = {r.path.resolve(): r for r in labelled.records}
+        names: dict[str, list[Record]] = {}
+        for r in labelled.records:
+            names.setdefault(r.path.name, []).append(r)
+        records, matched = [], 0
+        for record in self.records:
+            row = by_path.get(record.path.resolve()) if record.path is not None else None
+            if row is None and record.path is not None and len(names.get(record.path.name,
+                                                                         [])) == 1:
+                row = names[record.path.name][0]
+            if row is None:
+                records.append(record)
+                continue
+            matched += 1
+            records.append(replace(record, label=row.label, label_name=row.label_name,
+                                   aus=row.aus))
+        if not matched:
+            raise DatasetError(f"{labels_csv}: none of its paths matches an image of "
+                               f"{self.source}")
+        return ImageDataset(records, labelled.class_names or self.class_names, self.source)
 
     def subset(self, usage: str | None = None, limit: int | None = None) -> ImageDataset:
         """A dataset restricted to one ``usage`` and/or the first ``limit`` records."""

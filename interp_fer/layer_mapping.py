@@ -12,7 +12,9 @@ function", "Corroborating measures", "Significance and stability"):
   ``p_empirical`` beside it;
 * ``stability``: share of bootstrap replicates in which AU ``a`` has the channel's largest D;
 * ``hit_rate``/``chance_rate``/``mean_distance``: pointing game of the extremum points;
-* ``iou``: dataset-level dissection IoU.
+* ``iou``: dataset-level dissection IoU;
+* ``label_auc`` (with labels): AUC of the channel's peak response for "AU present vs
+  absent" (:mod:`interp_fer.labels`).
 
 Inputs per batch are plain arrays on the network input's pixel grid, so this module knows
 nothing about dlib or images.
@@ -29,6 +31,7 @@ import torch
 
 from .accumulators import (
     DissectionIoU,
+    LabelResponses,
     PeakHistograms,
     PointingAccumulator,
     TopImages,
@@ -153,17 +156,21 @@ class LayerMapping:
     pointing: PointingAccumulator
     iou: DissectionIoU
     top: TopImages
+    labels: LabelResponses | None = None
     n_images: int = field(default=0)
 
     @classmethod
     def calibrate(cls, layer: str, grid: CellGrid, aus: tuple[int, ...], acts: torch.Tensor,
-                  options: MappingOptions) -> LayerMapping:
+                  options: MappingOptions, n_classes: int | None = None) -> LayerMapping:
         """Fix per-channel bins and IoU thresholds from a calibration batch of feature maps.
 
         Parameters
         ----------
         acts
             (N, K, h, w) feature maps of the calibration images.
+        n_classes
+            Number of expressions when the faces are labelled (AUCs are then accumulated),
+            0 for AU labels only, None without labels.
         """
         flat = acts.float().flatten(2)  # (N, K, hw)
         peaks = flat.amax(dim=2).cpu().numpy()
@@ -172,16 +179,23 @@ class LayerMapping:
         thresholds = torch.quantile(flat.transpose(0, 1).reshape(flat.shape[1], -1),
                                     options.iou_quantile, dim=1).cpu().numpy()
         k = acts.shape[1]
+        labels = None
+        if n_classes is not None:
+            # The AUC counts pairs within one bin as ties: bins 8 times finer than D's.
+            fine = channel_edges(np.concatenate([peaks, lows]), 8 * options.n_bins)
+            labels = LabelResponses(fine, len(aus), n_classes)
         return cls(
             layer, grid, tuple(aus), options,
             PeakHistograms(edges, len(aus), options.n_boot, options.n_null),
             PointingAccumulator(k, len(aus), options.hit_tolerance),
             DissectionIoU(thresholds, len(aus)),
             TopImages(k),
+            labels,
         )
 
     def update(self, image_indices: np.ndarray, acts: torch.Tensor, geometry: FaceGeometry,
-               points: np.ndarray, active: np.ndarray) -> None:
+               points: np.ndarray, active: np.ndarray, presence: np.ndarray | None = None,
+               classes: np.ndarray | None = None) -> None:
         """Add a batch.
 
         Parameters
@@ -196,6 +210,9 @@ class LayerMapping:
             (N, K, 2) extremum points (row, col) in input pixels.
         active
             (N, K) boolean: channel has a positive maximum.
+        presence, classes
+            With labels: (N, A) AU presence (1/0/NaN, :func:`interp_fer.labels.au_presence`)
+            and (N,) expression index (-1 unlabelled).
         """
         n, a = geometry.regions.shape[:2]
         device = acts.device
@@ -213,7 +230,13 @@ class LayerMapping:
         self.peaks.update(r_in.cpu().numpy(), r_out.cpu().numpy(), weights, null_in, null_out)
         self.pointing.update(points, active, geometry.distances, geometry.face, geometry.iod)
         self.iou.update(acts, geometry.regions)
-        self.top.update(image_indices, acts.flatten(2).amax(dim=2).float().cpu().numpy())
+        peaks = acts.flatten(2).amax(dim=2).float().cpu().numpy()
+        self.top.update(image_indices, peaks)
+        if self.labels is not None:
+            if presence is None or classes is None:
+                raise ValueError(f"layer {self.layer}: labels were calibrated, give presence "
+                                 "and classes with every batch")
+            self.labels.update(peaks, presence, classes)
         self.n_images += n
 
     def scores(self) -> pd.DataFrame:
@@ -262,7 +285,22 @@ class LayerMapping:
             "cohen_d": extra["cohen_d"].ravel(),
             "n_images": self.n_images,
         })
+        if self.labels is not None:
+            table["label_auc"] = self.labels.au_auc().ravel()
         return table
+
+    def expression_scores(self, class_names: tuple[str, ...]) -> pd.DataFrame:
+        """One-vs-rest AUC of each channel's peak response per expression (with labels)."""
+        if self.labels is None:
+            raise ValueError(f"layer {self.layer} was mapped without labels")
+        auc = self.labels.expression_auc()  # (K, C)
+        k, c = auc.shape
+        channel, expression = np.meshgrid(np.arange(k), np.arange(c), indexing="ij")
+        return pd.DataFrame({"layer": self.layer, "channel": channel.ravel(),
+                             "expression": np.asarray(class_names, dtype=object)[expression.ravel()],
+                             "auc": auc.ravel(),
+                             "n_images": np.broadcast_to(self.labels.class_counts[0].sum(axis=-1),
+                                                         (k, c)).ravel()})
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to checkpoint (prefix-free; the caller namespaces them by layer)."""
@@ -270,6 +308,8 @@ class LayerMapping:
         arrays.update({f"pointing.{k}": v for k, v in self.pointing.state().items()})
         arrays.update({f"iou.{k}": v for k, v in self.iou.state().items()})
         arrays.update({f"top.{k}": v for k, v in self.top.state().items()})
+        if self.labels is not None:
+            arrays.update({f"labels.{k}": v for k, v in self.labels.state().items()})
         arrays["n_images"] = np.array(self.n_images)
         return arrays
 
@@ -282,4 +322,6 @@ class LayerMapping:
         self.pointing.restore(part("pointing."))
         self.iou.restore(part("iou."))
         self.top.restore(part("top."))
+        if self.labels is not None:
+            self.labels.restore(part("labels."))
         self.n_images = int(arrays["n_images"])

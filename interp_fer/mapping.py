@@ -40,6 +40,7 @@ import torch
 
 from .cells import CellGrid
 from .data import ImageDataset
+from .labels import au_presence, has_labels, prototype_name
 from .layer_mapping import FaceGeometry, LayerMapping, MappingOptions
 from .layers import layer_outputs
 from .models import FERModel
@@ -52,7 +53,8 @@ MAPPING_COLUMNS = [
 ]
 MEASURES = [
     "distance", "excess", "ci_low", "ci_high", "p_value", "p_empirical", "q_value", "stability",
-    "hit_rate", "chance_rate", "mean_distance_iod", "iou", "ks", "cohen_d", "n_images",
+    "hit_rate", "chance_rate", "mean_distance_iod", "iou", "ks", "cohen_d", "label_auc",
+    "n_images",
 ]
 
 
@@ -78,7 +80,7 @@ def mapping_table(scores: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns :data:`MAPPING_COLUMNS` plus ``best_au`` (the AU of largest D, significant or
-        not) and ``significant``.
+        not), ``significant`` and, when the scores have it, ``label_auc`` of the chosen pair.
     """
     if "q_value" not in scores:
         scores = add_q_values(scores)
@@ -88,14 +90,16 @@ def mapping_table(scores: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         chosen = significant if len(significant) else pairs
         best = chosen.loc[chosen["distance"].idxmax()] if chosen["distance"].notna().any() \
             else chosen.iloc[0]
-        row = {column: best[column] for column in MAPPING_COLUMNS if column in best}
+        row = {column: best[column] for column in [*MAPPING_COLUMNS, "label_auc"]
+               if column in best}
         row.update(layer=layer, channel=int(channel), best_au=best["au"],
                    au=best["au"] if len(significant) else None,
                    significant=bool(len(significant)))
         rows.append(row)
     table = pd.DataFrame(rows)
     table["au"] = table["au"].astype("Int64")
-    return table[[*MAPPING_COLUMNS, "best_au", "significant"]]
+    extra = ["label_auc"] if "label_auc" in table else []
+    return table[[*MAPPING_COLUMNS, "best_au", "significant", *extra]]
 
 
 def long_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -143,6 +147,9 @@ class MappingResult:
         The mapped images: dataset ``index``, ``key`` and the crop fed to the network.
     top_images
         Per layer, ``values``/``indices`` (K, k): each channel's top-activating images.
+    expressions
+        With expression labels: one row per (layer, channel, expression), the one-vs-rest
+        ``auc`` of the channel's peak response.
     """
 
     mapping: pd.DataFrame
@@ -151,13 +158,16 @@ class MappingResult:
     landmarks: pd.DataFrame | None = None
     faces: pd.DataFrame | None = None
     top_images: dict[str, dict[str, np.ndarray]] | None = None
+    expressions: pd.DataFrame | None = None
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``mapping.csv``, ``scores.csv`` and ``run.json`` into ``out_dir``."""
+        """Write ``mapping.csv``, ``scores.csv``, ``run.json`` (and ``expressions.csv``)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.mapping.to_csv(out / "mapping.csv", index=False)
         long_scores(self.scores).to_csv(out / "scores.csv", index=False)
+        if self.expressions is not None:
+            self.expressions.to_csv(out / "expressions.csv", index=False)
         with open(out / "run.json", "w") as handle:
             json.dump(self.run, handle, indent=2, default=_json_default)
         return out
@@ -309,6 +319,7 @@ def map_dataset(
     crop: str = "auto",
     batch_size: int = 64,
     alpha: float = 0.05,
+    labels: bool | None = None,
     landmark_settings: Any = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
@@ -338,6 +349,10 @@ def map_dataset(
         Images per forward pass.
     alpha
         False discovery rate of the mapping.
+    labels
+        Score channels against the faces' labels (AU columns, or expressions through the
+        EMFACS prototypes, :mod:`interp_fer.labels`): ``label_auc`` per (channel, AU) and
+        one-vs-rest AUCs per expression. Default: when the dataset has labels.
     landmark_settings
         :class:`interp_fer.faces.LandmarkSettings` (default: automatic).
     checkpoint
@@ -379,6 +394,12 @@ def map_dataset(
     if len(faces) < 2:
         raise ValueError(f"only {len(faces)} usable face(s) in {dataset.source}: "
                          "the mapping needs at least 2")
+    records = [dataset.records[f.index] for f in faces]
+    if labels and not has_labels(records):
+        raise ValueError(f"{dataset.source}: no expression or AU labels to score against "
+                         "(give a labels CSV, e.g. interp-fer map --labels)")
+    labelled = has_labels(records) if labels is None else bool(labels)
+    n_classes = len(dataset.class_names) if labelled else None
 
     shape = (model.preprocess.channels, *size)
     probe = layer_outputs(model.module, layers, torch.zeros(1, *shape, device=model.device))
@@ -389,6 +410,7 @@ def map_dataset(
     key = run_key({"model": model.source or model.name, "layers": layers, "aus": aus,
                    "data": dataset.source, "n": len(dataset), "locate": locate,
                    "crop": crop, "batch": batch_size, "options": asdict(options),
+                   "labels": labelled,
                    "landmarks": settings.fingerprint()})
     saver = Checkpoint(checkpoint, key) if checkpoint else None
     resumed = saver.load() if saver else None
@@ -407,7 +429,7 @@ def map_dataset(
             acts = layer_outputs(model.module, layers, inputs)
         if not accumulators:  # the first batch fixes bins and thresholds, resumed or not
             accumulators = {name: LayerMapping.calibrate(name, grids[name], aus, acts[name],
-                                                         options) for name in layers}
+                                                         options, n_classes) for name in layers}
             if resumed:
                 for name, mapping in accumulators.items():
                     prefix = f"{name}/"
@@ -417,9 +439,15 @@ def map_dataset(
             continue
         geometry = _geometry(batch, regions, aus, size)
         indices = np.array([f.index for f in batch])
+        presence = classes = None
+        if labelled:
+            batch_records = [dataset.records[f.index] for f in batch]
+            presence = au_presence(batch_records, aus)
+            classes = np.array([-1 if r.label is None else r.label for r in batch_records])
         for name in layers:
             points, active = _locate(model, name, inputs, acts[name], fields[name], locate)
-            accumulators[name].update(indices, acts[name], geometry, points, active)
+            accumulators[name].update(indices, acts[name], geometry, points, active,
+                                      presence, classes)
         bar.update(len(batch))
         done = number + 1
         if saver and (done % checkpoint_every == 0) and done < len(batches):
@@ -446,6 +474,7 @@ def map_dataset(
         "alpha": alpha,
         "options": asdict(options),
         "seed": options.seed,
+        "labels": _label_summary(records, aus) if labelled else None,
         "versions": _versions(),
     }
     if saver:
@@ -454,4 +483,21 @@ def map_dataset(
         {"index": f.index, "key": f.key, "crop_top": f.crop.top, "crop_left": f.crop.left,
          "crop_height": f.crop.height, "crop_width": f.crop.width} for f in faces])
     top = {name: accumulators[name].top.state() for name in layers}
-    return MappingResult(mapping, scores, run, table, face_table, top)
+    expressions = None
+    if labelled and dataset.class_names:
+        expressions = pd.concat([accumulators[name].expression_scores(dataset.class_names)
+                                 for name in layers], ignore_index=True)
+    return MappingResult(mapping, scores, run, table, face_table, top, expressions)
+
+
+def _label_summary(records: list[Any], aus: tuple[int, ...]) -> dict[str, Any]:
+    """How many mapped faces carry which labels (``run.json``)."""
+    presence = au_presence(records, aus)
+    known = np.isfinite(presence)
+    return {
+        "from_au_columns": sum(bool(r.aus) for r in records),
+        "from_expressions": sum(bool(not r.aus and prototype_name(r.label_name))
+                                for r in records),
+        "au_present": {f"AU{au}": int(np.nansum(presence[:, j])) for j, au in enumerate(aus)},
+        "au_known": {f"AU{au}": int(known[:, j].sum()) for j, au in enumerate(aus)},
+    }
