@@ -222,24 +222,24 @@ class PeakHistograms:
         return 1 + self.n_boot + self.n_null
 
     def _add(self, side: int, replicate: slice, values: np.ndarray, weights: np.ndarray) -> None:
-        # values (N, K, A); weights (N, R) for the R replicates in `replicate`.
+        # values (N, V, K, A) with V = 1 (shared by the replicates) or V = R; weights (N, R)
+        # for the R replicates in `replicate`. One bincount for all of them.
         finite = np.isfinite(values)
         clean = np.where(finite, values, 0.0)
-        index = bin_index(self.edges, clean)
-        n, k, a = values.shape
+        index = bin_index(self.edges, clean.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        n, r = weights.shape
+        k, a = values.shape[2:]
         bins = self.counts.shape[-1]
-        w = weights[:, :, None, None] * finite[:, None]  # (N, R, K, A)
+        w = weights[:, :, None, None] * finite  # (N, R, K, A)
         flat = (np.arange(k)[:, None] * a + np.arange(a)[None, :]) * bins  # (K, A)
-        target = (flat[None] + index).reshape(n, -1)  # (N, K*A)
-        r = weights.shape[1]
         slots = k * a * bins
-        index_all = (np.arange(r)[None, :, None] * slots + target[:, None, :])  # (N, R, K*A)
-        hist = np.bincount(index_all.ravel(), weights=w.reshape(n, r, -1).ravel(),
+        target = np.arange(r)[None, :, None, None] * slots + flat + index  # (N, R, K, A)
+        hist = np.bincount(np.broadcast_to(target, w.shape).ravel(), weights=w.ravel(),
                            minlength=r * slots)
         self.counts[side, replicate] += hist.reshape(r, k, a, bins)
         self.moments[side, replicate, ..., 0] += w.sum(axis=0)
-        self.moments[side, replicate, ..., 1] += (w * clean[:, None]).sum(axis=0)
-        self.moments[side, replicate, ..., 2] += (w * clean[:, None] ** 2).sum(axis=0)
+        self.moments[side, replicate, ..., 1] += (w * clean).sum(axis=0)
+        self.moments[side, replicate, ..., 2] += (w * clean ** 2).sum(axis=0)
 
     def update(self, r_in: np.ndarray, r_out: np.ndarray, boot_weights: np.ndarray,
                null_in: np.ndarray | None = None, null_out: np.ndarray | None = None) -> None:
@@ -255,20 +255,19 @@ class PeakHistograms:
             (N, K, A, n_null) peaks for the randomly placed regions.
         """
         n = len(r_in)
-        ones = np.ones((n, 1))
-        self._add(0, slice(0, 1), r_in, ones)
-        self._add(1, slice(0, 1), r_out, ones)
-        boot = slice(1, 1 + self.n_boot)
+        observed = slice(0, 1 + self.n_boot)
+        weights = np.ones((n, 1))
         if self.n_boot:
-            self._add(0, boot, r_in, boot_weights)
-            self._add(1, boot, r_out, boot_weights)
+            weights = np.concatenate([weights, boot_weights[:, :self.n_boot]], axis=1)
+        self._add(0, observed, r_in[:, None], weights)
+        self._add(1, observed, r_out[:, None], weights)
         if self.n_null:
             if null_in is None or null_out is None:
                 raise ValueError("null peaks are required when n_null > 0")
-            for m in range(self.n_null):
-                replicate = slice(1 + self.n_boot + m, 2 + self.n_boot + m)
-                self._add(0, replicate, null_in[..., m], ones)
-                self._add(1, replicate, null_out[..., m], ones)
+            null = slice(1 + self.n_boot, self.n_replicates)
+            ones = np.ones((n, self.n_null))
+            self._add(0, null, np.moveaxis(null_in, -1, 1), ones)
+            self._add(1, null, np.moveaxis(null_out, -1, 1), ones)
 
     def distances(self, method: str = "wasserstein") -> np.ndarray:
         """Signed distance per (replicate, channel, AU): (n_replicates, K, A)."""

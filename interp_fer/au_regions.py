@@ -245,7 +245,11 @@ def polygons_mask(
     pts = grid_points((height, width), (h, w), s).reshape(-1, 2)
     inside = np.zeros(len(pts), dtype=bool)
     for poly in polygons:
-        inside |= poly.contains(pts)
+        # Only points in the polygon's bounding box can be inside: test those (exact, and
+        # an order of magnitude faster for the small AU regions).
+        lo, hi = poly.exterior.min(axis=0), poly.exterior.max(axis=0)
+        near = np.flatnonzero(((pts >= lo) & (pts <= hi)).all(axis=1))
+        inside[near] |= poly.contains(pts[near])
     inside = inside.reshape(h, w, s * s)
     if mode == "centre":
         return inside[..., 0]
