@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--n-null", type=int, default=20)
     parser.add_argument("--n-boot", type=int, default=50)
     parser.add_argument("--model", default="mini-xception")
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     labels = args.fer2013 / "test_labels.csv"
     if not labels.is_file():
@@ -48,6 +49,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = map_dataset(model, dataset, locate=args.locate, options=options,
+                             batch_size=args.batch_size,
                              checkpoint=Path(tmp) / "checkpoint.npz", progress=True)
         result.save(tmp)
     wall = time.perf_counter() - start
@@ -59,8 +61,13 @@ def main() -> None:
     print(f"wall {wall:.1f} s ({n / wall:.1f} images/s)"
           + (f"; whole split (7,178) extrapolated: {wall * 7178 / n / 60:.1f} min"
              if n < 7178 else ""))
+    print("phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.run["seconds"].items()))
     print(f"peak RSS: this process {own:.0f} MiB, largest landmark worker {children:.0f} MiB")
     print(f"landmark status: {result.run['landmark_status']}")
+    if n == 7178:
+        peak = max(own, children)
+        print(f"targets: wall <= 10 min: {'yes' if wall <= 600 else 'no'} ({wall / 60:.1f} min); "
+              f"peak RSS <= 2 GB: {'yes' if peak <= 2048 else 'no'} ({peak:.0f} MiB)")
     mapped = int(result.mapping["au"].notna().sum())
     print(f"channels mapped: {mapped} of {len(result.mapping)}")
 

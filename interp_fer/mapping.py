@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +142,7 @@ class MappingResult:
         One row per (layer, channel, AU) with every measure, q-values included.
     run
         What was run on what: model, layers, data, options, versions, image counts by
-        landmark status, skipped inputs with reasons (``run.json``).
+        landmark status, skipped inputs with reasons, wall seconds per phase (``run.json``).
     landmarks
         The landmark table of the dataset (:func:`interp_fer.faces.landmarks_table`).
     faces
@@ -295,6 +297,22 @@ def _locate(model: FERModel, layer: str, inputs: torch.Tensor, acts: torch.Tenso
     return np.stack([rows, cols], axis=-1).astype(np.float64), (values > 0).cpu().numpy()
 
 
+class _Clock:
+    """Wall seconds spent per phase of a run (``run.json`` ``seconds``; this session only)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0)
+                                        + time.perf_counter() - start, 3)
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -389,7 +407,9 @@ def map_dataset(
     aus = tuple(int(a) for a in (aus or [r.number for r in regions]))
     size = model.input_size
 
-    table, shapes = _landmark_pass(dataset, settings, progress)
+    clock = _Clock()
+    with clock("landmarks"):
+        table, shapes = _landmark_pass(dataset, settings, progress)
     faces, skipped = _faces(table, shapes, crop, size)
     if len(faces) < 2:
         raise ValueError(f"only {len(faces)} usable face(s) in {dataset.source}: "
@@ -422,11 +442,12 @@ def map_dataset(
                initial=sum(len(b) for b in batches[:start]))
     for number, batch in enumerate(batches):
         if number >= start or not accumulators:
-            images = [dataset.load(dataset.records[f.index]).image for f in batch]
-            inputs = model.preprocess([f.crop.apply(image) for f, image in zip(batch, images,
-                                                                               strict=True)])
-            inputs = inputs.to(model.device)
-            acts = layer_outputs(model.module, layers, inputs)
+            with clock("forward"):
+                images = [dataset.load(dataset.records[f.index]).image for f in batch]
+                inputs = model.preprocess([f.crop.apply(image)
+                                           for f, image in zip(batch, images, strict=True)])
+                inputs = inputs.to(model.device)
+                acts = layer_outputs(model.module, layers, inputs)
         if not accumulators:  # the first batch fixes bins and thresholds, resumed or not
             accumulators = {name: LayerMapping.calibrate(name, grids[name], aus, acts[name],
                                                          options, n_classes) for name in layers}
@@ -437,7 +458,8 @@ def map_dataset(
                                      if k.startswith(prefix)})
         if number < start:
             continue
-        geometry = _geometry(batch, regions, aus, size)
+        with clock("geometry"):
+            geometry = _geometry(batch, regions, aus, size)
         indices = np.array([f.index for f in batch])
         presence = classes = None
         if labelled:
@@ -445,9 +467,11 @@ def map_dataset(
             presence = au_presence(batch_records, aus)
             classes = np.array([-1 if r.label is None else r.label for r in batch_records])
         for name in layers:
-            points, active = _locate(model, name, inputs, acts[name], fields[name], locate)
-            accumulators[name].update(indices, acts[name], geometry, points, active,
-                                      presence, classes)
+            with clock(f"locate ({locate})"):
+                points, active = _locate(model, name, inputs, acts[name], fields[name], locate)
+            with clock("statistics"):
+                accumulators[name].update(indices, acts[name], geometry, points, active,
+                                          presence, classes)
         bar.update(len(batch))
         done = number + 1
         if saver and (done % checkpoint_every == 0) and done < len(batches):
@@ -455,9 +479,10 @@ def map_dataset(
                               for k, v in m.state().items()})
     bar.close()
 
-    scores = add_q_values(pd.concat([accumulators[name].scores() for name in layers],
-                                    ignore_index=True))
-    mapping = mapping_table(scores, alpha)
+    with clock("scores"):
+        scores = add_q_values(pd.concat([accumulators[name].scores() for name in layers],
+                                        ignore_index=True))
+        mapping = mapping_table(scores, alpha)
     statuses = table["status"].value_counts().to_dict()
     run = {
         "model": {"name": model.name, "source": model.source, "input_size": list(size),
@@ -476,6 +501,7 @@ def map_dataset(
         "seed": options.seed,
         "labels": _label_summary(records, aus) if labelled else None,
         "versions": _versions(),
+        "seconds": clock.seconds,
     }
     if saver:
         saver.clear()
