@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from interp_fer.mapping import MAPPING_COLUMNS, channels_for_au, long_scores, mapping_table
 
@@ -36,3 +37,12 @@ def test_long_table_has_every_measure_of_every_pair():
     assert len(long) == 6 * long["measure"].nunique()
     value = long[(long.channel == 0) & (long.au == 12) & (long.measure == "distance")]["value"]
     np.testing.assert_allclose(value, 1.5)
+
+
+def test_map_refuses_several_faces_per_image(mini_xception, sample_faces):
+    from interp_fer.faces import LandmarkSettings
+    from interp_fer.mapping import map_dataset
+
+    with pytest.raises(ValueError, match="one face per image"):
+        map_dataset(mini_xception, sample_faces, ["conv2"],
+                    landmark_settings=LandmarkSettings(faces="all"), progress=False)
