@@ -35,7 +35,7 @@ class SparseMasks:
     shape
         (H, W) of the grid.
     mask
-        (P,) int64 mask index of every member, ascending.
+        (P,) int64 mask index of every member (in no particular order).
     position
         (P,) int64 flat position ``row * W + col`` of every member, unique within a mask.
     """
@@ -193,10 +193,8 @@ class CellGrid:
         fallback = ~has_centre[pixels.mask]
         size = self.shape[0] * self.shape[1]
         keys = np.unique(pixels.mask[fallback] * size + footprint_of[pixels.position[fallback]])
-        mask = np.concatenate([mask, keys // size])
-        cell = np.concatenate([cell, keys % size])
-        order = np.lexsort((cell, mask))
-        return SparseMasks(pixels.n_masks, tuple(self.shape), mask[order], cell[order])
+        return SparseMasks(pixels.n_masks, tuple(self.shape), np.concatenate([mask, keys // size]),
+                           np.concatenate([cell, keys % size]))
 
     def overlapping(self, masks: np.ndarray) -> np.ndarray:
         """Cells whose footprint contains at least one pixel of each mask, (..., h, w)."""

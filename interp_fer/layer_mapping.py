@@ -41,7 +41,12 @@ from .accumulators import (
     region_peaks,
 )
 from .cells import CellGrid, SparseMasks
-from .statistics import empirical_p_value, normal_tail_p_value, random_offsets
+from .statistics import (
+    empirical_p_value,
+    normal_tail_p_value,
+    placement_offsets_many,
+    random_offsets,
+)
 
 
 @dataclass
@@ -121,13 +126,15 @@ class FaceGeometry:
         key = (n_null, seed, tuple(int(i) for i in image_indices))
         if key not in self._placements:
             n, a, height, width = self.regions.shape
+            valid = placement_offsets_many(self.regions.reshape(n * a, height, width),
+                                           np.repeat(self.face, a, axis=0))
             masks, positions = [], []
             for i, index in enumerate(image_indices):
                 for j in range(a):
                     rows, cols = np.nonzero(self.regions[i, j])
                     rng = np.random.default_rng([seed, 0xA11, int(index), j])
                     try:
-                        offsets = random_offsets(self.regions[i, j], self.face[i], n_null, rng)
+                        offsets = random_offsets(valid[i * a + j], n_null, rng)
                     except ValueError:
                         offsets = np.zeros((n_null, 2), dtype=np.int64)
                     flat = (rows[None] + offsets[:, :1]) * width + cols[None] + offsets[:, 1:]

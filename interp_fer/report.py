@@ -74,12 +74,16 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
 """
 
 _LEGEND = (
-    "D: signed distance between the channel's peak response inside the AU region and "
-    "elsewhere on the face (Wasserstein-1 / pooled SD by default); p-value from random "
-    "placements of the region on the same face; q: Benjamini-Hochberg over all pairs; "
-    "stability: share of bootstrap resamples choosing the same AU; hit rate: share of images "
-    "whose extremum point falls within the region (chance rate beside it). Click a column to "
-    "sort; click a mapped channel to open its section.")
+    "D: signed distance between the channel's peak response inside the AU region and its peak "
+    "over the rest of the face (Wasserstein-1 / pooled SD by default); the rest of the face is "
+    "much larger than the region, so D is often negative even where the channel prefers the "
+    "region. p-value: against the same region placed at random on the same face (same area "
+    "handicap); excess (scores.csv): D minus the mean D of those placements; q: "
+    "Benjamini-Hochberg over all pairs; stability: share of bootstrap resamples choosing the "
+    "same AU; hit rate: share of images whose extremum point falls within the region (chance "
+    "rate beside it); label AUC: peak response, AU present vs absent. A mapping says where a "
+    "channel responds, not that training put it there: compare with the randomised control. "
+    "Click a column to sort; click a mapped channel to open its section.")
 
 
 def figure_data_uri(figure: Figure, dpi: int = 150) -> str:
@@ -299,10 +303,17 @@ def write_report(
         parts.append('<p class="note">This result keeps no top faces: projections and channel '
                      "sections are left out.</p>")
     if control is not None:
+        from .mapping import layer_summary
+
         parts.append("<h2>Control: randomised weights</h2>")
         mapped = int(control.mapping["au"].notna().sum())
         parts.append(f"<p>{mapped} of {len(control.mapping)} channels of the randomised "
-                     "network are mapped (Adebayo et al. 2018).</p>")
+                     "network are mapped (Adebayo et al. 2018). Per layer, trained beside "
+                     "randomised: what the mapping finds in a network that learned nothing "
+                     "comes from the images and the architecture.</p>")
+        both = layer_summary(result).merge(layer_summary(control), on=["layer", "channels"],
+                                           suffixes=("", " (randomised)"))
+        parts.append(html_table(both, "control-summary"))
         parts.extend(_heatmaps(control, "control"))
     document = (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

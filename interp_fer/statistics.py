@@ -199,31 +199,69 @@ def placement_offsets(region: np.ndarray, face: np.ndarray) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        (n, 2) integer (d_row, d_col) shifts; empty when the region fits nowhere.
+        (n, 2) integer (d_row, d_col) shifts, row-major order of the moved region's corner;
+        empty when the region fits nowhere.
     """
-    from scipy.signal import fftconvolve
-
-    region = np.asarray(region, dtype=bool)
-    rows, cols = np.nonzero(region)
-    if rows.size == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    top, left = rows.min(), cols.min()
-    patch = region[top:rows.max() + 1, left:cols.max() + 1].astype(np.float64)
-    outside = (~np.asarray(face, dtype=bool)).astype(np.float64)
-    # Count of region pixels that would land outside the face for every placement of the
-    # patch's top-left corner; the face is zero-padded (outside) by the correlation's support.
-    spill = fftconvolve(outside, patch[::-1, ::-1], mode="valid")
-    corner_rows, corner_cols = np.nonzero(spill < 0.5)
-    return np.stack([corner_rows - top, corner_cols - left], axis=1).astype(np.int64)
+    return placement_offsets_many(np.asarray(region)[None], np.asarray(face)[None])[0]
 
 
-def random_offsets(region: np.ndarray, face: np.ndarray, n: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """``n`` shifts that move ``region`` (same shape and size) to random places inside ``face``.
+def placement_offsets_many(regions: np.ndarray, faces: np.ndarray) -> list[np.ndarray]:
+    """:func:`placement_offsets` for M (region, face) pairs at once.
 
-    The null of the mapping's significance test: it keeps the region's area and shape, so
-    area effects cancel, and it works on aligned datasets where all faces look alike.
-    Shifts are drawn uniformly, with replacement, from :func:`placement_offsets`.
+    Parameters
+    ----------
+    regions, faces
+        (M, H, W) boolean masks; ``faces`` may also be (H, W) or broadcast over M.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        M arrays of (n, 2) shifts.
+    """
+    regions = np.asarray(regions, dtype=bool)
+    m, height, width = regions.shape
+    outside = ~np.broadcast_to(np.asarray(faces, dtype=bool), regions.shape)
+    boxes, patches = [], np.zeros(regions.shape, dtype=np.float64)
+    for i, region in enumerate(regions):
+        rows, cols = np.nonzero(region)
+        if rows.size == 0:
+            boxes.append(None)
+            continue
+        top, left, bottom, right = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+        patches[i, :bottom - top, :right - left] = region[top:bottom, left:right]
+        boxes.append((top, left, bottom - top, right - left))
+    # Region pixels that would land outside the face, for every corner (r, c) of the patch:
+    # a correlation, done for all pairs in one batched FFT. Corners that keep the patch on
+    # the grid (r <= H - h, c <= W - w) never wrap around, so no padding is needed.
+    spill = np.fft.irfft2(np.fft.rfft2(outside.astype(np.float64))
+                          * np.conj(np.fft.rfft2(patches)), s=(height, width))
+    out = []
+    for i, box in enumerate(boxes):
+        if box is None:
+            out.append(np.zeros((0, 2), dtype=np.int64))
+            continue
+        top, left, h, w = box
+        corner_rows, corner_cols = np.nonzero(spill[i, :height - h + 1, :width - w + 1] < 0.5)
+        out.append(np.stack([corner_rows - top, corner_cols - left], axis=1).astype(np.int64))
+    return out
+
+
+def random_offsets(offsets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` shifts drawn uniformly, with replacement, among the valid ``offsets``.
+
+    The null of the mapping's significance test moves each region (same shape and size) to
+    random places inside its face (:func:`placement_offsets`): it keeps the region's area
+    and shape, so area effects cancel, and it works on aligned datasets where all faces
+    look alike.
+
+    Parameters
+    ----------
+    offsets
+        (n_valid, 2) valid shifts of a region (:func:`placement_offsets`).
+    n
+        Shifts to draw.
+    rng
+        Random generator.
 
     Returns
     -------
@@ -233,9 +271,8 @@ def random_offsets(region: np.ndarray, face: np.ndarray, n: int,
     Raises
     ------
     ValueError
-        When the region fits nowhere inside the face.
+        When there is no valid shift (the region fits nowhere inside the face).
     """
-    offsets = placement_offsets(region, face)
     if len(offsets) == 0:
         raise ValueError("the region does not fit inside the face at any position")
     return offsets[rng.integers(0, len(offsets), size=n)]

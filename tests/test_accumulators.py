@@ -122,3 +122,15 @@ def test_region_peaks_match_the_dense_definition():
                     want_out = outside.max() if len(outside) else torch.tensor(float("nan"))
                     torch.testing.assert_close(r_in[i, c, j], want_in, equal_nan=True)
                     torch.testing.assert_close(r_out[i, c, j], want_out, equal_nan=True)
+
+
+def test_bilinear_matrix_matches_interpolate():
+    from interp_fer.accumulators import bilinear_matrix
+
+    generator = torch.Generator().manual_seed(0)
+    for h, w, size in [(4, 4, (64, 64)), (15, 15, (64, 64)), (62, 62, (64, 64)), (3, 5, (7, 11))]:
+        x = torch.randn(2, 3, h, w, generator=generator)
+        want = torch.nn.functional.interpolate(x, size=size, mode="bilinear",
+                                               align_corners=False)
+        got = bilinear_matrix(size[0], h) @ x @ bilinear_matrix(size[1], w).T
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -46,3 +46,19 @@ def test_map_refuses_several_faces_per_image(mini_xception, sample_faces):
     with pytest.raises(ValueError, match="one face per image"):
         map_dataset(mini_xception, sample_faces, ["conv2"],
                     landmark_settings=LandmarkSettings(faces="all"), progress=False)
+
+
+def test_layer_summary_of_mapped_pairs():
+    from interp_fer.mapping import MappingResult, add_q_values, layer_summary
+
+    scores = _scores()
+    scores["excess"] = [1.0, 2.0, 0.0, 0.1, 0.1, 0.1]
+    scores["label_auc"] = [0.6, 0.9, 0.5, 0.5, 0.5, 0.5]
+    scores = add_q_values(scores)
+    summary = layer_summary(MappingResult(mapping_table(scores), scores, {}))
+    row = summary.iloc[0]
+    # Only channel 0 is mapped (to AU 12): its pair's numbers, not channel 1's.
+    assert (row["channels"], row["mapped"]) == (2, 1)
+    assert row["median_excess"] == 2.0
+    np.testing.assert_allclose(row["hit_minus_chance"], 0.2)
+    np.testing.assert_allclose(row["label_auc_strength"], 0.4)

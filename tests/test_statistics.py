@@ -12,6 +12,7 @@ from interp_fer.statistics import (
     histogram_distance,
     normal_tail_p_value,
     placement_offsets,
+    placement_offsets_many,
     random_offsets,
     signed_distance,
 )
@@ -73,12 +74,13 @@ def test_placements_keep_shape_and_stay_in_face():
     offsets = placement_offsets(region, face)
     assert len(offsets) == (16 - 3 + 1) * (12 - 4 + 1)
     rows, cols = np.nonzero(region)
-    drawn = random_offsets(region, face, 25, np.random.default_rng(0))
+    drawn = random_offsets(offsets, 25, np.random.default_rng(0))
     assert drawn.shape == (25, 2)
     for d_row, d_col in drawn:
         assert face[rows + d_row, cols + d_col].all()
+    assert len(placement_offsets(np.ones_like(face), face)) == 0
     with pytest.raises(ValueError, match="does not fit"):
-        random_offsets(np.ones_like(face), face, 1, np.random.default_rng(0))
+        random_offsets(placement_offsets(np.ones_like(face), face), 1, np.random.default_rng(0))
 
 
 def test_p_values():
@@ -100,3 +102,22 @@ def test_normal_tail_p_value_is_calibrated_with_few_replicates():
     p = normal_tail_p_value(observed, null)
     for level in (0.05, 0.01, 1e-3):
         assert abs((p <= level).mean() / level - 1) < 0.25, level
+
+
+def test_batched_offsets_match_a_direct_check():
+    rng = np.random.default_rng(2)
+    face = np.zeros((24, 20), bool)
+    face[3:22, 2:18] = True
+    face[3:6, 2:6] = False  # not convex: a notch
+    regions = np.zeros((5, 24, 20), bool)
+    regions[0, 10:13, 8:11] = True
+    regions[1, 4:9, 4:6] = True
+    regions[2] = rng.random((24, 20)) < 0.02
+    regions[4, 0:20, 0:20] = True  # fits nowhere; region 3 is empty
+    for region, offsets in zip(regions, placement_offsets_many(regions, face), strict=True):
+        rows, cols = np.nonzero(region)
+        want = [(dr, dc) for dr in range(-24, 24) for dc in range(-20, 20)
+                if rows.size and (rows + dr >= 0).all() and (rows + dr < 24).all()
+                and (cols + dc >= 0).all() and (cols + dc < 20).all()
+                and face[rows + dr, cols + dc].all()]
+        assert sorted(map(tuple, offsets.tolist())) == sorted(want)
