@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=50)
     parser.add_argument("--model", default="mini-xception")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warm-landmarks", action="store_true",
+                        help="reuse the landmark cache (default: time the landmark pass too)")
     args = parser.parse_args()
     labels = args.fer2013 / "test_labels.csv"
     if not labels.is_file():
@@ -46,13 +48,17 @@ def main() -> None:
     if args.limit:
         dataset = dataset.subset(limit=args.limit)
     options = MappingOptions(n_null=args.n_null, n_boot=args.n_boot)
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.warm_landmarks:
+            # The model is loaded: from here on the cache only serves landmarks, so an empty
+            # one makes the run pay for its landmark pass, as a first run does.
+            os.environ["INTERP_FER_CACHE"] = str(Path(tmp) / "cache")
+        start = time.perf_counter()
         result = map_dataset(model, dataset, locate=args.locate, options=options,
                              batch_size=args.batch_size,
                              checkpoint=Path(tmp) / "checkpoint.npz", progress=True)
         result.save(tmp)
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     n = len(dataset)

@@ -315,8 +315,17 @@ def _locate(model: FERModel, layer: str, inputs: torch.Tensor, acts: torch.Tenso
     if locate == "deconv":
         from .projections import deconvnet, extremum_points
 
-        projections = deconvnet(model.module, inputs, layer)
-        return extremum_points(projections).numpy(), projections.active.cpu().numpy()
+        # A few channels at a time, with a small working set: only their extremum points
+        # are kept, so the maps of a whole layer never sit in memory together (and smaller
+        # backward batches are no slower on a CPU).
+        points, active = [], []
+        for start in range(0, acts.shape[1], 32):
+            channels = list(range(start, min(start + 32, acts.shape[1])))
+            projections = deconvnet(model.module, inputs, layer, channels,
+                                    max_memory=128 * 2**20)
+            points.append(extremum_points(projections).numpy())
+            active.append(projections.active.cpu().numpy())
+        return np.concatenate(points, axis=1), np.concatenate(active, axis=1)
     flat = acts.flatten(2)
     values, position = flat.max(dim=2)
     position = position.cpu().numpy()
