@@ -203,7 +203,8 @@ def cmd_map(args: argparse.Namespace) -> int:
         control_result = map_dataset(control, dataset, layers,
                                      checkpoint=f"{out}/.checkpoint-control.npz", **common)
         control_result.save(f"{out}/control_randomized")
-    write_report(result, model, dataset, f"{out}/report.html", control=control_result)
+    write_report(result, model, dataset, f"{out}/report.html", control=control_result,
+                 max_channels=args.dossiers)
     mapped = result.mapping["au"].notna().sum()
     extra = ", expressions.csv" if result.expressions is not None else ""
     print(f"mapped {mapped} of {len(result.mapping)} channels of {', '.join(result.run['layers'])} "
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--seed", type=int, default=0)
     mapping.add_argument("--control", choices=("randomized",),
                          help="also map a weight-randomised copy of the model")
+    mapping.add_argument("--dossiers", type=int, default=24, metavar="N",
+                         help="report sections (dossiers) for the N mapped channels of largest "
+                         "D (default: %(default)s)")
     mapping.add_argument("--limit", type=int, help="only the first N images")
     mapping.add_argument("--batch-size", type=int, default=64)
     mapping.add_argument("--quiet", action="store_true", help="no progress bars")
