@@ -175,7 +175,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     """``interp-fer map``: the AU <-> channel mapping and its report."""
     from .controls import randomized_copy
     from .layer_mapping import MappingOptions
-    from .mapping import map_dataset
+    from .mapping import compare_with_control, map_dataset, mapping_table
     from .report import write_report
 
     model = _load_model(args)
@@ -203,6 +203,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         control_result = map_dataset(control, dataset, layers,
                                      checkpoint=f"{out}/.checkpoint-control.npz", **common)
         control_result.save(f"{out}/control_randomized")
+        result.scores = compare_with_control(result.scores, control_result.scores)
+        result.mapping = mapping_table(result.scores, args.alpha)
+        result.save(out)
     write_report(result, model, dataset, f"{out}/report.html", control=control_result,
                  max_channels=args.dossiers)
     mapped = result.mapping["au"].notna().sum()

@@ -56,7 +56,7 @@ MAPPING_COLUMNS = [
 MEASURES = [
     "distance", "excess", "ci_low", "ci_high", "p_value", "p_empirical", "q_value", "stability",
     "hit_rate", "chance_rate", "mean_distance_iod", "iou", "ks", "cohen_d", "label_auc",
-    "n_images",
+    "control_percentile", "n_images",
 ]
 
 
@@ -82,7 +82,8 @@ def mapping_table(scores: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns :data:`MAPPING_COLUMNS` plus ``best_au`` (the AU of largest D, significant or
-        not), ``significant`` and, when the scores have it, ``label_auc`` of the chosen pair.
+        not), ``significant`` and, when the scores have them, ``label_auc`` and
+        ``control_percentile`` of the chosen pair.
     """
     if "q_value" not in scores:
         scores = add_q_values(scores)
@@ -92,7 +93,8 @@ def mapping_table(scores: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         chosen = significant if len(significant) else pairs
         best = chosen.loc[chosen["distance"].idxmax()] if chosen["distance"].notna().any() \
             else chosen.iloc[0]
-        row = {column: best[column] for column in [*MAPPING_COLUMNS, "label_auc"]
+        row = {column: best[column]
+               for column in [*MAPPING_COLUMNS, "label_auc", "control_percentile"]
                if column in best}
         row.update(layer=layer, channel=int(channel), best_au=best["au"],
                    au=best["au"] if len(significant) else None,
@@ -100,7 +102,7 @@ def mapping_table(scores: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     table["au"] = table["au"].astype("Int64")
-    extra = ["label_auc"] if "label_auc" in table else []
+    extra = [c for c in ("label_auc", "control_percentile") if c in table]
     return table[[*MAPPING_COLUMNS, "best_au", "significant", *extra]]
 
 
@@ -117,6 +119,37 @@ def channels_for_au(mapping: pd.DataFrame, au: int) -> pd.DataFrame:
     """The channels mapped to ``au``, strongest first."""
     picked = mapping[mapping["au"] == au]
     return picked.sort_values("distance", ascending=False, ignore_index=True)
+
+
+def compare_with_control(scores: pd.DataFrame, control: pd.DataFrame) -> pd.DataFrame:
+    """Add ``control_percentile``: where each pair's ``excess`` falls among the control's.
+
+    For layer l and AU a, the share of the control network's channels of l whose ``excess``
+    at a is below this channel's (ties count half). Channels of a trained and a randomised
+    network do not correspond one to one, but their populations do: a pair at 0.99 is
+    stronger than 99 % of what random filters of the same architecture show on the same
+    faces; a pair near 0.5 is what any filter bank gives there (Adebayo et al. 2018).
+
+    Parameters
+    ----------
+    scores, control
+        One row per (layer, channel, AU) with ``excess`` (:attr:`MappingResult.scores` of
+        the model and of its control, same layers and AUs).
+    """
+    out = scores.copy()
+    reference = {key: np.sort(part["excess"].dropna().to_numpy())
+                 for key, part in control.groupby(["layer", "au"])}
+    percentile = np.full(len(out), np.nan)
+    for position, (layer, au, value) in enumerate(zip(out["layer"], out["au"], out["excess"],
+                                                      strict=True)):
+        pool = reference.get((layer, au))
+        if pool is None or not len(pool) or not np.isfinite(value):
+            continue
+        below = np.searchsorted(pool, value, side="left")
+        equal = np.searchsorted(pool, value, side="right") - below
+        percentile[position] = (below + 0.5 * equal) / len(pool)
+    out["control_percentile"] = percentile
+    return out
 
 
 def layer_summary(result: MappingResult) -> pd.DataFrame:

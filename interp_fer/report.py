@@ -81,7 +81,9 @@ _LEGEND = (
     "handicap); excess (scores.csv): D minus the mean D of those placements; q: "
     "Benjamini-Hochberg over all pairs; stability: share of bootstrap resamples choosing the "
     "same AU; hit rate: share of images whose extremum point falls within the region (chance "
-    "rate beside it); label AUC: peak response, AU present vs absent. A mapping says where a "
+    "rate beside it); label AUC: peak response, AU present vs absent; control percentile (with "
+    "the randomised control): share of the random network's channels whose excess at that "
+    "AU is lower. A mapping says where a "
     "channel responds, not that training put it there: compare with the randomised control. "
     "Click a column to sort; click a mapped channel to open its section.")
 

@@ -62,3 +62,22 @@ def test_layer_summary_of_mapped_pairs():
     assert row["median_excess"] == 2.0
     np.testing.assert_allclose(row["hit_minus_chance"], 0.2)
     np.testing.assert_allclose(row["label_auc_strength"], 0.4)
+
+
+def test_control_percentile_ranks_excess_among_the_controls_channels():
+    from interp_fer.mapping import compare_with_control
+
+    scores = _scores()
+    scores["excess"] = [3.0, 0.5, -1.0, 0.0, 0.0, 0.0]
+    control = _scores()
+    # control: 4 channels per AU would be typical; 2 here, with a tie at 0.5 for AU 12
+    control = pd.concat([control, control.assign(channel=control["channel"] + 2)])
+    control["excess"] = [1.0, 0.5, 0.0, 2.0, 0.5, 0.0,
+                         1.0, 0.1, 0.0, 2.0, 0.1, 0.0]
+    out = compare_with_control(scores, control)
+    by_pair = out.set_index(["channel", "au"])["control_percentile"]
+    assert by_pair[(0, 6)] == 1.0  # 3.0 beats 1, 2, 1, 2
+    assert by_pair[(0, 12)] == 0.75  # 0.5 beats 0.1, 0.1 and ties 0.5 twice: (2 + 1) / 4
+    assert by_pair[(0, 4)] == 0.0
+    table = mapping_table(out)
+    assert table.loc[0, "control_percentile"] == 0.75  # channel 0 maps to AU 12
