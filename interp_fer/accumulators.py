@@ -587,11 +587,6 @@ class LabelResponses:
         total = self.class_counts.sum(axis=1, keepdims=True)
         return histogram_auc(self.class_counts, total - self.class_counts)
 
-    @property
-    def n_present(self) -> np.ndarray:
-        """(A,) images on which each AU is present (labels known)."""
-        return self.au_counts[1, 0].sum(axis=-1)
-
     def state(self) -> dict[str, np.ndarray]:
         return {"edges": self.edges, "au_counts": self.au_counts,
                 "class_counts": self.class_counts}

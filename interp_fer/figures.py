@@ -682,10 +682,9 @@ def _input_landmarks(result: MappingResult, index: int, crop: Any,
         return np.full((68, 2), np.nan)
     # The landmark table has one row per dataset image, in dataset order (as map_dataset
     # reads it), so the dataset position is the row position.
-    row = table.iloc[index]
-    xy = np.stack([row[[f"x{i}" for i in range(68)]].to_numpy(dtype=float),
-                   row[[f"y{i}" for i in range(68)]].to_numpy(dtype=float)], axis=1)
-    return crop.to_input(xy, size)
+    from .faces import landmarks_array
+
+    return crop.to_input(landmarks_array(table.iloc[[index]])[0], size)
 
 
 def top_faces(

@@ -284,16 +284,17 @@ def _landmark_pass(dataset: ImageDataset, settings: Any, progress: bool
 def _faces(table: pd.DataFrame, shapes: list[tuple[int, ...] | None], crop: str,
            input_size: tuple[int, int]) -> tuple[list[_Face], list[tuple[str, str]]]:
     """Usable faces in dataset order, and (key, reason) of every image left out."""
-    xs = table[[f"x{i}" for i in range(68)]].to_numpy(dtype=float)
-    ys = table[[f"y{i}" for i in range(68)]].to_numpy(dtype=float)
+    from .faces import landmarks_array
+
+    points = landmarks_array(table)  # (N, 68, 2)
     faces, skipped = [], []
     for index, row in enumerate(table.itertuples(index=False)):
-        if not np.isfinite(xs[index]).all():
+        if not np.isfinite(points[index]).all():
             skipped.append((row.key, f"{row.status}: {row.message}".rstrip(": ")))
             continue
         box = (row.box_left, row.box_top, row.box_right, row.box_bottom)
         chosen = _choose_crop(shapes[index], box, crop)
-        landmarks = chosen.to_input(np.stack([xs[index], ys[index]], axis=1), input_size)
+        landmarks = chosen.to_input(points[index], input_size)
         faces.append(_Face(index, row.key, chosen, landmarks))
     return faces, skipped
 
@@ -489,6 +490,10 @@ def map_dataset(
                          "(give a labels CSV, e.g. interp-fer map --labels)")
     labelled = has_labels(records) if labels is None else bool(labels)
     n_classes = len(dataset.class_names) if labelled else None
+    presence = classes = None  # per mapped face, sliced batch by batch
+    if labelled:
+        presence = au_presence(records, aus)
+        classes = np.array([-1 if r.label is None else r.label for r in records])
 
     shape = (model.preprocess.channels, *size)
     probe = layer_outputs(model.module, layers, torch.zeros(1, *shape, device=model.device))
@@ -530,17 +535,15 @@ def map_dataset(
         with clock("geometry"):
             geometry = _geometry(batch, regions, aus, size)
         indices = np.array([f.index for f in batch])
-        presence = classes = None
-        if labelled:
-            batch_records = [dataset.records[f.index] for f in batch]
-            presence = au_presence(batch_records, aus)
-            classes = np.array([-1 if r.label is None else r.label for r in batch_records])
+        rows = slice(number * batch_size, number * batch_size + len(batch))
+        batch_presence = None if presence is None else presence[rows]
+        batch_classes = None if classes is None else classes[rows]
         for name in layers:
             with clock(f"locate ({locate})"):
                 points, active = _locate(model, name, inputs, acts[name], fields[name], locate)
             with clock("statistics"):
                 accumulators[name].update(indices, acts[name], geometry, points, active,
-                                          presence, classes)
+                                          batch_presence, batch_classes)
         bar.update(len(batch))
         done = number + 1
         if saver and (done % checkpoint_every == 0) and done < len(batches):
@@ -568,7 +571,7 @@ def map_dataset(
         "alpha": alpha,
         "options": asdict(options),
         "seed": options.seed,
-        "labels": _label_summary(records, aus) if labelled else None,
+        "labels": _label_summary(records, presence, aus) if labelled else None,
         "versions": _versions(),
         "seconds": clock.seconds,
     }
@@ -585,9 +588,9 @@ def map_dataset(
     return MappingResult(mapping, scores, run, table, face_table, top, expressions)
 
 
-def _label_summary(records: list[Any], aus: tuple[int, ...]) -> dict[str, Any]:
-    """How many mapped faces carry which labels (``run.json``)."""
-    presence = au_presence(records, aus)
+def _label_summary(records: list[Any], presence: np.ndarray, aus: tuple[int, ...]
+                   ) -> dict[str, Any]:
+    """How many mapped faces carry which labels (``run.json``); ``presence`` (N, A)."""
     known = np.isfinite(presence)
     return {
         "from_au_columns": sum(bool(r.aus) for r in records),
