@@ -354,6 +354,9 @@ class _Win:
     # is deferred to the steps that would spread them (convolution, pooling), since padding
     # and element-wise steps leave them in place or drop them.
     dirty: tuple[int, int] | None = None
+    # data is also held by another pending gradient (both branches of an addition): it must
+    # not be modified in place.
+    shared: bool = False
 
 
 def _clean(win: _Win) -> _Win:
@@ -446,7 +449,9 @@ def _handler(node: Any, shapes: list[tuple[int, ...] | None], scale: torch.Tenso
         if any(tuple(s) != out for s in used):
             return None  # broadcasting
         alpha = float(node._saved_alpha) * (-1 if kind == "SubBackward0" else 1)
-        return lambda win, img: [win, win if alpha == 1 else replace(win, data=win.data * alpha)]
+        if alpha == 1:
+            return lambda win, img: [replace(win, shared=True), replace(win, shared=True)]
+        return lambda win, img: [win, replace(win, data=win.data * alpha, shared=False)]
     if is_rule_node(node):
         return _relu_handler(node)
     if kind == "ConvolutionBackward0":
@@ -466,15 +471,20 @@ def _handler(node: Any, shapes: list[tuple[int, ...] | None], scale: torch.Tenso
 
 def _relu_handler(node: Any):
     if not node.guided:
-        return lambda win, img: [replace(win, data=torch.relu(win.data))]
+        return lambda win, img: [replace(win, data=_relu(win), shared=False)]
     (saved,) = node.saved_tensors
     positive = _channels_last_source(saved > 0)
 
     def guided(win: _Win, img: torch.Tensor) -> list[_Win | None]:
         mask = _gather_window(positive, img, win).permute(0, 3, 1, 2)
-        return [replace(win, data=torch.relu(win.data) * mask)]
+        return [replace(win, data=_relu(win).mul_(mask), shared=False)]
 
     return guided
+
+
+def _relu(win: _Win) -> torch.Tensor:
+    # In place where no other gradient holds the data: one memory pass fewer.
+    return torch.relu(win.data) if win.shared else win.data.relu_()
 
 
 def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor | None):
@@ -552,12 +562,22 @@ def _pool_handler(node: Any, shape: tuple[int, ...] | None):
     stride = tuple(node._saved_stride or kernel) * (2 // len(node._saved_stride or kernel))
     padding = tuple(node._saved_padding) * (2 // len(node._saved_padding))
     dilation = tuple(node._saved_dilation) * (2 // len(node._saved_dilation))
+    ceil_mode = bool(node._saved_ceil_mode)
     extent = shape[2:]
 
     def pool(win: _Win, img: torch.Tensor) -> list[_Win | None]:
         win = _clean(win)
         b, c, sh, sw = win.data.shape
         where = _gather_window(indices, img, win)  # (B, sh, sw, C)
+        if all(win.full):
+            # Whole maps: the native max-pool backward (a parallel scatter of each value to
+            # its switch), run on channels-last tensors, is twice as fast as scatter_add_.
+            like = torch.empty((b, c, *extent), dtype=win.data.dtype, device=win.data.device,
+                               memory_format=torch.channels_last)
+            out = torch.ops.aten.max_pool2d_with_indices_backward(
+                win.data.contiguous(memory_format=torch.channels_last), like, kernel, stride,
+                padding, dilation, ceil_mode, where.permute(0, 3, 1, 2))
+            return [_Win(out, win.off, (True, True))]
         sizes, offs, full = [], [], []
         for a, size in enumerate((sh, sw)):
             span = (size - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1
@@ -624,6 +644,7 @@ def _constant_pad_handler(node: Any, shape: tuple[int, ...] | None):
             out.dirty = (extent[0], extent[1])
         if out.data.shape[2:] == (1, 1):
             out.hot = win.hot
+        out.shared = win.shared  # a crop is a view of the same data
         return [out]
 
     return crop

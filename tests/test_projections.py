@@ -277,6 +277,33 @@ def test_windowed_engine_matches_autograd(seed, method):
         assert ((windowed.maps - batched.maps).flatten(2).abs() <= 1e-5 * scale).all()
 
 
+class SiblingReLUs(nn.Module):
+    """Both inputs of an addition are ReLU outputs: each branch must see the sum's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        self.left = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True))
+        self.right = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+        self.head = nn.Conv2d(4, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(self.left(x) + self.right(x))
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_gradient_shared_by_two_branches_is_not_modified_in_place(method):
+    net = SiblingReLUs().eval()
+    x = torch.randn(2, 1, 12, 13, generator=torch.Generator().manual_seed(4))
+    windowed = project(net, x, "head", method=method, engine="windowed")
+    batched = project(net, x, "head", method=method, engine="autograd")
+    scale = batched.maps.flatten(2).abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    assert ((windowed.maps - batched.maps).flatten(2).abs() <= 1e-5 * scale).all()
+    assert_matches_captum(net, x, windowed)
+
+
 def test_random_net_parity_with_captum():
     net, x = random_net(0)
     assert_matches_captum(net, x[:1], deconvnet(net, x[:1], "9"))
