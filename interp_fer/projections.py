@@ -516,6 +516,17 @@ def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor 
             off = win.off * np.array(stride) - np.array(padding)
             return [_fit(out.contiguous(memory_format=torch.channels_last), off, win.full,
                          extent)]
+        if all(win.full) and flipped is not None and not win.shared \
+                and all(reach[a] >= padding[a] for a in range(2)):
+            uncropped = _uncropped(win.data)
+            if uncropped is not None:
+                # A crop of a larger map (the padding of a max-pool): convolve the whole map
+                # with its margin zeroed and crop the result, rather than copy the crop.
+                base, top, left = uncropped
+                pads = tuple(reach[a] - padding[a] for a in range(2))
+                out = _conv(base, flipped, pads, dilation, groups)
+                return [_Win(out[:, :, top:top + extent[0], left:left + extent[1]], win.off,
+                             win.full)]
         data = win.data.contiguous(memory_format=torch.channels_last)
         if all(win.full):
             # Whole maps: the convolution crops the padding itself.
@@ -539,6 +550,32 @@ def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor 
         return [_fit(out, off, win.full, extent)]
 
     return conv
+
+
+def _uncropped(data: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """The channels-last map that ``data`` is a spatial crop of, its margin zeroed in place.
+
+    Returns (base, top, left) with ``data == base[:, :, top:top + h, left:left + w]`` and
+    ``base`` zero elsewhere, or None when ``data`` is not such a crop. Only for data that no
+    other gradient holds (the margin is overwritten).
+    """
+    base = data._base
+    if base is None or data.is_contiguous(memory_format=torch.channels_last) \
+            or base.ndim != 4 or base.shape[:2] != data.shape[:2] \
+            or not base.is_contiguous(memory_format=torch.channels_last) \
+            or base.stride() != data.stride():
+        return None
+    delta = data.storage_offset() - base.storage_offset()
+    row = base.stride(2)
+    top, left = delta // row, (delta % row) // base.stride(3)
+    h, w = data.shape[2:]
+    if delta < 0 or delta % base.stride(3) or top + h > base.shape[2] or left + w > base.shape[3]:
+        return None
+    base[:, :, :top].zero_()
+    base[:, :, top + h:].zero_()
+    base[:, :, :, :left].zero_()
+    base[:, :, :, left + w:].zero_()
+    return base, top, left
 
 
 def _conv(data: torch.Tensor, weight: torch.Tensor, padding: tuple[int, ...],
