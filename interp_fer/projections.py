@@ -364,8 +364,11 @@ def _clean(win: _Win) -> _Win:
     if win.dirty is None:
         return win
     inside = _inside(win, win.dirty)
-    data = win.data if inside is None else win.data * inside
-    return replace(win, data=data, dirty=None)
+    if inside is None:
+        return replace(win, dirty=None)
+    if win.shared:
+        return replace(win, data=win.data * inside, dirty=None, shared=False)
+    return replace(win, data=win.data.mul_(inside), dirty=None)
 
 
 @dataclass
@@ -601,11 +604,18 @@ def _pool_handler(node: Any, shape: tuple[int, ...] | None):
     dilation = tuple(node._saved_dilation) * (2 // len(node._saved_dilation))
     ceil_mode = bool(node._saved_ceil_mode)
     extent = shape[2:]
+    # Each switch as (row, col) from the origin of its pooling window: a window of seeds then
+    # costs a gather and an add rather than a division per element. Packed per window width.
+    h, w = indices.shape[1:3]
+    rows = indices // extent[1] - (torch.arange(h, device=indices.device) * stride[0]
+                                   - padding[0])[:, None, None]
+    cols = indices % extent[1] - (torch.arange(w, device=indices.device) * stride[1]
+                                  - padding[1])[:, None]
+    packed: dict[int, torch.Tensor] = {}
 
     def pool(win: _Win, img: torch.Tensor) -> list[_Win | None]:
         win = _clean(win)
         b, c, sh, sw = win.data.shape
-        where = _gather_window(indices, img, win)  # (B, sh, sw, C)
         if all(win.full):
             # Whole maps: the native max-pool backward (a parallel scatter of each value to
             # its switch), run on channels-last tensors, is twice as fast as scatter_add_.
@@ -613,9 +623,9 @@ def _pool_handler(node: Any, shape: tuple[int, ...] | None):
                                memory_format=torch.channels_last)
             out = torch.ops.aten.max_pool2d_with_indices_backward(
                 win.data.contiguous(memory_format=torch.channels_last), like, kernel, stride,
-                padding, dilation, ceil_mode, where.permute(0, 3, 1, 2))
+                padding, dilation, ceil_mode, _gather_window(indices, img, win).permute(0, 3, 1, 2))
             return [_Win(out, win.off, (True, True))]
-        sizes, offs, full = [], [], []
+        sizes, offs, full, shifts = [], [], [], []
         for a, size in enumerate((sh, sw)):
             span = (size - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1
             whole = win.full[a] or span >= extent[a]
@@ -623,22 +633,30 @@ def _pool_handler(node: Any, shape: tuple[int, ...] | None):
             sizes.append(extent[a] if whole else span)
             offs.append(np.zeros(b, np.int64) if whole
                         else win.off[:, a] * stride[a] - padding[a])
+            # Window origin of the seed's first unit, in the coordinates of the result.
+            shifts.append(win.off[:, a] * stride[a] - padding[a] - offs[-1])
         off = np.stack(offs, axis=1)
-        if all(full):
-            flat = where  # switches are already flat positions in the whole map
-        else:
-            shift = torch.from_numpy(off).to(where.device)
-            rows = where // extent[1] - shift[:, 0, None, None, None]
-            cols = where % extent[1] - shift[:, 1, None, None, None]
-            flat = rows * sizes[1] + cols
-            valid = _inside(win, indices.shape[1:3])
-            if valid is not None:  # positions outside the map hold 0: send them anywhere
-                flat = torch.where(valid[:, 0, :, :, None], flat, 0)
-        # Scatter in channels-last layout: the result feeds a convolution that wants it.
-        values = win.data.permute(0, 2, 3, 1).reshape(b, sh * sw, c)
-        out = values.new_zeros(b, sizes[0] * sizes[1], c)
-        out.scatter_add_(1, flat.reshape(b, sh * sw, c), values)
-        out = out.view(b, sizes[0], sizes[1], c).permute(0, 3, 1, 2)
+        if sizes[1] not in packed:
+            packed[sizes[1]] = rows * sizes[1] + cols
+        device = win.data.device
+        grid = ((torch.arange(sh, device=device) * (stride[0] * sizes[1]))[:, None]
+                + torch.arange(sw, device=device) * stride[1])
+        start = torch.from_numpy(shifts[0] * sizes[1] + shifts[1]).to(device)
+        flat = _gather_window(packed[sizes[1]], img, win) + (grid[None, :, :, None]
+                                                            + start[:, None, None, None])
+        if any(full):  # window positions outside the map (values 0) may point anywhere
+            flat = flat.clamp_(0, sizes[0] * sizes[1] - 1)
+            # Scatter in channels-last layout: the result feeds a convolution that wants it.
+            values = win.data.permute(0, 2, 3, 1).reshape(b, sh * sw, c)
+            out = values.new_zeros(b, sizes[0] * sizes[1], c)
+            out.scatter_add_(1, flat.reshape(b, sh * sw, c), values)
+            out = out.view(b, sizes[0], sizes[1], c).permute(0, 3, 1, 2)
+        else:  # the window is a small map of its own, pooled without padding
+            like = torch.empty((b, c, *sizes), dtype=win.data.dtype, device=device,
+                               memory_format=torch.channels_last)
+            out = torch.ops.aten.max_pool2d_with_indices_backward(
+                win.data.contiguous(memory_format=torch.channels_last), like, kernel, stride,
+                (0, 0), dilation, False, flat.permute(0, 3, 1, 2))
         return [_Win(out, off, (full[0], full[1]))]
 
     return pool
