@@ -6,7 +6,7 @@ landmark workers. Target (issue 5): <= 10 min wall and <= 2 GB peak RSS on a 2-c
 with deconvnet location.
 
 Run: ``python benchmarks/map_fer2013.py [--fer2013 PATH] [--limit N] [--locate deconv|rf-center]
-[--n-null N] [--n-boot N]``. ``--limit`` maps the first N images only (the time printed is
+[--n-null N] [--n-boot N] [--no-keep-memory]``. ``--limit`` maps the first N images only (the time printed is
 then also extrapolated linearly to the whole split, as a rough guide).
 """
 
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warm-landmarks", action="store_true",
                         help="reuse the landmark cache (default: time the landmark pass too)")
+    parser.add_argument("--no-keep-memory", action="store_true",
+                        help="leave glibc's malloc settings alone (the CLI changes them)")
     args = parser.parse_args()
     labels = args.fer2013 / "test_labels.csv"
     if not labels.is_file():
@@ -42,6 +44,10 @@ def main() -> None:
     from interp_fer import load_model, open_dataset
     from interp_fer.layer_mapping import MappingOptions
     from interp_fer.mapping import map_dataset
+    from interp_fer.memory import keep_freed_memory
+
+    if not args.no_keep_memory:
+        keep_freed_memory()  # as `interp-fer map` does
 
     model = load_model(args.model)
     dataset = open_dataset(labels, class_names=model.class_names)

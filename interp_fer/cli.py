@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .memory import keep_freed_memory
+
 DEFAULT_MODEL = "mini-xception"
 SAMPLES = "samples"
 
@@ -326,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import ModelLoadError
 
     args = build_parser().parse_args(argv)
+    # An application owns its process: keep freed tensors' memory for reuse (see memory.py).
+    keep_freed_memory()
     try:
         return args.handler(args)
     except (ModelLoadError, DatasetError, FetchError, KeyError, FileNotFoundError,

@@ -1001,7 +1001,7 @@ def extremum_points(
     maps = projections.maps if isinstance(projections, Projections) else projections
     if maps.ndim != 5:
         raise ValueError(f"maps must be (N, K, c, H, W), got {tuple(maps.shape)}")
-    energy = maps.detach().abs().sum(dim=2).double()  # (N, K, H, W)
+    energy = maps.detach().abs().sum(dim=2)  # (N, K, H, W)
     n, k, h, w = energy.shape
     flat = energy.flatten(2)
     if method == "argmax":
@@ -1010,17 +1010,34 @@ def extremum_points(
     elif method == "centroid":
         if not 0 < top <= 1:
             raise ValueError(f"top must be in (0, 1], got {top}")
-        keep = max(1, math.ceil(top * h * w))
-        threshold = flat.topk(keep, dim=2).values[..., -1:]
-        weight = torch.where((flat >= threshold) & (flat > 0), flat, 0.0)
-        rows = torch.arange(h, dtype=torch.float64, device=flat.device).repeat_interleave(w)
-        cols = torch.arange(w, dtype=torch.float64, device=flat.device).repeat(h)
-        mass = weight.sum(dim=2)
-        points = torch.stack([(weight * rows).sum(2) / mass, (weight * cols).sum(2) / mass], -1)
+        points = _top_centroids(flat, max(1, math.ceil(top * h * w)), w)
     else:
         raise ValueError(f"method must be 'centroid', 'argmax' or 'rf', not {method!r}")
     empty = flat.amax(dim=2) <= 0
     return points.masked_fill(empty[..., None], float("nan")).cpu()
+
+
+def _top_centroids(flat: torch.Tensor, keep: int, width: int) -> torch.Tensor:
+    """(N, K, 2) float64 centroid of the positive values >= the ``keep``-th largest.
+
+    Sums over the ``keep`` largest values only; rows where more values tie with the
+    threshold (a positive one) are summed over their whole map.
+    """
+    values, index = flat.topk(keep, dim=2)
+    weight = values.clamp_min(0).double()
+    rows, cols = (index // width).double(), (index % width).double()
+    points = torch.stack([(weight * rows).sum(2), (weight * cols).sum(2)], -1) \
+        / weight.sum(2)[..., None]
+    threshold = values[..., -1:]
+    tied = (((flat >= threshold).sum(2) > keep) & (threshold[..., 0] > 0)).nonzero(as_tuple=True)
+    if len(tied[0]):
+        some = flat[tied].double()
+        weight = torch.where(some >= threshold[tied].double(), some, 0.0)
+        position = torch.arange(some.shape[1], device=flat.device)
+        rows, cols = (position // width).double(), (position % width).double()
+        points[tied] = torch.stack([(weight * rows).sum(1), (weight * cols).sum(1)], -1) \
+            / weight.sum(1)[:, None]
+    return points
 
 
 def rf_centres(projections: Projections) -> torch.Tensor:
