@@ -4,7 +4,7 @@ For every conv stage of mini-xception and pyemotion: projections per second of
 :func:`interp_fer.projections.deconvnet` (all channels of all images, one call) and of a
 Captum loop (one ``attribute`` call per (image, channel), timed on a sample of pairs spread
 over images and channels), their ratio, the engine's peak memory (CUDA allocator peak, or on
-CPU the growth of the resident set, a lower bound since the allocator reuses memory), and the
+CPU the growth of the bytes malloc has in use), and the
 largest difference between the two maps relative to each map's max |value| (must stay below
 1e-5). Only active (image, channel) pairs count: an inactive channel's map is zeros in both.
 
@@ -28,6 +28,8 @@ Exits with status 1 when a map disagrees with Captum.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
 import threading
 import time
@@ -55,7 +57,12 @@ def faces(count: int) -> list[np.ndarray]:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or resident-set growth sampled on CPU."""
+    """Peak memory of a block: CUDA allocator peak, or on CPU the growth of the bytes in use.
+
+    On CPU the sampler (every millisecond) reads glibc's ``mallinfo2`` (bytes allocated and
+    not freed), which still sees the working set when freed memory is kept for reuse; without
+    glibc it falls back to the resident set, a lower bound.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -67,7 +74,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self._base = _rss()
+        self._base = _in_use()
         self._top = self._base
         self._running = True
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -76,7 +83,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while self._running:
-            self._top = max(self._top, _rss())
+            self._top = max(self._top, _in_use())
             time.sleep(0.001)
 
     def __exit__(self, *exc_info: object) -> None:
@@ -86,7 +93,33 @@ class PeakMemory:
         else:
             self._running = False
             self._thread.join()
-            self.peak = max(self._top, _rss()) - self._base
+            self.peak = max(self._top, _in_use()) - self._base
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def _in_use() -> int:
+    """Bytes malloc has handed out and not taken back (heap and mmap), else the RSS."""
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return info.uordblks + info.hblkhd
+    return _rss()
 
 
 def _rss() -> int:
