@@ -872,7 +872,9 @@ def _accumulate(a: _Win, b: _Win, extent: Sequence[int]) -> _Win:
     a, b = _clean(a), _clean(b)
     if a.off.shape == b.off.shape and a.full == b.full and a.data.shape == b.data.shape \
             and (a.off == b.off).all():
-        return _Win(a.data + b.data, a.off, a.full)
+        if a.shared or a.data.data_ptr() == b.data.data_ptr():
+            return _Win(a.data + b.data, a.off, a.full)
+        return _Win(a.data.add_(b.data), a.off, a.full)
     off = np.zeros_like(a.off)
     sizes, flags = [], []
     for axis in range(2):
