@@ -510,8 +510,13 @@ def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor 
                    .transpose(1, 2).reshape(groups * in_per_group, out_channels // groups, *kernel)
                    .flip(-1, -2).contiguous())
 
+    # A 1x1 stride-1 convolution moves nothing between positions: values outside the map
+    # stay outside, so a dirty window need not be cleaned first (its output is marked dirty).
+    pointwise = kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
+
     def conv(win: _Win, img: torch.Tensor) -> list[_Win | None]:
-        win = _clean(win)
+        if not pointwise:
+            win = _clean(win)
         if win.hot is not None and groups == 1 and dilation == (1, 1):
             # A single unit (the seed): its transposed convolution is a copy of its kernel.
             value = win.data.flatten(1).gather(1, win.hot[:, None])
@@ -790,17 +795,24 @@ def _gather_window(source: torch.Tensor, img: torch.Tensor, win: _Win) -> torch.
 
 
 def _inside(win: _Win, extent: Sequence[int]) -> torch.Tensor | None:
-    """(B, 1, sh, sw) bool: window positions inside a map of size ``extent``; None if all."""
+    """(B, 1, sh, sw) 0/1 of the data's dtype: window positions inside a map of size ``extent``.
+
+    None when every position is inside. Built in NumPy (a handful of small arrays) and sent to
+    the device once; a float mask multiplies faster than a bool one.
+    """
     inside = None
     for axis in range(2):
         column, size = win.off[:, axis], win.data.shape[2 + axis]
         if win.full[axis] or ((column >= 0).all() and (column + size <= extent[axis]).all()):
             continue
-        position = torch.from_numpy(column[:, None] + np.arange(size)).to(win.data.device)
+        position = column[:, None] + np.arange(size)
         mask = (position >= 0) & (position < extent[axis])
-        mask = mask[:, None, :, None] if axis == 0 else mask[:, None, None, :]
+        mask = mask[:, :, None] if axis == 0 else mask[:, None, :]
         inside = mask if inside is None else inside & mask
-    return inside
+    if inside is None:
+        return None
+    inside = np.broadcast_to(inside, (len(win.off), *win.data.shape[2:]))
+    return torch.from_numpy(inside[:, None].copy()).to(win.data.device, win.data.dtype)
 
 
 def _fold_axis(win: _Win, axis: int, before: int, after: int, extent: int,

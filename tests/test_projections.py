@@ -277,6 +277,24 @@ def test_windowed_engine_matches_autograd(seed, method):
         assert ((windowed.maps - batched.maps).flatten(2).abs() <= 1e-5 * scale).all()
 
 
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_pointwise_convolutions_on_windows_crossing_the_border(method):
+    # Windows of units near the border stick out of the map; 1x1 convolutions carry what lies
+    # outside unchanged (no cleaning), the 3x3 ones and the pooling must not spread it.
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 5, 1), nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1), nn.Conv2d(5, 5, 1), nn.Conv2d(5, 4, 3, padding=1),
+    ).eval()
+    x = torch.randn(3, 1, 23, 20, generator=torch.Generator().manual_seed(6))
+    for layer in ("5", "9"):
+        windowed = project(net, x, layer, method=method, engine="windowed")
+        batched = project(net, x, layer, method=method, engine="autograd")
+        scale = batched.maps.flatten(2).abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        assert ((windowed.maps - batched.maps).flatten(2).abs() <= 1e-5 * scale).all()
+
+
 class SiblingReLUs(nn.Module):
     """Both inputs of an addition are ReLU outputs: each branch must see the sum's gradient."""
 
