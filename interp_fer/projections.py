@@ -555,7 +555,10 @@ def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor 
         else:
             out = F.conv_transpose2d(data, weight, None, stride, 0, 0, groups, dilation)
         off = win.off * np.array(stride) - np.array(padding)
-        return [_fit(out, off, win.full, extent)]
+        out = _fit(out, off, win.full, extent)
+        if pointwise and win.dirty is None:
+            out.dirty = None  # zeros outside the map stay zeros
+        return [out]
 
     return conv
 
@@ -800,7 +803,7 @@ def _inside(win: _Win, extent: Sequence[int]) -> torch.Tensor | None:
     None when every position is inside. Built in NumPy (a handful of small arrays) and sent to
     the device once; a float mask multiplies faster than a bool one.
     """
-    inside = None
+    within = None
     for axis in range(2):
         column, size = win.off[:, axis], win.data.shape[2 + axis]
         if win.full[axis] or ((column >= 0).all() and (column + size <= extent[axis]).all()):
@@ -808,11 +811,11 @@ def _inside(win: _Win, extent: Sequence[int]) -> torch.Tensor | None:
         position = column[:, None] + np.arange(size)
         mask = (position >= 0) & (position < extent[axis])
         mask = mask[:, :, None] if axis == 0 else mask[:, None, :]
-        inside = mask if inside is None else inside & mask
-    if inside is None:
+        within = mask if within is None else within & mask
+    if within is None:
         return None
-    inside = np.broadcast_to(inside, (len(win.off), *win.data.shape[2:]))
-    return torch.from_numpy(inside[:, None].copy()).to(win.data.device, win.data.dtype)
+    within = np.broadcast_to(within, (len(win.off), *win.data.shape[2:]))[:, None]
+    return torch.from_numpy(within.copy()).to(win.data.device, win.data.dtype)
 
 
 def _fold_axis(win: _Win, axis: int, before: int, after: int, extent: int,
@@ -881,12 +884,14 @@ def _fold_whole(win: _Win, axis: int, before: int, after: int, extent: int,
 
 def _accumulate(a: _Win, b: _Win, extent: Sequence[int]) -> _Win:
     """Sum of two gradients of the same node (e.g. both branches of a residual block)."""
-    a, b = _clean(a), _clean(b)
     if a.off.shape == b.off.shape and a.full == b.full and a.data.shape == b.data.shape \
             and (a.off == b.off).all():
+        # Same window: what lies outside the map is summed with what lies outside the map.
+        dirty = a.dirty or b.dirty
         if a.shared or a.data.data_ptr() == b.data.data_ptr():
-            return _Win(a.data + b.data, a.off, a.full)
-        return _Win(a.data.add_(b.data), a.off, a.full)
+            return _Win(a.data + b.data, a.off, a.full, dirty=dirty)
+        return _Win(a.data.add_(b.data), a.off, a.full, dirty=dirty)
+    a, b = _clean(a), _clean(b)
     off = np.zeros_like(a.off)
     sizes, flags = [], []
     for axis in range(2):
