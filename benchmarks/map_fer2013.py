@@ -6,8 +6,9 @@ landmark workers. Target (issue 5): <= 10 min wall and <= 2 GB peak RSS on a 2-c
 with deconvnet location.
 
 Run: ``python benchmarks/map_fer2013.py [--fer2013 PATH] [--limit N] [--locate deconv|rf-center]
-[--n-null N] [--n-boot N] [--no-keep-memory]``. ``--limit`` maps the first N images only (the time printed is
-then also extrapolated linearly to the whole split, as a rough guide).
+[--n-null N] [--n-boot N] [--no-keep-memory]``. ``--limit`` maps N images only, each
+expression in its share (the time printed is then also extrapolated linearly to the whole
+split, as a rough guide).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def main() -> None:
     model = load_model(args.model)
     dataset = open_dataset(labels, class_names=model.class_names)
     if args.limit:
-        dataset = dataset.subset(limit=args.limit)
+        # Every expression in its share: the file is sorted by expression.
+        dataset = dataset.subset(limit=args.limit, stratify=True)
     options = MappingOptions(n_null=args.n_null, n_boot=args.n_boot)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.warm_landmarks:

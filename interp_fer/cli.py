@@ -79,8 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = _load_model(args)
     dataset = _open_data(args.data, model.class_names)
-    if args.usage or args.limit:
-        dataset = dataset.subset(args.usage, args.limit)
+    if args.usage or args.limit or args.stratify:
+        dataset = dataset.subset(args.usage, args.limit, stratify=args.stratify)
     result = evaluate(model, dataset, batch_size=args.batch_size, progress=not args.quiet)
     print(result.summary())
     if args.json:
@@ -184,8 +184,8 @@ def cmd_map(args: argparse.Namespace) -> int:
     dataset = _open_data(args.data, model.class_names)
     if args.labels:
         dataset = dataset.with_labels(args.labels)
-    if args.limit:
-        dataset = dataset.subset(limit=args.limit)
+    if args.limit or args.stratify:
+        dataset = dataset.subset(limit=args.limit, stratify=args.stratify)
     layers = None if args.layers in (None, "all") else args.layers.split(",")
     options = MappingOptions(distance=args.distance, n_boot=args.n_boot, n_null=args.n_null,
                              seed=args.seed)
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="dataset folder/CSV, or 'samples' (default: %(default)s)")
     evaluate.add_argument("--usage", help="only images of this split (e.g. PublicTest)")
     evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--stratify", action="store_true",
+                          help="with --limit: N images in each expression's share")
     evaluate.add_argument("--json", metavar="FILE", help="write the results as JSON")
     evaluate.add_argument("--figure", metavar="FILE", help="write the confusion matrix figure")
     evaluate.add_argument("--batch-size", type=int, default=256)
@@ -308,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="report sections (dossiers) for the N mapped channels of largest "
                          "D (default: %(default)s)")
     mapping.add_argument("--limit", type=int, help="only the first N images")
+    mapping.add_argument("--stratify", action="store_true",
+                         help="with --limit: N images in each expression's share")
     mapping.add_argument("--batch-size", type=int, default=64)
     mapping.add_argument("--quiet", action="store_true", help="no progress bars")
     mapping.set_defaults(handler=cmd_map)

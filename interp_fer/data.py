@@ -106,6 +106,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.rint(to_uint8_range(array)).astype(np.uint8) if array.dtype != np.uint8 else array
 
 
+def stratified_counts(labels: list[int], total: int) -> dict[int, int]:
+    """Records to keep per class: ``total`` shared in proportion to the class sizes.
+
+    Largest-remainder rounding (ties to the smaller class index), so the counts sum to
+    ``min(total, len(labels))`` and each differs from its exact share by less than one.
+    """
+    sizes: dict[int, int] = {}
+    for label in labels:
+        sizes[label] = sizes.get(label, 0) + 1
+    total = max(0, min(int(total), len(labels)))
+    exact = {label: total * size / len(labels) for label, size in sizes.items()} if labels else {}
+    counts = {label: int(share) for label, share in exact.items()}
+    order = sorted(exact, key=lambda label: (-(exact[label] - counts[label]), label))
+    for label in order[:total - sum(counts.values())]:
+        counts[label] += 1
+    return counts
+
+
 def fer2013_pixels(pixels: str) -> np.ndarray:
     """Decode one FER2013 CSV ``pixels`` cell into a (48, 48) uint8 image."""
     values = np.array(pixels.split(), dtype=np.float64)
@@ -189,10 +207,43 @@ class ImageDataset:
                                f"{self.source}")
         return ImageDataset(records, labelled.class_names or self.class_names, self.source)
 
-    def subset(self, usage: str | None = None, limit: int | None = None) -> ImageDataset:
-        """A dataset restricted to one ``usage`` and/or the first ``limit`` records."""
+    def subset(self, usage: str | None = None, limit: int | None = None, *,
+               stratify: bool = False) -> ImageDataset:
+        """A dataset restricted to one ``usage`` and/or ``limit`` records.
+
+        Parameters
+        ----------
+        usage
+            Keep only records of this split (e.g. ``"PublicTest"``).
+        limit
+            Number of records kept: the first ``limit`` in file order, or with ``stratify``
+            the first ones of each class in proportion to the class sizes (largest-remainder
+            rounding), so that a file sorted by expression (as FER2013's test split is) does
+            not give a single class. Records keep their file order.
+        stratify
+            Keep each class's share; needs ``limit`` and an expression label on every record.
+
+        Raises
+        ------
+        ValueError
+            ``stratify`` without ``limit``, or on records without expression labels.
+        """
         records = [r for r in self.records if usage is None or r.usage == usage]
-        return ImageDataset(records[:limit], self.class_names, self.source)
+        if not stratify:
+            return ImageDataset(records[:limit], self.class_names, self.source)
+        if limit is None:
+            raise ValueError("stratify needs a limit (the number of records to keep)")
+        unlabelled = sum(r.label is None for r in records)
+        if unlabelled:
+            raise ValueError(f"{self.source}: {unlabelled} of {len(records)} records have no "
+                             "expression label; a stratified subset needs one on every record")
+        quota = stratified_counts([r.label for r in records], limit)
+        kept = []
+        for record in records:
+            if quota.get(record.label, 0) > 0:
+                quota[record.label] -= 1
+                kept.append(record)
+        return ImageDataset(kept, self.class_names, self.source)
 
     def load(self, record: Record) -> Sample:
         """Read one record's image; errors are returned in the sample, not raised."""

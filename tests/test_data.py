@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from interp_fer.data import DatasetError, fer2013_pixels, open_dataset, read_image
+from interp_fer.data import (
+    DatasetError,
+    fer2013_pixels,
+    open_dataset,
+    read_image,
+    stratified_counts,
+)
 
 
 def _save(path, array, mode=None):
@@ -124,3 +130,34 @@ def test_crop_geometry_round_trip():
     assert batch.shape == (1, 20, 20)
     edge = Crop(-5, -5, 10, 10).apply(np.arange(100).reshape(10, 10))
     assert edge[0, 0] == 0 and edge[9, 9] == 44
+
+
+def test_stratified_counts_share_the_total_by_class_size():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    assert stratified_counts(labels, 10) == {0: 5, 1: 3, 2: 2}
+    # 7 x (0.5, 0.3, 0.2) = 3.5, 2.1, 1.4: remainders .5 > .4 > .1 give the seventh to class 0
+    assert stratified_counts(labels, 7) == {0: 4, 1: 2, 2: 1}
+    assert stratified_counts(labels, 500) == {0: 50, 1: 30, 2: 20}
+    assert sum(stratified_counts([3, 3, 1], 2).values()) == 2
+
+
+def test_stratified_subset_of_a_file_sorted_by_class(tmp_path):
+    # Sorted by expression, like FER2013's test split: the first N rows are all one class.
+    rows = [(label, usage) for label in (0, 3, 6) for usage in ("A",) * 6 + ("B",) * 4]
+    csv = tmp_path / "fer2013.csv"
+    csv.write_text("emotion,pixels,Usage\n" + "".join(
+        f"{label},{' '.join(['7'] * 48 * 48)},{usage}\n" for label, usage in rows))
+    dataset = open_dataset(csv)
+    assert {r.label for r in dataset.subset(limit=6).records} == {0}
+    kept = dataset.subset(limit=6, stratify=True).records
+    assert [r.label for r in kept] == [0, 0, 3, 3, 6, 6]  # file order kept
+    assert [r.key for r in kept][:2] == [f"{csv}:2", f"{csv}:3"]  # the first of each class
+    assert [r.label for r in dataset.subset("B", 3, stratify=True).records] == [0, 3, 6]
+    with pytest.raises(ValueError, match="needs a limit"):
+        dataset.subset(stratify=True)
+
+
+def test_stratified_subset_needs_labels(tmp_path):
+    _save(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="no expression label"):
+        open_dataset(tmp_path).subset(limit=1, stratify=True)

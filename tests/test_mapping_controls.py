@@ -32,7 +32,7 @@ def faces(fer2013_optional, tmp_path_factory, mini_xception):
     if fer2013_optional is not None:
         dataset = open_dataset(fer2013_optional / "test_labels.csv",
                                class_names=mini_xception.class_names)
-        return dataset.subset(limit=160)
+        return dataset.subset(limit=160, stratify=True)
     folder = tmp_path_factory.mktemp("faces")
     for name in SAMPLE_FACES:
         face = Image.fromarray(sample_face(name))
