@@ -1,0 +1,340 @@
+"""One channel's dossier (:func:`plot_channel_dossier`): its top faces, D per AU and its
+response per expression."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ._style import (
+    OKABE_ITO,
+    STYLE,
+    TWO_COLUMNS,
+    _draw_point,
+    _draw_projection,
+    _draw_region,
+    _image_limits,
+    _point_effects,
+    new_figure,
+)
+from .mapping import MappedFaces, _alpha, _au_title, _channel_projection, mapped_faces, top_faces
+
+if TYPE_CHECKING:  # annotations only: figures must not import torch at module level
+    import pandas as pd
+
+    from ..au_regions import AURegions
+    from ..data import ImageDataset, Record
+    from ..mapping import MappingResult
+    from ..models import FERModel
+
+
+# -- a layer's responses per expression --------------------------------------------------------
+
+
+def _label_name(record: Record, class_names: Sequence[str]) -> str | None:
+    """The expression of a record by name (None when unlabelled)."""
+    if record.label_name:
+        return record.label_name
+    if record.label is None:
+        return None
+    return class_names[record.label] if 0 <= record.label < len(class_names) \
+        else str(record.label)
+
+
+@dataclass
+class ExpressionResponses:
+    """Peak responses of every channel of a layer on labelled faces, by expression.
+
+    Attributes
+    ----------
+    layer
+        Layer name.
+    classes
+        Expression names present, in the dataset's class order.
+    labels
+        (n,) expression name of each face.
+    peaks
+        (n, K) peak activation (maximum over the feature map) of each channel.
+    indices
+        (n,) dataset positions of the faces.
+    """
+
+    layer: str
+    classes: tuple[str, ...]
+    labels: np.ndarray
+    peaks: np.ndarray
+    indices: np.ndarray
+
+    def by_class(self, channel: int) -> pd.DataFrame:
+        """Mean, standard error and count of one channel's peak response per expression.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by expression (in :attr:`classes` order): ``mean``, ``sem`` (NaN for a
+            single face), ``n``.
+        """
+        import pandas as pd
+
+        frame = pd.DataFrame({"label": self.labels, "peak": self.peaks[:, int(channel)]})
+        stats = frame.groupby("label")["peak"].agg(["mean", "sem", "count"])
+        return stats.rename(columns={"count": "n"}).reindex(list(self.classes))
+
+
+def expression_responses(
+    model: FERModel,
+    result: MappingResult,
+    dataset: ImageDataset,
+    layer: str,
+    *,
+    max_images: int = 256,
+    batch_size: int = 64,
+) -> ExpressionResponses:
+    """Each channel's peak response on a bounded sample of labelled faces (a forward pass).
+
+    The faces are the first ``max_images`` labelled images of the run (dataset order), cut
+    with the run's crops, so the responses are those the mapping measured; no top-k
+    selection is involved, so the per-expression means are not biased towards the faces a
+    channel likes.
+
+    Parameters
+    ----------
+    model, result, dataset
+        The mapping run and what it was made with.
+    layer
+        Layer name.
+    max_images
+        Bound on the number of faces (and so on the time: one forward pass per batch).
+    batch_size
+        Faces per forward pass.
+
+    Returns
+    -------
+    ExpressionResponses
+
+    Raises
+    ------
+    ValueError
+        When no image of the run has an expression label.
+    """
+    from ..layers import layer_outputs
+
+    names = dataset.class_names
+    picked, labels = [], []
+    for index in result.faces["index"]:
+        label = _label_name(dataset.records[int(index)], names)
+        if label is not None:
+            picked.append(int(index))
+            labels.append(label)
+        if len(picked) == max_images:
+            break
+    if not picked:
+        raise ValueError(f"no image of {dataset.source or 'the dataset'} has an expression "
+                         "label: per-expression responses need a labelled dataset")
+    kept, peaks = [], []
+    for start in range(0, len(picked), batch_size):
+        faces = mapped_faces(result, model, dataset, picked[start:start + batch_size])
+        if len(faces):
+            acts = layer_outputs(model.module, [layer], faces.inputs)[layer]
+            peaks.append(acts.flatten(2).amax(dim=2).float().cpu().numpy())
+            kept.extend(faces.indices.tolist())
+    label_of = dict(zip(picked, labels, strict=True))
+    labels_kept = np.array([label_of[i] for i in kept], dtype=object)
+    order = [c for c in names if c in set(labels_kept)] + sorted(set(labels_kept) - set(names))
+    return ExpressionResponses(layer, tuple(order), labels_kept, np.concatenate(peaks),
+                               np.asarray(kept, dtype=np.int64))
+
+
+# -- the AU <-> channel mapping: one channel's dossier -----------------------------------------
+
+
+def _mapping_row(result: MappingResult, layer: str, channel: int) -> pd.Series:
+    rows = result.mapping[(result.mapping["layer"] == layer)
+                          & (result.mapping["channel"] == int(channel))]
+    if rows.empty:
+        raise KeyError(f"channel {channel} of layer {layer!r} is not in the mapping "
+                       f"(layers: {', '.join(result.mapping['layer'].unique())})")
+    return rows.iloc[0]
+
+
+def _channel_au(row: pd.Series) -> tuple[int, bool]:
+    """A mapping row's AU, and whether it is significant (else its best, non-significant AU)."""
+    import pandas as pd
+
+    if pd.notna(row["au"]):
+        return int(row["au"]), True
+    return int(row["best_au"]), False
+
+
+def _bare(ax) -> None:
+    """No ticks and no frame, but (unlike ``set_axis_off``) axis labels still show."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def plot_channel_dossier(
+    model: FERModel,
+    result: MappingResult,
+    dataset: ImageDataset,
+    layer: str,
+    channel: int,
+    *,
+    faces: int = 5,
+    aus: Sequence[int] | None = None,
+    responses: ExpressionResponses | None = None,
+    max_images: int = 256,
+    regions: AURegions | None = None,
+    width: float = TWO_COLUMNS,
+) -> Figure:
+    """Everything about one channel: where it looks, which AU it follows, and how strongly.
+
+    Panels:
+
+    1. its top-activating faces with the AU region(s) filled and the extremum point of the
+       channel's deconvnet projection (``+``) and the receptive-field centre of its arg-max
+       unit (``o``) drawn over them;
+    2. the projections themselves on those faces;
+    3. D per AU with its bootstrap confidence interval (from ``result.scores``), bars of
+       significant pairs (``q <= alpha``) dark, the channel's AU outlined;
+    4. when the dataset has expression labels, the mean peak response per expression
+       (+- standard error) from a forward pass over a bounded sample of labelled faces
+       (:func:`expression_responses`), not from the top faces, which would be biased.
+
+    Parameters
+    ----------
+    model, result, dataset
+        The mapping run (:func:`interp_fer.mapping.map_dataset`) and what it was made with.
+    layer, channel
+        The channel.
+    faces
+        Top faces to show.
+    aus
+        AU regions drawn on the faces; default the channel's AU (its best AU when it is not
+        significantly mapped).
+    responses
+        Precomputed :func:`expression_responses` of ``layer`` (saves the forward pass when
+        drawing many channels of one layer).
+    max_images
+        Labelled faces in the forward pass, when ``responses`` is None.
+    regions
+        AU region definitions; default the package's.
+    width
+        Figure width in inches.
+    """
+    import matplotlib
+
+    from ..au_regions import load_au_regions
+
+    regions = regions or load_au_regions()
+    row = _mapping_row(result, layer, channel)
+    au, significant = _channel_au(row)
+    drawn = [int(a) for a in (aus if aus is not None else [au])]
+    if responses is None and dataset.labelled:
+        responses = expression_responses(model, result, dataset, layer, max_images=max_images)
+    top = top_faces(result, model, dataset, layer, channel, faces)
+    cell = (width - 0.8) / faces  # inches per face; the projections' colour bar takes 0.8
+    with matplotlib.rc_context(STYLE):
+        figure = new_figure(width, 2 * cell + 0.5 + max(1.9, 0.3 * width) + 0.3)
+        upper, lower = figure.subfigures(2, 1, height_ratios=[2 * cell + 0.5,
+                                                              max(1.9, 0.3 * width)])
+        face_axes = upper.subplots(2, faces, squeeze=False)
+        for ax in face_axes.ravel():
+            ax.set_axis_off()
+        image = _dossier_faces(face_axes, model, result, top, layer, channel, drawn, regions)
+        if image is not None:
+            upper.colorbar(image, ax=face_axes[1, :], shrink=0.8, ticks=[-1, 0, 1],
+                           label="projection\n(per-face scale)")
+        d_ax, e_ax = lower.subplots(1, 2, width_ratios=[1.7, 1])
+        _plot_au_distances(d_ax, result, layer, channel, au)
+        _plot_expression_responses(e_ax, responses, channel)
+        name = _au_title(regions, au)
+        verdict = f"mapped to {name}" if significant else f"not mapped (best: {name})"
+        figure.suptitle(f"{layer} channel {int(channel)}: {verdict}, D = {row['distance']:.2f} "
+                        f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}], q = {row['q_value']:.2g}")
+    return figure
+
+
+def _dossier_faces(axes, model: FERModel, result: MappingResult, top: MappedFaces, layer: str,
+                   channel: int, aus: Sequence[int], regions: AURegions):
+    """Row 0: faces with AU regions and points; row 1: projections. Returns a colour source."""
+    if not len(top):
+        axes[0, 0].text(0.5, 0.5, "top faces not readable", transform=axes[0, 0].transAxes,
+                        fontsize=7)
+        return None
+    gray, maps, points, centres, active = _channel_projection(model, top, layer, channel)
+    values = result.top_images[layer]["values"][int(channel)]
+    image = None
+    for i in range(len(top)):
+        face_ax, map_ax = axes[0, i], axes[1, i]
+        face_ax.imshow(gray[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if np.isfinite(top.landmarks[i]).all():
+            for k, (_, parts) in enumerate(regions.polygons(top.landmarks[i], aus).items()):
+                _draw_region(face_ax, parts, OKABE_ITO[k % 7], alpha=0.35, lw=0.8)
+        if centres is not None and active[i]:
+            face_ax.plot(centres[i, 1], centres[i, 0], "o", mfc="none", mec="black", ms=5,
+                         mew=0.8, path_effects=_point_effects())
+        _draw_point(face_ax, points[i])
+        _image_limits(face_ax, gray[i])
+        face_ax.set_title(f"image {int(top.indices[i])}\npeak {values[i]:.2g}", fontsize=6.5)
+        image = _draw_projection(map_ax, gray[i], maps[i], points[i]) if active[i] else image
+    axes[0, 0].set_axis_on()
+    _bare(axes[0, 0])
+    axes[0, 0].set_ylabel("AU region, points", fontsize=7)
+    axes[1, 0].set_axis_on()
+    _bare(axes[1, 0])
+    axes[1, 0].set_ylabel("projection", fontsize=7)
+    return image
+
+
+def _plot_au_distances(ax, result: MappingResult, layer: str, channel: int, au: int) -> None:
+    """Bar chart of D per AU with its bootstrap interval; significant bars dark."""
+    scores = result.scores
+    part = scores[(scores["layer"] == layer) & (scores["channel"] == int(channel))]
+    order = [int(a) for a in result.run.get("aus", part["au"])]
+    part = part.set_index("au").reindex(order)
+    x = np.arange(len(part))
+    distance = part["distance"].to_numpy(dtype=float)
+    significant = part["q_value"].to_numpy(dtype=float) <= _alpha(result)
+    colours = np.where(significant, OKABE_ITO[4], "0.78")
+    bars = ax.bar(x, np.nan_to_num(distance), color=colours, width=0.7)
+    chosen = order.index(au) if au in order else None
+    if chosen is not None:
+        bars[chosen].set_edgecolor("black")
+        bars[chosen].set_linewidth(1.0)
+    # The percentile interval need not contain D, so it is drawn as a segment, not as errors.
+    ax.vlines(x, part["ci_low"], part["ci_high"], color="black", lw=0.8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(x, [str(a) for a in order])
+    ax.set_xlabel("AU")
+    ax.set_ylabel("D")
+    level = result.run.get("options", {}).get("confidence", 0.95)
+    ax.set_title(f"D per AU, {100 * level:g} % bootstrap CI "
+                 f"(dark: q \u2264 {_alpha(result):g})", fontsize=7)
+
+
+def _plot_expression_responses(ax, responses: ExpressionResponses | None, channel: int) -> None:
+    """Mean peak response per expression with standard errors, or why there is none."""
+    if responses is None:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no expression labels:\nresponse per expression not shown",
+                ha="center", va="center", transform=ax.transAxes, fontsize=7)
+        return
+    stats = responses.by_class(channel)
+    x = np.arange(len(stats))
+    ax.bar(x, stats["mean"].to_numpy(dtype=float), color=OKABE_ITO[2], width=0.7)
+    sem = stats["sem"].to_numpy(dtype=float)
+    finite = np.isfinite(sem)  # one face of a class: no standard error to draw
+    ax.errorbar(x[finite], stats["mean"].to_numpy(dtype=float)[finite], yerr=sem[finite],
+                fmt="none", ecolor="black", elinewidth=0.8, capsize=1.5)
+    ax.set_xticks(x, [f"{name} ({int(n)})" for name, n in zip(stats.index, stats["n"],
+                                                               strict=True)],
+                  rotation=35, ha="right", fontsize=6)
+    ax.set_ylabel("mean peak activation")
+    ax.set_title(f"response per expression (\u00b1 SE)\nforward pass over "
+                 f"{len(responses.labels)} labelled faces", fontsize=7)

@@ -1,0 +1,475 @@
+"""Figures of a mapping run (:mod:`interp_fer.mapping`): the faces it saw, the AU x channel
+heatmap and the deconvnet projections of mapped channels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ._style import (
+    DIVERGING,
+    ONE_COLUMN,
+    STYLE,
+    TWO_COLUMNS,
+    _draw_projection,
+    _draw_region,
+    _gray_faces,
+    _image_limits,
+    new_figure,
+)
+
+if TYPE_CHECKING:  # annotations only: figures must not import torch at module level
+    import pandas as pd
+    import torch
+
+    from ..au_regions import AURegions
+    from ..data import ImageDataset
+    from ..mapping import MappingResult
+    from ..models import FERModel
+
+
+# -- the faces a mapping run saw (interp_fer.mapping) ------------------------------------------
+
+
+@dataclass
+class MappedFaces:
+    """Images of a mapping run as the network saw them.
+
+    Attributes
+    ----------
+    indices
+        (n,) int, dataset positions of the images.
+    inputs
+        (n, c, H, W) float network input (each image cut with the run's crop, then
+        preprocessed), on the model's device.
+    landmarks
+        (n, 68, 2) float64 ``(x, y)`` landmarks on the network input grid; NaN where the run
+        kept no landmark table.
+    """
+
+    indices: np.ndarray
+    inputs: torch.Tensor
+    landmarks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def mapped_faces(
+    result: MappingResult,
+    model: FERModel,
+    dataset: ImageDataset,
+    indices: Sequence[int] | np.ndarray,
+) -> MappedFaces:
+    """Load dataset images exactly as a mapping run fed them to the network.
+
+    Parameters
+    ----------
+    result
+        The run (:func:`interp_fer.mapping.map_dataset`); ``result.faces`` holds each mapped
+        image's crop, ``result.landmarks`` its landmarks (one row per dataset image).
+    model, dataset
+        What the run was made with.
+    indices
+        Dataset positions. Images the run did not map, or that can no longer be read, are
+        left out (the returned ``indices`` say which were kept).
+
+    Returns
+    -------
+    MappedFaces
+    """
+    import torch
+
+    from ..preprocessing import Crop
+
+    if result.faces is None:
+        raise ValueError("this MappingResult has no face table (result.faces): it was not "
+                         "made by interp_fer.mapping.map_dataset")
+    crops = result.faces.set_index("index")
+    kept, images, landmarks = [], [], []
+    for index in (int(i) for i in indices):
+        if index < 0 or index not in crops.index:
+            continue
+        sample = dataset.load(dataset.records[index])
+        if sample.image is None:
+            continue
+        row = crops.loc[index]
+        crop = Crop(int(row.crop_top), int(row.crop_left), int(row.crop_height),
+                    int(row.crop_width))
+        kept.append(index)
+        images.append(crop.apply(sample.image))
+        landmarks.append(_input_landmarks(result, index, crop, model.input_size))
+    if images:
+        inputs = model.preprocess(images).to(model.device)
+    else:
+        inputs = torch.zeros(0, model.preprocess.channels, *model.input_size,
+                             device=model.device)
+    return MappedFaces(np.asarray(kept, dtype=np.int64), inputs,
+                       np.asarray(landmarks, dtype=np.float64).reshape(-1, 68, 2))
+
+
+def _input_landmarks(result: MappingResult, index: int, crop: Any,
+                     size: tuple[int, int]) -> np.ndarray:
+    """(68, 2) landmarks of dataset image ``index`` on the network input grid (NaN if none)."""
+    table = result.landmarks
+    if table is None or index >= len(table):
+        return np.full((68, 2), np.nan)
+    # The landmark table has one row per dataset image, in dataset order (as map_dataset
+    # reads it), so the dataset position is the row position.
+    from ..faces import landmarks_array
+
+    return crop.to_input(landmarks_array(table.iloc[[index]])[0], size)
+
+
+def top_faces(
+    result: MappingResult,
+    model: FERModel,
+    dataset: ImageDataset,
+    layer: str,
+    channel: int,
+    count: int = 4,
+) -> MappedFaces:
+    """The images on which a channel responds most (its top-activating faces), strongest first.
+
+    Parameters
+    ----------
+    result, model, dataset
+        The mapping run and what it was made with.
+    layer, channel
+        The channel.
+    count
+        How many faces at most (a run keeps the top 8 per channel).
+
+    Returns
+    -------
+    MappedFaces
+    """
+    if not result.top_images or layer not in result.top_images:
+        raise ValueError(f"this MappingResult has no top images for layer {layer!r}; "
+                         "map the layer with interp_fer.mapping.map_dataset")
+    ranked = result.top_images[layer]["indices"][int(channel)]
+    return mapped_faces(result, model, dataset, [int(i) for i in ranked if i >= 0][:count])
+
+
+def _alpha(result: MappingResult) -> float:
+    return float(result.run.get("alpha", 0.05))
+
+
+def _au_title(regions: AURegions, au: int) -> str:
+    try:
+        return f"AU{au} {regions[au].name.lower()}"
+    except KeyError:  # an AU the current region file no longer defines
+        return f"AU{au}"
+
+
+# -- the AU <-> channel mapping: heatmap -------------------------------------------------------
+
+
+def _tick_step(count: int, most: int) -> int:
+    """The smallest power of two that leaves at most ``most`` ticks for ``count`` items.
+
+    Powers of two, because layers have 2^n channels: ticks then fall on 0, 8, 16, ...
+    """
+    step = 1
+    while count > most * step:
+        step *= 2
+    return step
+
+
+def plot_distance_heatmap(
+    scores: pd.DataFrame,
+    layer: str,
+    *,
+    alpha: float = 0.05,
+    width: float = TWO_COLUMNS,
+    limit: float | None = None,
+) -> Figure:
+    """AU x channel heatmap of the distance D for one layer, significant pairs marked.
+
+    Each cell is D(channel, AU) in a diverging map centred on zero (red: the channel responds
+    more inside the AU region than elsewhere on the face). A dot marks a significant pair
+    (``q_value <= alpha``); an open circle marks the channel's mapped AU, as
+    :func:`interp_fer.mapping.mapping_table` assigns it. Pairs without a value are grey.
+
+    Parameters
+    ----------
+    scores
+        One row per (layer, channel, AU) with ``distance`` and ``q_value``
+        (:attr:`interp_fer.mapping.MappingResult.scores`); other columns are ignored.
+    layer
+        Which layer to draw.
+    alpha
+        False discovery rate of the marks (use the run's, ``result.run["alpha"]``).
+    width
+        Figure width in inches.
+    limit
+        Symmetric colour limit; default the largest finite |D| of the layer (1 when there is
+        none). Values beyond it saturate, and the colour bar shows an arrow.
+
+    Raises
+    ------
+    ValueError
+        When ``scores`` has no row for ``layer``.
+    """
+    import matplotlib
+    from matplotlib.lines import Line2D
+
+    from ..mapping import mapping_table
+
+    part = scores[scores["layer"] == layer]
+    if part.empty:
+        known = ", ".join(map(str, scores["layer"].unique())) or "none"
+        raise ValueError(f"no scores for layer {layer!r} (layers: {known})")
+    grid = part.pivot(index="au", columns="channel", values="distance").sort_index()
+    q = part.pivot(index="au", columns="channel", values="q_value").reindex_like(grid)
+    values = grid.to_numpy(dtype=float)
+    finite = np.abs(values[np.isfinite(values)])
+    bound = float(limit) if limit is not None else float(finite.max()) if finite.size else 0.0
+    bound = bound if bound > 0 else 1.0
+    significant = q.to_numpy(dtype=float) <= alpha
+    # The circles come from the mapping itself, so they cannot drift from its rule.
+    mapped = mapping_table(part, alpha).dropna(subset=["au"])
+    mapped_cols = grid.columns.get_indexer(mapped["channel"])
+    mapped_rows = grid.index.get_indexer(mapped["au"].astype(int))
+    with matplotlib.rc_context(STYLE):
+        height = max(1.8, 0.14 * len(grid) + 1.1)
+        figure = new_figure(width, height)
+        ax = figure.add_subplot()
+        cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad="0.85")
+        image = ax.imshow(values, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto",
+                          interpolation="nearest")
+        rows, cols = np.nonzero(significant)
+        ax.plot(cols, rows, ".", color="black", ms=2.5)
+        ax.plot(mapped_cols, mapped_rows, "o", mfc="none", mec="black", ms=5, mew=0.7)
+        ax.set_yticks(np.arange(len(grid)), [f"AU{int(a)}" for a in grid.index])
+        step = _tick_step(len(grid.columns), most=int(width * 5))
+        ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
+        ax.set_xlabel(f"channel of {layer}")
+        ax.set_title(f"{layer}: distance D per AU and channel")
+        over = finite.size and finite.max() > bound
+        figure.colorbar(image, ax=ax, label="D", shrink=0.9, extend="both" if over else "neither")
+        handles = [Line2D([], [], ls="", marker=".", color="black", ms=4),
+                   Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=5, mew=0.7)]
+        figure.legend(handles, [f"q \u2264 {alpha:g}", "mapped AU of the channel"],
+                      loc="outside lower center", ncol=2, frameon=False)
+    return figure
+
+
+# -- the AU <-> channel mapping: projections of mapped channels -------------------------------
+
+
+def _channel_projection(model: FERModel, faces: MappedFaces, layer: str, channel: int):
+    """Deconvnet projections of one channel on some faces, ready to draw.
+
+    Returns
+    -------
+    tuple
+        (n, H, W) gray faces, (n, H, W) display-scaled maps, (n, 2) extremum points,
+        (n, 2) receptive-field centres or None, (n,) bool active.
+    """
+    from ..attributions import display_scale
+    from ..projections import deconvnet, extremum_points, rf_centres
+
+    result = deconvnet(model.module, faces.inputs, layer, [int(channel)])
+    points = extremum_points(result)[:, 0].numpy()
+    centres = rf_centres(result)[:, 0].numpy() if result.receptive_field is not None else None
+    maps = display_scale(result.maps[:, 0].sum(dim=1))
+    return (_gray_faces(model, faces.inputs), maps, points, centres,
+            result.active[:, 0].cpu().numpy())
+
+
+def plot_channel_faces(
+    model: FERModel,
+    inputs: torch.Tensor,
+    layer: str,
+    channel: int,
+    *,
+    title: str = "",
+    width: float = ONE_COLUMN,
+) -> Figure:
+    """A channel's deconvnet projections on several faces (e.g. its top-activating ones).
+
+    Parameters
+    ----------
+    model
+        The network.
+    inputs
+        (n, c, H, W) preprocessed faces.
+    layer, channel
+        Which channel to project.
+    title
+        Figure title.
+    width
+        Figure width in inches.
+    """
+    import matplotlib
+
+    faces = MappedFaces(np.arange(len(inputs)), inputs, np.full((len(inputs), 68, 2), np.nan))
+    gray, maps, points, _, active = _channel_projection(model, faces, layer, channel)
+    with matplotlib.rc_context(STYLE):
+        figure = new_figure(width, width / len(inputs) * 1.25)
+        axes = figure.subplots(1, len(inputs), squeeze=False).ravel()
+        for i, ax in enumerate(axes):
+            ax.set_axis_off()
+            if active[i]:
+                _draw_projection(ax, gray[i], maps[i], points[i])
+            else:
+                ax.imshow(gray[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if title:
+            figure.suptitle(title, fontsize=8)
+    return figure
+
+
+def grid_channels(mapping: pd.DataFrame, au: int, count: int,
+                  layers: Sequence[str] | None = None) -> pd.DataFrame:
+    """The channels a projection grid shows for one AU.
+
+    First the channels mapped to ``au`` (significant), largest D first; then, to fill the
+    row, channels whose best but not significant AU is ``au`` (column ``fallback`` True).
+
+    Parameters
+    ----------
+    mapping
+        :attr:`interp_fer.mapping.MappingResult.mapping` (``au``, ``best_au``, ``distance``).
+    au
+        AU number.
+    count
+        Channels at most.
+    layers
+        Only channels of these layers (default all).
+
+    Returns
+    -------
+    pandas.DataFrame
+        At most ``count`` rows of ``mapping``, plus the boolean column ``fallback``.
+    """
+    import pandas as pd
+
+    table = mapping if layers is None else mapping[mapping["layer"].isin(list(layers))]
+    mapped = table[(table["au"] == au).fillna(False).astype(bool)]
+    unmapped = table[table["au"].isna() & (table["best_au"] == au)]
+    ranked = [part.sort_values("distance", ascending=False, kind="stable").assign(fallback=flag)
+              for part, flag in ((mapped, False), (unmapped, True)) if len(part)]
+    if not ranked:
+        return table.head(0).assign(fallback=pd.Series(dtype=bool))
+    return pd.concat(ranked).head(count)
+
+
+def _grid_aus(result: MappingResult, layers: Sequence[str] | None) -> list[int]:
+    """Default rows of the projection grid: AUs that are some channel's best AU."""
+    mapping = result.mapping if layers is None else \
+        result.mapping[result.mapping["layer"].isin(list(layers))]
+    present = {int(a) for a in mapping["best_au"].dropna()}
+    order = [int(a) for a in result.run.get("aus", sorted(present))]
+    return [a for a in order if a in present]
+
+
+def plot_au_projection_grid(
+    model: FERModel,
+    result: MappingResult,
+    dataset: ImageDataset,
+    aus: Sequence[int] | None = None,
+    channels_per_au: int = 3,
+    *,
+    faces_per_channel: int = 1,
+    layers: Sequence[str] | None = None,
+    regions: AURegions | None = None,
+    caption: bool = True,
+    width: float = TWO_COLUMNS,
+) -> Figure:
+    """Deconvolution projections of the top channels of each AU (the paper's figure).
+
+    One block per AU (titled with its FACS name), holding its top channels: the channels
+    mapped to it, largest D first, then, when fewer are significant, channels whose best AU
+    it is although not significantly (titled "n.s."; :func:`grid_channels`). Each cell is the
+    channel's deconvnet projection on one of its top-activating faces, over the face, with the
+    extremum point (``+``) and the AU's region (dashed outline). Blocks are laid out several
+    per row when they fit the width.
+
+    Parameters
+    ----------
+    model, result, dataset
+        The mapping run (:func:`interp_fer.mapping.map_dataset`) and what it was made with.
+    aus
+        AU numbers, one block each; default every AU that is some channel's best AU, in the
+        run's order.
+    channels_per_au
+        Channels per AU (cells are left empty when an AU has fewer).
+    faces_per_channel
+        Top faces per channel (cells per channel).
+    layers
+        Only channels of these layers (default all mapped layers).
+    regions
+        AU region definitions; default the package's.
+    caption
+        Explain the marks under the grid.
+    width
+        Figure width in inches.
+
+    Raises
+    ------
+    ValueError
+        When there is no AU to show.
+    """
+    import matplotlib
+
+    from ..au_regions import load_au_regions
+
+    regions = regions or load_au_regions()
+    aus = [int(a) for a in (aus if aus is not None else _grid_aus(result, layers))]
+    if not aus:
+        raise ValueError("no AU to show: no channel of these layers has a best AU")
+    cells = channels_per_au * faces_per_channel
+    cell = min(1.1, width / cells)  # inches: a 64 px face stays legible at about an inch
+    per_row = max(1, int(width // (cells * cell + 0.2)))
+    rows = -(-len(aus) // per_row)
+    alpha = _alpha(result)
+    any_fallback = False
+    with matplotlib.rc_context(STYLE):
+        figure = new_figure(width, rows * (cell + 0.55) + (0.35 if caption else 0))
+        blocks = figure.subfigures(rows, per_row, squeeze=False).ravel()
+        for block, au in zip(blocks, aus, strict=False):
+            block.suptitle(_au_title(regions, au), fontsize=8)
+            axes = block.subplots(1, cells, squeeze=False).ravel()
+            for ax in axes:
+                ax.set_axis_off()
+            chosen = grid_channels(result.mapping, au, channels_per_au, layers)
+            for slot, row in enumerate(chosen.itertuples(index=False)):
+                any_fallback |= bool(row.fallback)
+                _grid_cells(axes[slot * faces_per_channel:(slot + 1) * faces_per_channel],
+                            model, result, dataset, row, au, regions)
+            if chosen.empty:
+                axes[0].text(0.5, 0.5, "no channel", ha="center", va="center",
+                             transform=axes[0].transAxes, fontsize=7)
+        if caption:
+            note = ("+ extremum point of the deconvnet projection (red/blue: positive/negative, "
+                    "scaled per cell); dashed: the AU's region")
+            if any_fallback:
+                note += f"; n.s.: best AU of the channel but q > {alpha:g}"
+            figure.supxlabel(note, fontsize=6)
+    return figure
+
+
+def _grid_cells(axes, model: FERModel, result: MappingResult, dataset: ImageDataset, row,
+                au: int, regions: AURegions) -> None:
+    """Draw one channel's projections on its top faces into ``axes`` (one face each)."""
+    faces = top_faces(result, model, dataset, row.layer, int(row.channel), len(axes))
+    mark = " n.s." if row.fallback else ""
+    axes[0].set_title(f"{row.layer} #{int(row.channel)}\nD = {row.distance:.2f}{mark}",
+                      fontsize=6.5, style="italic" if row.fallback else "normal")
+    if not len(faces):
+        axes[0].text(0.5, 0.5, "faces not\nreadable", ha="center", va="center",
+                     transform=axes[0].transAxes, fontsize=6)
+        return
+    gray, maps, points, _, active = _channel_projection(model, faces, row.layer, row.channel)
+    for i, ax in enumerate(axes[:len(faces)]):
+        _draw_projection(ax, gray[i], maps[i] if active[i] else np.zeros_like(maps[i]),
+                         points[i], size=5)
+        if np.isfinite(faces.landmarks[i]).all():
+            _draw_region(ax, regions.polygons(faces.landmarks[i], [au])[f"AU{au:02d}"],
+                         "black", alpha=0, lw=0.8, ls="--", halo=True)
+        _image_limits(ax, gray[i])
