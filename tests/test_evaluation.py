@@ -65,3 +65,18 @@ def test_cli_layers_and_errors(capsys):
     assert "conv_4" in text and "256x6x6" in text and "conv_4.1" not in text
     assert main(["layers", "--model", "/no/such/model.pt"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_stratified_limit(tmp_path, capsys):
+    for i in range(4):
+        _write(tmp_path / "faces" / "angry", f"{i}.png", 40 * i)
+    for i in range(2):
+        _write(tmp_path / "faces" / "happy", f"{i}.png", 200 + 10 * i)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--data", str(tmp_path / "faces"), "--limit", "3", "--stratify",
+                 "--json", str(out), "--quiet"]) == 0
+    per_class = json.loads(out.read_text())["per_class"]
+    assert per_class["angry"]["n"] == 2 and per_class["happy"]["n"] == 1
+    # The bundled samples include unlabelled faces: a stratified subset is refused, by name.
+    assert main(["evaluate", "--limit", "2", "--stratify", "--quiet"]) == 2
+    assert "no expression label" in capsys.readouterr().err
