@@ -113,6 +113,16 @@ def test_extremum_centroid_uses_top_share():
         extremum_points(maps, top=0)
 
 
+def test_extremum_centroid_keeps_every_pixel_tied_with_the_threshold():
+    maps = torch.zeros(2, 1, 1, 10, 10)
+    maps[0, 0, 0, 1, 1] = maps[0, 0, 0, 1, 7] = maps[0, 0, 0, 9, 4] = 2.0  # three tied at the top
+    maps[1, 0, 0, 4, 6] = 3.0
+    maps[1, 0, 0, 5, 2] = -3.0  # |map| counts: a tie of two, whatever the sign
+    points = extremum_points(maps)  # top 1 % of 100 pixels: one, plus its ties
+    assert points[0, 0].tolist() == pytest.approx([11 / 3, 4.0])
+    assert points[1, 0].tolist() == pytest.approx([4.5, 4.0])
+
+
 # ------------------------------------------------------------------------ Captum parity
 
 
