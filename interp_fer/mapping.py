@@ -485,10 +485,11 @@ def map_dataset(
         raise ValueError(f"only {len(faces)} usable face(s) in {dataset.source}: "
                          "the mapping needs at least 2")
     records = [dataset.records[f.index] for f in faces]
-    if labels and not has_labels(records):
+    available = has_labels(records)
+    if labels and not available:
         raise ValueError(f"{dataset.source}: no expression or AU labels to score against "
                          "(give a labels CSV, e.g. interp-fer map --labels)")
-    labelled = has_labels(records) if labels is None else bool(labels)
+    labelled = available if labels is None else bool(labels)
     n_classes = len(dataset.class_names) if labelled else None
     presence = classes = None  # per mapped face, sliced batch by batch
     if labelled:

@@ -612,14 +612,20 @@ def _pool_handler(node: Any, shape: tuple[int, ...] | None):
     dilation = tuple(node._saved_dilation) * (2 // len(node._saved_dilation))
     ceil_mode = bool(node._saved_ceil_mode)
     extent = shape[2:]
-    # Each switch as (row, col) from the origin of its pooling window: a window of seeds then
-    # costs a gather and an add rather than a division per element. Packed per window width.
-    h, w = indices.shape[1:3]
-    rows = indices // extent[1] - (torch.arange(h, device=indices.device) * stride[0]
-                                   - padding[0])[:, None, None]
-    cols = indices % extent[1] - (torch.arange(w, device=indices.device) * stride[1]
-                                  - padding[1])[:, None]
-    packed: dict[int, torch.Tensor] = {}
+    packed: dict[int, torch.Tensor] = {}  # window width -> switches within their windows
+
+    def switches_in_windows(width: int) -> torch.Tensor:
+        # Each switch as row * width + col from the origin of its pooling window: a window of
+        # seeds then costs a gather and an add rather than a division per element. Made the
+        # first time a window of that width needs it (whole maps read ``indices`` directly).
+        if width not in packed:
+            h, w = indices.shape[1:3]
+            rows = indices // extent[1] - (torch.arange(h, device=indices.device) * stride[0]
+                                           - padding[0])[:, None, None]
+            cols = indices % extent[1] - (torch.arange(w, device=indices.device) * stride[1]
+                                          - padding[1])[:, None]
+            packed[width] = rows * width + cols
+        return packed[width]
 
     def pool(win: _Win, img: torch.Tensor) -> list[_Win | None]:
         win = _clean(win)
@@ -644,14 +650,12 @@ def _pool_handler(node: Any, shape: tuple[int, ...] | None):
             # Window origin of the seed's first unit, in the coordinates of the result.
             shifts.append(win.off[:, a] * stride[a] - padding[a] - offs[-1])
         off = np.stack(offs, axis=1)
-        if sizes[1] not in packed:
-            packed[sizes[1]] = rows * sizes[1] + cols
         device = win.data.device
         grid = ((torch.arange(sh, device=device) * (stride[0] * sizes[1]))[:, None]
                 + torch.arange(sw, device=device) * stride[1])
         start = torch.from_numpy(shifts[0] * sizes[1] + shifts[1]).to(device)
-        flat = _gather_window(packed[sizes[1]], img, win) + (grid[None, :, :, None]
-                                                            + start[:, None, None, None])
+        flat = _gather_window(switches_in_windows(sizes[1]), img, win) \
+            + (grid[None, :, :, None] + start[:, None, None, None])
         if any(full):  # window positions outside the map (values 0) may point anywhere
             flat = flat.clamp_(0, sizes[0] * sizes[1] - 1)
             # Scatter in channels-last layout: the result feeds a convolution that wants it.
