@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import sys
 import threading
@@ -44,7 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from interp_fer.layers import resolve_layer
-from interp_fer.memory import keep_freed_memory
+from interp_fer.memory import keep_freed_memory, malloc_in_use
 from interp_fer.models import load_model
 from interp_fer.projections import deconvnet
 from interp_fer.samples import SAMPLE_FACES, sample_face
@@ -100,30 +98,10 @@ class PeakMemory:
             self.peak = max(self._top, _in_use()) - self._base
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def _mallinfo2():
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    function.restype = _MallInfo2
-    return function
-
-
-_MALLINFO2 = _mallinfo2()
-
-
 def _in_use() -> int:
     """Bytes malloc has handed out and not taken back (heap and mmap), else the RSS."""
-    if _MALLINFO2 is not None:
-        info = _MALLINFO2()
-        return info.uordblks + info.hblkhd
-    return _rss()
+    in_use = malloc_in_use()
+    return _rss() if in_use is None else in_use
 
 
 def _rss() -> int:

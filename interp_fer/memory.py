@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 # mallopt parameters (glibc malloc.h)
@@ -42,14 +43,42 @@ def keep_freed_memory(trim_threshold: int = 2**31 - 1) -> bool:
         True when the settings were applied; False where the C library is not glibc (macOS,
         Windows, musl), which leaves the process unchanged.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     applied = mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD) == 1
     return mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and applied
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def malloc_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not taken back (heap and mmap), or None.
+
+    Unlike the resident set, this still shows a working set growing and shrinking once freed
+    memory is kept for reuse (:func:`keep_freed_memory`). None where the C library has no
+    ``mallinfo2`` (not glibc, or glibc older than 2.33).
+    """
+    mallinfo2 = _libc_function("mallinfo2")
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+@functools.cache
+def _libc_function(name: str):
+    """A function of the process's C library on Linux, or None (looked up once)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from interp_fer.memory import keep_freed_memory
+from interp_fer import memory
+from interp_fer.memory import keep_freed_memory, malloc_in_use
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -28,6 +29,21 @@ def test_freed_tensors_are_reused_without_page_faults():
     assert faults < 2_000
 
 
+@pytest.mark.skipif(not GLIBC, reason="mallinfo2 exists in glibc only")
+def test_malloc_in_use_sees_a_live_tensor():
+    before = malloc_in_use()
+    tensor = torch.ones(16 * 2**20 // 4)  # 16 MiB
+    during = malloc_in_use()
+    del tensor
+    assert during - before >= 16 * 2**20
+    assert malloc_in_use() < during
+
+
 def test_returns_false_where_not_glibc(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert keep_freed_memory() is False
+    memory._libc_function.cache_clear()  # looked up once per process
+    try:
+        assert keep_freed_memory() is False
+        assert malloc_in_use() is None
+    finally:
+        memory._libc_function.cache_clear()
