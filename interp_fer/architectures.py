@@ -127,6 +127,10 @@ class MiniXception(nn.Module):
         Output channels of the four residual blocks.
     """
 
+    #: Layers analysed by default (:func:`interp_fer.layers.default_stages`), whether the
+    #: network comes from the zoo or from a state_dict checkpoint.
+    default_stages = ("conv1", "conv2", "block1", "block2", "block3", "block4")
+
     def __init__(
         self,
         num_classes: int = 7,
@@ -179,6 +183,9 @@ class PyEmotionNet(nn.Module):
     input_size
         Side of the square input, which fixes the first linear layer's size.
     """
+
+    #: Layers analysed by default, from the zoo or from a state_dict checkpoint.
+    default_stages = ("conv_1", "conv_2", "conv_3", "conv_4")
 
     def __init__(
         self, num_classes: int = 7, in_channels: int = 1, width: int = 32, input_size: int = 48

@@ -46,6 +46,19 @@ METHODS: tuple[str, ...] = ("saliency", "integrated_gradients", "guided_backprop
                             "deconvolution", "gradcam", "occlusion")
 
 
+def _network_and_inputs(model: Any, inputs: Any) -> tuple[nn.Module, Any]:
+    """The ``nn.Module`` of ``model`` (itself or a FERModel's) and tensor inputs."""
+    from .models import FERModel
+
+    if isinstance(model, FERModel):
+        if not isinstance(inputs, torch.Tensor):
+            inputs = model.preprocess(list(inputs)).to(model.device)
+        return model.module, inputs
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attribute needs an nn.Module or a FERModel, not {type(model).__name__}")
+    return model, inputs
+
+
 class ClassTarget:
     """Target: the logit of a class (one index for all images, or one per image).
 
@@ -157,8 +170,8 @@ class _Explained(nn.Module):
 
 
 def attribute(
-    module: nn.Module,
-    inputs: torch.Tensor,
+    module: nn.Module | Any,
+    inputs: torch.Tensor | Sequence[np.ndarray],
     target: Target,
     method: Method = "saliency",
     *,
@@ -170,9 +183,11 @@ def attribute(
     Parameters
     ----------
     module
-        The network, taking preprocessed (N, c, H, W) input.
+        The network, taking preprocessed (N, c, H, W) input, or a loaded
+        :class:`interp_fer.models.FERModel` (its network is used).
     inputs
-        Preprocessed images, (N, c, H, W) float.
+        Preprocessed images, (N, c, H, W) float; with a ``FERModel``, also raw face images
+        (a sequence of uint8 (H, W) or (H, W, 3) arrays), preprocessed by the model.
     target
         A class index, one index per image, :class:`ClassTarget`, :class:`ChannelMax`, or a
         callable from the network output (N, n_classes) to (N,).
@@ -198,6 +213,7 @@ def attribute(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    module, inputs = _network_and_inputs(module, inputs)
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
         raise ValueError("inputs must be a preprocessed (N, c, H, W) tensor")
     if method == "gradcam" and layer is None:

@@ -6,6 +6,11 @@ were consumed). It is written to a temporary file and renamed over the old one, 
 killed at any instant leaves either the previous checkpoint or the new one, never half of
 one. A checkpoint whose key differs from the current run's is ignored (and replaced): changing
 an argument invalidates it.
+
+The temporary file is removed on every exit path of :meth:`Checkpoint.save` (an exception or
+Ctrl-C while writing); after a ``kill -9`` it stays, named after the dead process, and the next
+:class:`Checkpoint` on that path removes it. :meth:`Checkpoint.due` is a time-based policy:
+a checkpoint is due every ``interval`` seconds of the run.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +45,43 @@ class Checkpoint:
         The ``.npz`` file.
     key
         :func:`run_key` of the current run's arguments.
+    interval
+        Seconds between checkpoints for :meth:`due` (default one minute).
     """
 
     path: Path
     key: str
+    interval: float = 60.0
+    _last: float = field(default_factory=time.monotonic, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+        if self.interval <= 0:
+            raise ValueError(f"checkpoint interval must be > 0 seconds, not {self.interval}")
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Remove this checkpoint's temporary files left by dead processes (``kill -9``)."""
+        from .outputs import pid_alive
+
+        removed = []
+        prefix = f".{self.path.name}."
+        if not self.path.parent.is_dir():
+            return removed
+        for entry in self.path.parent.glob(f"{prefix}*.tmp"):
+            pid = entry.name[len(prefix):-len(".tmp")]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
+
+    def due(self, now: float | None = None) -> bool:
+        """True when ``interval`` seconds have passed since the last save (or since creation).
+
+        ``now`` is a :func:`time.monotonic` reading (default: the current one).
+        """
+        now = time.monotonic() if now is None else now
+        return now - self._last >= self.interval
 
     def load(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """Return ``(cursor, arrays)`` of a checkpoint made by the same run, else None."""
@@ -66,11 +102,15 @@ class Checkpoint:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps({"key": self.key, "cursor": int(cursor), "format": FORMAT})
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(partial, "wb") as handle:
-            np.savez(handle, __header__=np.array(header), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, self.path)
+        try:
+            with open(partial, "wb") as handle:
+                np.savez(handle, __header__=np.array(header), **arrays)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, self.path)
+        finally:  # an error or Ctrl-C while writing must not leave the partial file behind
+            partial.unlink(missing_ok=True)
+        self._last = time.monotonic()
 
     def clear(self) -> None:
         """Remove the checkpoint (after the run's outputs are written)."""

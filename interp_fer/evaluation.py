@@ -65,7 +65,9 @@ class Evaluation:
         """Plain-text summary: accuracy, per-class table, splits, confusion and skips."""
         lines = [f"model {self.model} on {self.data}",
                  f"top-1 accuracy: {100 * self.accuracy:.2f} % of {self.n_images} images"
-                 f" ({self.n_skipped} skipped)"]
+                 f" ({self.n_skipped} skipped)" if self.n_images else
+                 f"no image evaluated: none has a readable image and a label among the "
+                 f"model's classes ({self.n_skipped} skipped)"]
         for usage, stats in sorted(self.by_usage.items()):
             lines.append(f"  {usage}: {100 * stats['accuracy']:.2f} % of {int(stats['n'])}")
         lines.append("per class (recall):")
@@ -142,7 +144,7 @@ def evaluate(
             examples.append((key, reason))
 
     bar = tqdm(total=len(dataset), desc=f"evaluate {model.name}", unit="img", disable=not progress)
-    for batch in dataset.batches(batch_size):
+    for batch in dataset.batches(batch_size, progress=bar.update):  # moves per image read
         keep, targets = [], []
         for sample in batch:
             target = _label_index(sample.record, model)
@@ -161,10 +163,8 @@ def evaluate(
                 if sample.record.usage:
                     usage_total[sample.record.usage] += 1
                     usage_hits[sample.record.usage] += int(target == guess)
-        bar.update(len(batch))
     for key, reason in dataset.skipped:
         skip(key, f"unreadable: {reason.split(':')[0]}")
-    bar.update(len(dataset.skipped))
     bar.close()
 
     n_images = int(confusion.sum())

@@ -13,10 +13,12 @@ coarse proxy: a "happy" face is taken to show AU6 and AU12 and no other AU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import Record
+if TYPE_CHECKING:
+    from .data import Record
 
 #: Prototype AUs of each expression (EMFACS). Neutral shows none. Contempt is one-sided
 #: (AU12 + AU14 on one side); one-sidedness is not modelled.
@@ -38,12 +40,57 @@ _ALIASES = {
 }
 
 
+#: AU cell words (case-insensitive) and the value they stand for.
+AU_WORDS = {"yes": 1.0, "true": 1.0, "present": 1.0, "no": 0.0, "false": 0.0, "absent": 0.0}
+
+
+def canonical_expression(name: str) -> str:
+    """An expression name lower-cased with its alias resolved (``"Angry"`` -> ``"anger"``)."""
+    name = name.strip().lower()
+    return _ALIASES.get(name, name)
+
+
+def class_index(name: str | None, class_names: Sequence[str]) -> int | None:
+    """Index of the expression ``name`` among ``class_names`` (case and aliases ignored).
+
+    ``"happiness"`` finds ``"happy"``, ``"anger"`` finds ``"angry"``; None when absent.
+    """
+    if not name:
+        return None
+    wanted = canonical_expression(name)
+    for index, candidate in enumerate(class_names):
+        if canonical_expression(candidate) == wanted:
+            return index
+    return None
+
+
+def parse_au_value(text: str) -> float | None:
+    """An AU cell as a number: intensities and 0/1 as numbers, yes/no, true/false,
+    present/absent as 1/0 (any case); None for an empty cell (unknown).
+
+    Raises
+    ------
+    ValueError
+        For anything else (the caller names the file, row and column).
+    """
+    text = text.strip()
+    if not text:
+        return None
+    word = AU_WORDS.get(text.lower())
+    if word is not None:
+        return word
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number, 0/1, yes/no, true/false or "
+                         "present/absent") from None
+
+
 def prototype_name(label_name: str | None) -> str | None:
     """The EMFACS prototype an expression name refers to, or None when there is none."""
     if not label_name:
         return None
-    name = label_name.strip().lower()
-    name = _ALIASES.get(name, name)
+    name = canonical_expression(label_name)
     return name if name in EMFACS_PROTOTYPES else None
 
 

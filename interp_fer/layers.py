@@ -95,6 +95,11 @@ def _pad(axis: _Axis, before: int) -> _Axis:
     return size, jump, offset - before * jump
 
 
+def _signed(values) -> tuple[int, ...]:
+    """Pad amounts as signed integers: autograd keeps negative pads (crops) as uint64."""
+    return tuple(int(v) - 2**64 if int(v) >= 2**63 else int(v) for v in values)
+
+
 def _step(fn, inputs: list[tuple[_Axis, _Axis] | None]) -> tuple[_Axis, _Axis] | None:
     known = [field for field in inputs if field is not None]
     if not known:
@@ -121,7 +126,7 @@ def _step(fn, inputs: list[tuple[_Axis, _Axis] | None]) -> tuple[_Axis, _Axis] |
         return (_conv_like(rows, kernel[0], stride[0], padding[0], dilation[0]),
                 _conv_like(cols, kernel[1], stride[-1], padding[-1], dilation[-1]))
     if name == "ConstantPadNdBackward0":
-        pad = fn._saved_pad  # (left, right, top, bottom, ...)
+        pad = _signed(fn._saved_pad)  # (left, right, top, bottom, ...)
         return _pad(rows, pad[2] if len(pad) > 2 else 0), _pad(cols, pad[0])
     if name in ("ReflectionPad2DBackward0", "ReplicationPad2DBackward0"):
         pad = fn._saved_padding
@@ -130,22 +135,44 @@ def _step(fn, inputs: list[tuple[_Axis, _Axis] | None]) -> tuple[_Axis, _Axis] |
 
 
 def _trace(output: torch.Tensor, source: torch.Tensor) -> ReceptiveField | None:
+    return trace_from_node(output.grad_fn, source)
+
+
+def trace_from_node(root: object, source: object) -> ReceptiveField | None:
+    """Receptive field of the units of ``root``'s output in the map of ``source``.
+
+    Parameters
+    ----------
+    root
+        Autograd node (``grad_fn``) of a layer's (N, C, h, w) output.
+    source
+        A leaf tensor (the network input), or an autograd node inside the graph: the field is
+        then in the grid of that node's *output* (e.g. a max-pool's output map).
+
+    Returns
+    -------
+    ReceptiveField or None
+        None when the path contains an operation without known geometry.
+    """
     memo: dict[object, tuple[_Axis, _Axis] | None] = {}
     identity: tuple[_Axis, _Axis] = ((1.0, 1.0, 0.0), (1.0, 1.0, 0.0))
-
-    def visit(fn) -> tuple[_Axis, _Axis] | None:
-        if fn is None:
-            return None
-        if fn in memo:
-            return memo[fn]
-        if type(fn).__name__ == "AccumulateGrad":
+    # Iterative post-order walk: deep networks would overflow Python's recursion limit.
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        fn, finished = stack.pop()
+        if fn is None or (fn in memo and not finished):
+            continue
+        if fn is source:
+            memo[fn] = identity
+        elif type(fn).__name__ == "AccumulateGrad":
             memo[fn] = identity if fn.variable is source else None
-            return memo[fn]
-        memo[fn] = None  # guards against cycles; autograd graphs have none
-        memo[fn] = _step(fn, [visit(child) for child, _ in fn.next_functions])
-        return memo[fn]
-
-    field = visit(output.grad_fn)
+        elif finished:
+            memo[fn] = _step(fn, [memo.get(child) for child, _ in fn.next_functions])
+        else:
+            stack.append((fn, True))
+            stack.extend((child, False) for child, _ in fn.next_functions
+                         if child is not None and child not in memo)
+    field = memo.get(root)
     if field is None:
         return None
     return ReceptiveField(AxisField(*field[0]), AxisField(*field[1]))
@@ -181,8 +208,8 @@ def layer_outputs(module: nn.Module, names: Iterable[str], inputs: torch.Tensor,
     Parameters
     ----------
     module
-        The network; its ``training`` flag is restored afterwards, and the hooks are removed
-        even when the forward pass raises.
+        The network; every submodule's ``training`` flag is restored afterwards (a mixed
+        train/eval state survives), and the hooks are removed even when the forward raises.
     names
         Layer names (dotted paths).
     inputs
@@ -198,7 +225,8 @@ def layer_outputs(module: nn.Module, names: Iterable[str], inputs: torch.Tensor,
     """
     outputs: dict[str, torch.Tensor] = {}
     handles = []
-    was_training = module.training
+    # Each submodule's own flag: a network may be partly in training mode on purpose.
+    flags = [(sub, sub.training) for sub in module.modules()]
     try:
         for name in names:
             def hook(_module, _inputs, output, name=name):
@@ -211,7 +239,8 @@ def layer_outputs(module: nn.Module, names: Iterable[str], inputs: torch.Tensor,
     finally:
         for handle in handles:
             handle.remove()
-        module.train(was_training)
+        for sub, flag in flags:
+            sub.training = flag
     return outputs
 
 
@@ -298,7 +327,12 @@ def default_stages(model: FERModel) -> tuple[str, ...]:
     """Layers analysed when the user names none: spatial outputs of activation modules.
 
     Falls back to every ``nn.Conv2d`` when the network applies its activations functionally.
+    A network class that declares ``default_stages`` (the bundled architectures) gets those,
+    so a state_dict checkpoint of a zoo architecture is analysed as the zoo model is.
     """
+    declared = getattr(type(model.module), "default_stages", None)
+    if declared:
+        return tuple(declared)
     shape = (model.preprocess.channels, *model.input_size)
     try:
         table = layer_table(model.module, shape)

@@ -151,7 +151,10 @@ def test_stratified_subset_of_a_file_sorted_by_class(tmp_path):
     assert {r.label for r in dataset.subset(limit=6).records} == {0}
     kept = dataset.subset(limit=6, stratify=True).records
     assert [r.label for r in kept] == [0, 0, 3, 3, 6, 6]  # file order kept
-    assert [r.key for r in kept][:2] == [f"{csv}:2", f"{csv}:3"]  # the first of each class
+    # Each (usage, class) keeps its share: 6 of 30 rows = 1.2 A and 0.8 B per class, rounded
+    # to one of each; the first rows of each group (A on rows 2.., B on rows 8..).
+    assert [r.usage for r in kept] == ["A", "B"] * 3
+    assert [r.key for r in kept][:2] == [f"{csv}:2", f"{csv}:8"]
     assert [r.label for r in dataset.subset("B", 3, stratify=True).records] == [0, 3, 6]
     with pytest.raises(ValueError, match="needs a limit"):
         dataset.subset(stratify=True)
