@@ -275,6 +275,8 @@ def read_keras_file(source: str | os.PathLike | bytes, name: str | None = None) 
                     continue
                 stored = handle[path]
                 names = _keras3_variable_names(layer)
+                if layer.kind not in _SUPPORTED:  # refused later, with every such layer named
+                    names = [str(i) for i in range(len(stored))]
                 if len(stored) != len(names):
                     raise KerasImportError(
                         f"{label}: layer {layer.name!r} ({layer.kind}) has {len(stored)} stored "

@@ -3,9 +3,13 @@
 Sources, tried in this order:
 
 1. a zoo name (``"mini-xception"``, ``"pyemotion"``; see :mod:`interp_fer.zoo`);
-2. a TorchScript file (``torch.jit.save``);
-3. a state_dict checkpoint plus ``architecture="package.module:Class"`` and keyword arguments;
-4. a whole pickled ``nn.Module``, only with ``allow_pickle=True``.
+2. a Keras file (``.h5``/``.hdf5``/``.keras``, see :mod:`interp_fer.keras_import`) or an
+   ONNX file (``.onnx``, see :mod:`interp_fer.onnx_import`), converted to a torch module
+   (a final softmax is dropped so the network returns logits; input size and channels come
+   from the file, normalisation from ``mean``/``std``);
+3. a TorchScript file (``torch.jit.save``);
+4. a state_dict checkpoint plus ``architecture="package.module:Class"`` and keyword arguments;
+5. a whole pickled ``nn.Module``, only with ``allow_pickle=True``.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: unpickling a whole module runs
 arbitrary code from the file, so it is never done unless asked for.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -174,7 +179,7 @@ def import_architecture(spec: str, kwargs: Mapping[str, Any] | str | None = None
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ModelLoadError("architecture arguments must be a JSON object (keyword arguments)")
     try:
-        factory = getattr(importlib.import_module(module_name), attribute)
+        factory = getattr(_import_from_cwd_too(module_name), attribute)
     except ImportError as error:
         raise ModelLoadError(f"cannot import {module_name!r} for architecture {spec!r}: {error}") from error
     except AttributeError as error:
@@ -186,6 +191,27 @@ def import_architecture(spec: str, kwargs: Mapping[str, Any] | str | None = None
     if not isinstance(network, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(network).__name__}, not a torch.nn.Module")
     return network
+
+
+def _import_from_cwd_too(module_name: str) -> Any:
+    """Import ``module_name``; when it is not found, look in the current folder as well.
+
+    ``interp-fer`` is an installed script, so unlike ``python script.py`` its ``sys.path``
+    lacks the folder it runs in; the folder is tried after everything else (an installed
+    package of the same name wins) and only for this import.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        top = module_name.partition(".")[0]
+        cwd = os.getcwd()
+        if error.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            sys.path.remove(cwd)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -217,6 +243,8 @@ def _load_module_from_file(
     source = str(path)
     if not path.is_file():
         raise ModelLoadError(f"{source}: no such file (and not a zoo model: {', '.join(sorted(ZOO))})")
+    if path.suffix.lower() in (".h5", ".hdf5", ".keras", ".onnx"):
+        return _import_foreign(path)
     if _is_torchscript(path):
         try:
             return torch.jit.load(str(path), map_location="cpu")
@@ -253,6 +281,23 @@ def _load_module_from_file(
     else:
         network.load_state_dict(state, strict=False)
     return network
+
+
+def _import_foreign(path: Path) -> nn.Module:
+    # Keras and ONNX files become torch modules with a logits output and an ``input_chw``.
+    if path.suffix.lower() == ".onnx":
+        from .onnx_import import OnnxImportError, onnx_to_torch
+
+        try:
+            return onnx_to_torch(path, drop_final_softmax=True)
+        except OnnxImportError as error:
+            raise ModelLoadError(str(error)) from error
+    from .keras_import import KerasImportError, keras_to_torch
+
+    try:
+        return keras_to_torch(path, drop_final_softmax=True)
+    except KerasImportError as error:
+        raise ModelLoadError(str(error)) from error
 
 
 def _looks_like_pickle(path: Path) -> bool:
@@ -344,8 +389,11 @@ def load_model(
         path = Path(source).expanduser()
         network = _load_module_from_file(path, architecture, arch_kwargs, allow_pickle, strict)
         check_finite(network, str(path))
-        size = input_size if input_size is not None else 48
+        chw = getattr(network, "input_chw", None)  # Keras/ONNX imports know their input
+        size = input_size if input_size is not None else (tuple(chw[1:]) if chw else 48)
         size = (size, size) if isinstance(size, int) else tuple(size)
+        if grayscale is None and chw:
+            grayscale = chw[0] == 1
         prep = Preprocessor(
             size, True if grayscale is None else grayscale,
             0.0 if mean is None else mean, 1.0 if std is None else std,
