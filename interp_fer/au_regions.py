@@ -35,6 +35,7 @@ from .faces import MIRROR_INDEX, N_LANDMARKS, eye_centres
 
 DATA_PACKAGE = "interp_fer.landmarks"
 DATA_FILE = "au_regions.json"
+SHAM_FILE = "sham_regions.json"
 
 #: Vertices used for a full circle when discs, sectors and band ends become polygons.
 CIRCLE_VERTICES = 64
@@ -481,7 +482,7 @@ def _check_reference(meta: Mapping[str, Any]) -> np.ndarray:
     return arr
 
 
-def validate(data: Any) -> None:
+def validate(data: Any, kind: Literal["au", "sham"] = "au") -> None:
     """Check AU region data; raise :class:`AURegionError` naming the AU and field.
 
     Checks: the ``_meta`` block (version, conventions with unit ``IOD``, sources, face,
@@ -489,6 +490,10 @@ def validate(data: Any) -> None:
     in 0..67, ``anchors`` equal to the indices the shape uses, shape parameters in IOD
     ranges, sources that ``_meta.sources`` defines, and a non-empty, non-self-intersecting
     shape whose area on the reference face matches ``size.area`` within bounds.
+
+    ``kind="sham"`` checks a file of sham regions (``sham_regions.json``): the same schema
+    with keys ``sham_<place>`` (lower-case letters and ``_``) instead of AU numbers, and
+    ``muscles`` that may be empty (a sham targets none).
     """
     if not isinstance(data, Mapping):
         raise AURegionError("AU region data must be a JSON object")
@@ -507,23 +512,33 @@ def validate(data: Any) -> None:
             _MAX_OFFSET)
     reference = _check_reference(meta)
     aus = [k for k in data if k != "_meta"]
+    if kind not in ("au", "sham"):
+        raise ValueError(f"kind must be 'au' or 'sham', not {kind!r}")
     if not aus:
-        raise AURegionError("no AU regions defined")
+        raise AURegionError("no AU regions defined" if kind == "au" else
+                            "no sham regions defined")
     seen: dict[int, str] = {}
     for au in aus:
-        if not (au.startswith("AU") and au[2:].isdigit()):
-            raise _err(au, "(key)", "AU keys are 'AU' + number, e.g. 'AU01'")
-        if int(au[2:]) in seen:
-            raise _err(au, "(key)", f"same AU number as {seen[int(au[2:])]}")
-        seen[int(au[2:])] = au
+        if kind == "sham":
+            if not _is_sham_key(au):
+                raise _err(au, "(key)", "sham keys are 'sham_' + a place in lower-case "
+                           "letters and '_', e.g. 'sham_cheek'")
+        else:
+            if not (au.startswith("AU") and au[2:].isdigit()):
+                raise _err(au, "(key)", "AU keys are 'AU' + number, e.g. 'AU01'")
+            if int(au[2:]) in seen:
+                raise _err(au, "(key)", f"same AU number as {seen[int(au[2:])]}")
+            seen[int(au[2:])] = au
         spec = data[au]
         _check_fields(spec, *_AU_FIELDS, au, "(region)")
         if not isinstance(spec["name"], str) or not spec["name"].strip():
-            raise _err(au, "name", "must be the FACS name")
+            raise _err(au, "name", "must be the FACS name" if kind == "au" else
+                       "must say what the sham is")
         muscles = spec["muscles"]
-        if not isinstance(muscles, list) or not muscles or not all(
+        if not isinstance(muscles, list) or (kind == "au" and not muscles) or not all(
                 isinstance(m, str) and m for m in muscles):
-            raise _err(au, "muscles", "must be a non-empty list of names")
+            raise _err(au, "muscles", "must be a non-empty list of names" if kind == "au"
+                       else "must be a list of names (empty: the sham targets none)")
         if not isinstance(spec["bilateral"], bool):
             raise _err(au, "bilateral", f"must be true or false, got {spec['bilateral']!r}")
         used = _check_shape(spec["shape"], au)
@@ -542,6 +557,12 @@ def validate(data: Any) -> None:
                 raise _err(au, "sources", f"unknown source {s!r} (not in _meta.sources)")
         _check_size(spec["size"], au)
         _check_geometry(au, spec, reference)
+
+
+def _is_sham_key(key: str) -> bool:
+    place = key[len("sham_"):]
+    return (key.startswith("sham_") and bool(place) and place[0].isalpha()
+            and all(c.islower() or c == "_" for c in place))
 
 
 def _check_geometry(au: str, spec: Mapping[str, Any], reference: np.ndarray) -> None:
@@ -574,10 +595,11 @@ def _check_geometry(au: str, spec: Mapping[str, Any], reference: np.ndarray) -> 
 
 @dataclass(frozen=True)
 class AURegion:
-    """One AU's definition (from the data file)."""
+    """One AU's definition (from the data file); for a sham region, ``au`` is its name
+    (``"sham_cheek"``) and ``number`` is None."""
 
     au: str
-    number: int
+    number: int | None
     name: str
     muscles: tuple[str, ...]
     bilateral: bool
@@ -610,10 +632,14 @@ class AURegions:
     ----------
     data
         Parsed ``au_regions.json`` content (validated here).
+    kind
+        ``"sham"`` for sham regions (``sham_regions.json``: keys are names such as
+        ``"sham_cheek"``, kept in file order; see :func:`load_sham_regions`).
     """
 
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        validate(data)
+    def __init__(self, data: Mapping[str, Any], kind: Literal["au", "sham"] = "au") -> None:
+        validate(data, kind)
+        self.kind = kind
         self.data = copy.deepcopy(dict(data))
         self.meta = self.data["_meta"]
         self.forehead_margin = float(self.meta["face"]["forehead_margin"])
@@ -623,16 +649,17 @@ class AURegions:
             if au == "_meta":
                 continue
             regions.append(AURegion(
-                au=au, number=int(au[2:]), name=spec["name"], muscles=tuple(spec["muscles"]),
+                au=au, number=int(au[2:]) if kind == "au" else None, name=spec["name"], muscles=tuple(spec["muscles"]),
                 bilateral=spec["bilateral"], anchors=tuple(sorted(spec["anchors"])),
                 shape=spec["shape"], area=float(spec["size"]["area"]),
                 area_bounds=tuple(spec["size"]["bounds"]), sources=tuple(spec["sources"]),
                 notes=spec.get("notes", "")))
-        regions.sort(key=lambda r: r.number)
+        if kind == "au":
+            regions.sort(key=lambda r: r.number)
         self.regions = {r.au: r for r in regions}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> AURegions:
+    def from_file(cls, path: str | Path, kind: Literal["au", "sham"] = "au") -> AURegions:
         """Load and validate a region file (errors name the file)."""
         path = Path(path)
         try:
@@ -640,7 +667,7 @@ class AURegions:
         except (OSError, json.JSONDecodeError) as exc:
             raise AURegionError(f"{path}: cannot read AU region data: {exc}") from exc
         try:
-            return cls(data)
+            return cls(data, kind)
         except AURegionError as exc:
             raise AURegionError(f"{path}: {exc}") from exc
 
@@ -659,7 +686,7 @@ class AURegions:
 
     @property
     def names(self) -> list[str]:
-        """AU keys in numeric order (``"AU01"``, ``"AU02"``, ...)."""
+        """AU keys in numeric order (``"AU01"``, ``"AU02"``, ...); sham names in file order."""
         return list(self.regions)
 
     def _select(self, aus: Sequence[str | int] | None) -> list[AURegion]:
@@ -772,25 +799,26 @@ def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
     return lm
 
 
-@lru_cache(maxsize=1)
-def _default_regions() -> AURegions:
+@lru_cache(maxsize=2)
+def _default_regions(filename: str = DATA_FILE, kind: Literal["au", "sham"] = "au"
+                     ) -> AURegions:
     from importlib.resources import files
 
     try:
-        resource = files(DATA_PACKAGE).joinpath(DATA_FILE)
+        resource = files(DATA_PACKAGE).joinpath(filename)
     except ModuleNotFoundError:
         # Running from a source checkout without installing: setup.cfg maps the top-level
         # landmarks/ folder to interp_fer.landmarks only in installed (or editable) packages.
-        resource = Path(__file__).resolve().parents[1] / "landmarks" / DATA_FILE
+        resource = Path(__file__).resolve().parents[1] / "landmarks" / filename
     try:
         data = json.loads(resource.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise AURegionError(f"{DATA_PACKAGE}/{DATA_FILE}: cannot read AU region data: {exc}"
+        raise AURegionError(f"{DATA_PACKAGE}/{filename}: cannot read AU region data: {exc}"
                             ) from exc
     try:
-        return AURegions(data)
+        return AURegions(data, kind)
     except AURegionError as exc:
-        raise AURegionError(f"{DATA_PACKAGE}/{DATA_FILE}: {exc}") from exc
+        raise AURegionError(f"{DATA_PACKAGE}/{filename}: {exc}") from exc
 
 
 def load_au_regions(path: str | Path | None = None) -> AURegions:
@@ -806,3 +834,73 @@ def load_au_regions(path: str | Path | None = None) -> AURegions:
     AURegions
     """
     return _default_regions() if path is None else AURegions.from_file(path)
+
+
+def load_sham_regions(path: str | Path | None = None) -> AURegions:
+    """Sham regions: AU1's disc at places no AU region covers (cheek, side of the nose,
+    forehead, jaw), validated like the AU regions.
+
+    A control for "where a channel looks": a sham must win no more often than chance.
+    The result has the :class:`AURegions` API with names (``"sham_cheek"``, ...) as keys.
+
+    Parameters
+    ----------
+    path
+        A sham region file; default the one installed with the package
+        (``interp_fer.landmarks/sham_regions.json``, read once, then cached).
+
+    Returns
+    -------
+    AURegions
+        With ``kind == "sham"``.
+    """
+    if path is None:
+        return _default_regions(SHAM_FILE, "sham")
+    return AURegions.from_file(path, "sham")
+
+
+def region_clipping(regions: AURegions, landmarks: np.ndarray, image_shape: Sequence[int],
+                    samples: int = 200) -> dict[str, float]:
+    """Share of each region's area that lies outside the image (a face cut by the frame).
+
+    Masks are clipped to the image already; this says how much of each region was lost, so
+    that faces with e.g. the chin below the frame can be flagged and counted.
+
+    Parameters
+    ----------
+    regions
+        :class:`AURegions` (AU or sham regions).
+    landmarks
+        ``(68, 2)`` ``(x, y)`` pixels of the face in the image (points may lie outside it).
+    image_shape
+        ``(H, W)`` of the image; it spans ``-0.5 .. W - 0.5`` and ``-0.5 .. H - 0.5`` in
+        ``(x, y)`` (pixel centres at integers).
+    samples
+        Raster points across each region's bounding box (the share is exact to about
+        ``1 / samples``; a region wholly inside gives exactly 0).
+
+    Returns
+    -------
+    dict
+        Region key -> share in ``[0, 1]`` (0 = fully inside the image).
+    """
+    height, width = int(image_shape[0]), int(image_shape[1])
+    out = {}
+    for name, polys in regions.polygons(landmarks).items():
+        every = np.concatenate([p.exterior for p in polys])
+        lo, hi = every.min(axis=0), every.max(axis=0)
+        if lo[0] >= -0.5 and lo[1] >= -0.5 and hi[0] <= width - 0.5 and hi[1] <= height - 0.5:
+            out[name] = 0.0
+            continue
+        step = max(hi - lo) / samples
+        xs = np.arange(lo[0] + step / 2, hi[0], step)
+        ys = np.arange(lo[1] + step / 2, hi[1], step)
+        pts = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)
+        inside = np.zeros(len(pts), dtype=bool)
+        for p in polys:
+            inside |= p.contains(pts)
+        pts = pts[inside]
+        outside = ((pts[:, 0] < -0.5) | (pts[:, 0] > width - 0.5)
+                   | (pts[:, 1] < -0.5) | (pts[:, 1] > height - 0.5))
+        out[name] = float(outside.mean()) if len(pts) else 0.0
+    return out

@@ -19,12 +19,14 @@ from interp_fer.au_regions import (
     FaceFrame,
     grid_points,
     load_au_regions,
+    load_sham_regions,
     polygons_mask,
+    region_clipping,
 )
 from interp_fer.faces import MIRROR_INDEX, LandmarkDetector, mirror_landmarks
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED = [1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26]
+REQUIRED = [1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26, 27]
 
 #: Landmarks each AU may be anchored to, from anatomy (FACS): an index slip in the data file
 #: (e.g. 47 for 48, or 1-based indices) lands outside these sets.
@@ -46,6 +48,7 @@ ALLOWED_ANCHORS = {
     "AU23": set(range(48, 68)),                   # lips
     "AU25": set(range(60, 68)),                   # inner lip contour
     "AU26": set(range(3, 14)),                    # jaw line
+    "AU27": {1, 2, 3, 13, 14, 15},                # jaw contour beside the ramus
 }
 
 
@@ -117,6 +120,8 @@ def test_installed_data_is_the_reviewed_file(regions, raw):
     """The package reads landmarks/au_regions.json through interp_fer.landmarks."""
     packaged = json.loads(files("interp_fer.landmarks").joinpath("au_regions.json").read_text())
     assert packaged == raw
+    shams = json.loads(files("interp_fer.landmarks").joinpath("sham_regions.json").read_text())
+    assert shams == json.loads((REPO / "landmarks" / "sham_regions.json").read_text())
     setup = (REPO / "setup.cfg").read_text()
     assert "interp_fer.landmarks = landmarks" in setup and "*.json" in setup
 
@@ -428,3 +433,101 @@ def test_file_errors_name_the_file(tmp_path, raw):
         load_au_regions(path)
     path.write_text(json.dumps(raw))
     assert load_au_regions(path).names == load_au_regions().names
+
+
+# -- sham regions ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shams():
+    return load_sham_regions()
+
+
+def test_sham_regions_are_au1_discs_elsewhere(regions, shams, raw):
+    """Four shams with AU1's shape and size, on the same reference face, named as shams."""
+    assert shams.kind == "sham" and regions.kind == "au"
+    assert shams.names == ["sham_cheek", "sham_nose_side", "sham_forehead", "sham_jaw"]
+    np.testing.assert_array_equal(shams.reference_face, regions.reference_face)
+    au1 = regions[1]
+    for s in shams:
+        assert s.number is None and s.name.startswith("Sham")
+        assert s.shape["type"] == au1.shape["type"] and s.shape["radius"] == au1.shape["radius"]
+        assert s.bilateral == au1.bilateral and s.area == au1.area
+    with pytest.raises(KeyError, match="no region for AU01"):
+        shams[1]
+
+
+def test_sham_regions_lie_on_the_face_off_the_au_regions(regions, shams, symmetric_face,
+                                                         astronaut_landmarks):
+    """Inside the face, apart from each other; on the reference face they overlap the AU
+    regions by at most a third of their area (0 for cheek and forehead: the lower face is
+    tiled by AU regions, so the nose-side and jaw shams share 15 % and 32 %)."""
+    lm, shape = symmetric_face
+    face = regions.face_mask(lm, shape)
+    union = np.zeros(shape, dtype=bool)
+    for m in regions.masks(lm, shape).values():
+        union |= m
+    sham_masks = shams.masks(lm, shape)
+    overlap = {}
+    for name, m in sham_masks.items():
+        assert m.any() and not (m & ~face).any(), name
+        overlap[name] = (m & union).sum() / m.sum()
+        for other, o in sham_masks.items():
+            assert other == name or not (m & o).any(), (name, other)
+    assert overlap["sham_cheek"] < 0.01 and overlap["sham_forehead"] < 0.01, overlap
+    assert max(overlap.values()) < 0.35, overlap
+    assert (sham_masks["sham_forehead"] & ~regions.masks(lm, shape, aus=[1, 2])["AU01"]).any()
+    top_of_brows = lm[17:27, 1].min()
+    rows = np.nonzero(sham_masks["sham_forehead"])[0]
+    assert rows.max() < top_of_brows  # above the brows
+    lm, shape = astronaut_landmarks
+    face = regions.face_mask(lm, shape)
+    for name, m in shams.masks(lm, shape).items():
+        assert (m & face).sum() >= 0.9 * m.sum(), name
+
+
+def test_sham_file_validation(shams):
+    data = copy.deepcopy(shams.data)
+    data["sham_Cheek"] = data.pop("sham_cheek")
+    with pytest.raises(AURegionError, match="sham_Cheek: field '\\(key\\)'"):
+        AURegions(data, "sham")
+    data = copy.deepcopy(shams.data)
+    data["sham_jaw"]["shape"]["center"]["at"] = 70
+    with pytest.raises(AURegionError, match="sham_jaw: field 'shape.center.at'"):
+        AURegions(data, "sham")
+    with pytest.raises(AURegionError, match="AU keys"):
+        AURegions(shams.data)  # sham names are not AU keys
+
+
+# -- faces cut by the image frame --------------------------------------------------------------------
+
+
+def test_region_clipping_of_a_face_whose_chin_is_cut(regions, shams):
+    """A sample face cropped just below the mouth: the chin (8) is outside the image, so
+    the jaw, chin and lower-lip regions are partly lost, and the eye regions are not."""
+    from interp_fer.samples import sample_face
+
+    image = sample_face("happy")
+    lm = LandmarkDetector()(image).landmarks
+    bottom = int(lm[57, 1] + 0.05 * FaceFrame.of(lm).iod)  # just below the lower lip
+    crop = image[:bottom]
+    assert lm[8, 1] > crop.shape[0] - 0.5
+    share = region_clipping(regions, lm, crop.shape[:2])
+    assert set(share) == set(regions.names)
+    assert share["AU26"] > 0.6 and share["AU17"] > 0.6 and 0 < share["AU16"] < 1
+    for au in ("AU01", "AU02", "AU05", "AU06", "AU07", "AU12", "AU25"):
+        assert share[au] == 0.0, au
+    # the share matches the masks: the part of the pixel mask of the full image that the crop
+    # keeps, against the full region
+    full = regions.masks(lm, image.shape[:2], aus=[17, 26])
+    kept = regions.masks(lm, crop.shape[:2], aus=[17, 26])
+    for au in ("AU17", "AU26"):
+        lost = 1 - kept[au].sum() / full[au].sum()
+        assert share[au] == pytest.approx(lost, abs=0.02), au
+    assert region_clipping(regions, lm, image.shape[:2]) == dict.fromkeys(regions.names, 0.0)
+    sham_share = region_clipping(shams, lm, crop.shape[:2])
+    assert sham_share["sham_forehead"] == 0.0 and sham_share["sham_jaw"] > 0
+    # a face half outside on the left: every region left of the nose is cut
+    moved = lm - [lm[30, 0], 0]
+    left = region_clipping(regions, moved, image.shape[:2])
+    assert left["AU12"] == pytest.approx(0.5, abs=0.02) and left["AU25"] > 0.3
