@@ -18,6 +18,7 @@ names of the model they are built from.
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import numpy as np
 import torch
@@ -27,28 +28,48 @@ from .models import FERModel, with_module
 
 
 def randomized_copy(model: FERModel, seed: int = 0) -> FERModel:
-    """A copy of ``model`` with every learned weight re-drawn at random (Adebayo et al. 2018).
+    """A copy of ``model`` with *every* parameter re-drawn at random (Adebayo et al. 2018).
 
-    Convolutions and linear layers get Kaiming-normal weights and zero biases; BatchNorm
-    layers become the identity (unit scale, zero shift and running statistics), so
-    activations keep a sane range. The control answers: would the analysis "find" the same
-    AU detectors in a network that learned nothing?
+    Each parameter tensor is replaced, whatever module holds it (convolutions of any kind,
+    linear layers, normalisation affine terms, PReLU slopes, custom ``nn.Parameter`` s):
+
+    * tensors of two or more dimensions (weights): Kaiming normal, ``N(0, 2 / fan_in)``
+      (fan_in = elements of one output slice), which keeps activations in range through
+      ReLU stacks;
+    * one-dimensional tensors (biases, normalisation scales and shifts, slopes): drawn
+      uniformly in ``mean +- spread``, where mean and spread are those of the trained tensor
+      (for a bias near 0 that is a small symmetric draw; for a BatchNorm scale near 1 a
+      draw around 1), so no channel is switched off or blown up by the redraw;
+    * normalisation buffers (running mean / variance) are reset to 0 / 1.
+
+    The control answers: would the analysis "find" the same AU detectors in a network that
+    learned nothing? The draw is a function of ``seed`` and the parameter's name only.
     """
-    generator = torch.Generator().manual_seed(seed)
     module = copy.deepcopy(model.module).cpu()
     with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            generator = torch.Generator().manual_seed(
+                int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "big"))
+            parameter.copy_(_redrawn(parameter, generator))
         for sub in module.modules():
-            if isinstance(sub, nn.Conv2d | nn.Linear):
-                fan_in = sub.weight[0].numel()
-                sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator)
-                                 * np.sqrt(2.0 / fan_in))
-                if sub.bias is not None:
-                    sub.bias.zero_()
-            elif isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                sub.reset_parameters()
+            if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats:
                 sub.reset_running_stats()
     module.to(model.device).eval()
     return with_module(model, module, name=f"{model.name} (randomized weights)")
+
+
+def _redrawn(parameter: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    shape, dtype = parameter.shape, parameter.dtype
+    if parameter.dim() >= 2:
+        fan_in = max(parameter[0].numel(), 1)
+        return (torch.randn(shape, generator=generator, dtype=torch.float64)
+                * np.sqrt(2.0 / fan_in)).to(dtype)
+    values = parameter.detach().double()
+    mean = float(values.mean()) if values.numel() else 0.0
+    spread = float((values - mean).abs().max()) if values.numel() > 1 else 0.0
+    spread = max(spread, 1e-2 * max(abs(mean), 1.0))
+    draw = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
+    return (mean + spread * draw).to(dtype)
 
 
 class PlantedDetectors(nn.Module):
@@ -85,6 +106,96 @@ class PlantedDetectors(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.detector(self.mix(x) + self.templates)
         return self.head(maps.amax(dim=(2, 3)))
+
+
+class PlantedActivityDetectors(nn.Module):
+    """Channels built to *detect* AUs: their response inside an AU's region follows its activity.
+
+    A known-truth control for the detector test (DESIGN.md, "Controls and validation"). For
+    every face it was built for, channel ``k``'s map at layer ``detector`` is
+    ``strength * z_k(face) * region_k(face) + noise``: ``z_k`` the face's standardised
+    activity of the channel's AU (from the same landmarks the mapping uses), ``region_k`` that
+    AU's region on that face, ``noise`` uniform on (0, 1) and independent across positions.
+    Layer ``coarse`` is the same maps max-pooled by ``pool``: at that resolution some regions
+    nest (AU25's cells inside AU23's), which the test must still tell apart by activity.
+
+    The network recognises a face by a digest of its (preprocessed) input, so it answers
+    only for the faces it was built for; any other input raises.
+
+    Parameters
+    ----------
+    inputs
+        (N, C, H, W) the preprocessed faces, exactly as the mapping will feed them.
+    maps
+        (N, K, H, W) the planted responses of those faces.
+    n_classes
+        Outputs of the head (so it stands wherever a FER model does).
+    pool
+        Pooling of the ``coarse`` layer.
+    """
+
+    def __init__(self, inputs: torch.Tensor, maps: torch.Tensor, n_classes: int,
+                 pool: int = 8) -> None:
+        super().__init__()
+        self._rows = {self.digest(x): i for i, x in enumerate(inputs)}
+        self.register_buffer("maps", maps.float())
+        self.gate = nn.Conv2d(inputs.shape[1], maps.shape[1], kernel_size=1)
+        self.detector = nn.Identity()
+        self.coarse = nn.MaxPool2d(pool)
+        self.head = nn.Linear(maps.shape[1], n_classes)
+        with torch.no_grad():
+            # The 1x1 convolution keeps the receptive field defined (one pixel per unit)
+            # without letting image content in.
+            self.gate.weight.zero_()
+            self.gate.bias.zero_()
+
+    @staticmethod
+    def digest(x: torch.Tensor) -> str:
+        """Key of one preprocessed face (its float32 values, rounded to 1e-4)."""
+        values = torch.round(x.detach().float().cpu() * 1e4).to(torch.int64).numpy()
+        return hashlib.sha256(values.tobytes()).hexdigest()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for face in x:
+            key = self.digest(face)
+            if key not in self._rows:
+                raise KeyError("PlantedActivityDetectors got a face it was not built for")
+            rows.append(self._rows[key])
+        maps = self.detector(self.gate(x) + self.maps[rows])
+        return self.head(self.coarse(maps).amax(dim=(2, 3)))
+
+
+def planted_activity_model(model: FERModel, inputs: torch.Tensor, regions: np.ndarray,
+                           activity: np.ndarray, strength: float = 3.0, seed: int = 0
+                           ) -> FERModel:
+    """``model``'s preprocessing around :class:`PlantedActivityDetectors`.
+
+    Parameters
+    ----------
+    model
+        Gives preprocessing, input size and class names.
+    inputs
+        (N, C, H, W) preprocessed faces.
+    regions
+        (N, K, H, W) boolean: the region of channel k's AU on each face.
+    activity
+        (N, K) the activity of channel k's AU on each face.
+    strength
+        Scale of the planted response (noise is uniform on (0, 1)).
+    seed
+        Seed of the noise.
+    """
+    rng = np.random.default_rng(seed)
+    z = (activity - activity.mean(axis=0)) / np.where(activity.std(axis=0) > 0,
+                                                      activity.std(axis=0), 1.0)
+    noise = rng.random(regions.shape)
+    maps = strength * (z[:, :, None, None] + 2.0) * regions + noise
+    module = PlantedActivityDetectors(inputs, torch.as_tensor(maps), len(model.class_names))
+    module.to(model.device).eval()
+    planted = with_module(model, module, name=f"planted AU detectors ({model.name} input)")
+    planted.stages = ("detector", "coarse")
+    return planted
 
 
 class NoSpatialPreference(nn.Module):

@@ -7,9 +7,11 @@ function", "Corroborating measures", "Significance and stability"):
 * ``distance``: D(k, a) on the observed images (default Wasserstein-1 / pooled SD);
 * ``ci_low``/``ci_high``: percentile interval of D over the Poisson-bootstrap replicates;
 * ``excess``: D minus the mean D of the random-placement replicates (the area effect removed);
-* ``p_value``: one-sided, from the random-placement null replicates (predictive tail of a
-  normal fitted to them, :func:`interp_fer.statistics.normal_tail_p_value`);
-  ``p_empirical`` beside it;
+* ``p_value``: one-sided empirical p-value against the random-placement null replicates,
+  ``(1 + #{D_null >= D}) / (1 + n_null)`` (no fitted tail: its floor is ``1 / (1 + n_null)``);
+  this null is narrow (any fixed region tends to beat a region placed at random on each
+  face), so it describes *where* a channel looks, never what it detects
+  (:mod:`interp_fer.detectors` answers that);
 * ``stability``: share of bootstrap replicates in which AU ``a`` has the channel's largest D;
 * ``hit_rate``/``chance_rate``/``mean_distance``: pointing game of the extremum points;
 * ``iou``: dataset-level dissection IoU;
@@ -43,7 +45,6 @@ from .accumulators import (
 from .cells import CellGrid, SparseMasks
 from .statistics import (
     empirical_p_value,
-    normal_tail_p_value,
     placement_offsets_many,
     random_offsets,
 )
@@ -151,8 +152,8 @@ class FaceGeometry:
 class LayerMapping:
     """Accumulates every statistic of one layer (K channels) against A AUs.
 
-    Create it with :meth:`calibrate` on the first batch (which fixes histogram bins and IoU
-    thresholds), then :meth:`update` with every batch, including the first.
+    Create it with :meth:`calibrate` on a calibration sample spread over the whole dataset
+    (which fixes histogram bins and IoU thresholds), then :meth:`update` with every batch.
     """
 
     layer: str
@@ -202,8 +203,8 @@ class LayerMapping:
 
     def update(self, image_indices: np.ndarray, acts: torch.Tensor, geometry: FaceGeometry,
                points: np.ndarray, active: np.ndarray, presence: np.ndarray | None = None,
-               classes: np.ndarray | None = None) -> None:
-        """Add a batch.
+               classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Add a batch; return its per-image region peaks ``r_in``, ``r_out`` (N, K, A).
 
         Parameters
         ----------
@@ -245,6 +246,7 @@ class LayerMapping:
                                  "and classes with every batch")
             self.labels.update(peaks, presence, classes)
         self.n_images += n
+        return r_in.cpu().numpy(), r_out.cpu().numpy()
 
     def scores(self) -> pd.DataFrame:
         """Every measure per (channel, AU): a DataFrame with one row per pair."""
@@ -262,8 +264,7 @@ class LayerMapping:
             ci_low = ci_high = np.full_like(observed, np.nan)
             stability = np.full_like(observed, np.nan)
         if len(null) > 1:
-            p_value = normal_tail_p_value(observed, null)
-            p_empirical = empirical_p_value(observed, null)
+            p_value = p_empirical = empirical_p_value(observed, null)
             excess = observed - null.mean(axis=0)
         else:
             p_value = p_empirical = excess = np.full_like(observed, np.nan)

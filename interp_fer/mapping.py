@@ -1,38 +1,39 @@
 """The AU <-> channel mapping: the toolkit's main job, and its tables.
 
-:func:`map_dataset` runs the whole analysis in one streaming pass over a dataset (landmarks
-first, cached; then feature maps, extremum points and every statistic, batch by batch, with a
-checkpoint to resume from) and returns a :class:`MappingResult` of pandas DataFrames.
+Two questions, kept apart (DESIGN.md, "Two questions"):
 
-:func:`mapping_table` applies Benjamini-Hochberg over *every* (layer, channel, AU) pair of the
-run and assigns each channel the AU with the largest distance D among its significant pairs
-(DESIGN.md: "the mapping of a channel is the AU with the largest D, when that D is
-significant"). A channel with no significant pair keeps an empty ``au``; its best pair's
-numbers are still reported (``best_au``), so a reader sees how close it came.
+1. **Does channel k detect AU a?** (``au`` in ``mapping.csv``). The detector test of
+   :mod:`interp_fer.detectors`: the channel's peak response inside AU a's region rises with
+   AU a's *activity* on the face (landmark proxies, :mod:`interp_fer.au_activity`, or the
+   user's AU codes), given the other AUs and the channel's response elsewhere on the face;
+   chosen on one half of the images and tested on the other (permutation p-values,
+   Benjamini-Hochberg over every tested pair); and more than any channel of the same layer of
+   a copy of the network with every parameter re-drawn (built into the decision).
+2. **Where does channel k look?** (``looks_at``). The paper's distance function D (Zhu, Fan &
+   Yuan), computed for every AU region and for *sham* regions (the same shape at non-AU places
+   of the face). It is descriptive: on aligned faces nearly every spatially structured
+   channel, trained or random, "looks at" eyes, brows or mouth, so it says nothing about what
+   training put there. Where a region's cells at a layer are contained in another region's
+   cells on most faces, the two cannot be told apart at that layer (``looks_at_resolvable``).
 
-Why D may be negative for a mapped pair: ``r_out`` is a peak over the whole rest of the face,
-a much larger area than the region, so even a channel that prefers the region often peaks
-elsewhere (D < 0). Significance is judged against the same regions placed at random on the
-same faces, which face the same area handicap; ``excess`` (D minus the mean D of those
-placements) shows the effect with the area effect removed. D, not ``excess``, ranks the AUs
-of a channel, as DESIGN.md says; on planted channels D ranks right where ``excess`` can
-prefer a larger, nearby region (``tests/test_mapping_controls.py``).
+:func:`map_dataset` runs the analysis in three stages a reader can follow:
 
-On aligned faces almost every spatially structured channel, including those of a network
-with random weights, beats the random-placement null for some AU: eyes, brows and mouth are
-where the image has contrast. The mapping says where a channel responds, not that training
-put it there; compare with ``--control randomized`` (Adebayo et al. 2018) and read the
-corroborating measures (hit rate against chance, IoU) beside D.
+* :func:`prepare_faces`: landmarks (cached), crops, AU regions, AU activity;
+* :func:`stream_layers`: one pass over the faces, batch by batch, for the network and its
+  random-weights control: per-image region responses, and the streamed corroborating
+  measures of :class:`interp_fer.layer_mapping.LayerMapping` (checkpointed);
+* :func:`decide`: the detector test, ``looks_at``, and the tables.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +41,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cells import CellGrid
-from .data import ImageDataset
-from .labels import au_presence, has_labels, prototype_name
+from .cells import CellGrid, SparseMasks
+from .data import ImageDataset, Record
+from .detectors import DetectorOptions, LayerResponses, detector_test
+from .labels import EMFACS_PROTOTYPES, au_presence, has_labels, prototype_name
 from .layer_mapping import FaceGeometry, LayerMapping, MappingOptions
 from .layers import layer_outputs
 from .models import FERModel
 from .preprocessing import Crop
-from .statistics import benjamini_hochberg
+from .statistics import benjamini_hochberg, signed_distance
 
+#: Columns of ``mapping.csv`` (one row per layer and channel).
 MAPPING_COLUMNS = [
-    "layer", "channel", "au", "distance", "ci_low", "ci_high", "p_value", "q_value",
-    "stability", "hit_rate", "chance_rate", "iou", "n_images",
+    "layer", "channel", "au", "candidate_au", "auc", "auc_low", "auc_high", "effect",
+    "partial", "out_effect", "p_value", "q_value", "control_bar", "beats_control", "specific",
+    "small_sample", "n_report", "looks_at", "looks_at_distance", "looks_at_resolvable",
+    "looks_at_shares_cells_with", "hit_rate", "chance_rate", "iou", "n_images",
 ]
+#: Measures of ``scores.csv`` (long format, one row per layer, channel, AU and measure).
 MEASURES = [
-    "distance", "excess", "ci_low", "ci_high", "p_value", "p_empirical", "q_value", "stability",
-    "hit_rate", "chance_rate", "mean_distance_iod", "iou", "ks", "cohen_d", "label_auc",
-    "control_percentile", "n_images",
+    "partial_select", "partial", "control_bar", "distance", "excess", "ci_low", "ci_high",
+    "p_value", "q_value", "stability", "hit_rate", "chance_rate", "mean_distance_iod", "iou",
+    "ks", "cohen_d", "label_auc", "control_percentile", "n_images",
 ]
+ACTIVITY_SOURCES = ("auto", "landmarks", "labels", "expressions")
 
 
 def add_q_values(scores: pd.DataFrame) -> pd.DataFrame:
@@ -65,45 +72,6 @@ def add_q_values(scores: pd.DataFrame) -> pd.DataFrame:
     scores = scores.copy()
     scores["q_value"] = benjamini_hochberg(scores["p_value"].to_numpy(dtype=float))
     return scores
-
-
-def mapping_table(scores: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """One row per (layer, channel): its AU when significant, with that pair's measures.
-
-    Parameters
-    ----------
-    scores
-        One row per (layer, channel, AU) with at least the columns of
-        :data:`MAPPING_COLUMNS` but ``q_value`` (added here when absent).
-    alpha
-        False discovery rate.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns :data:`MAPPING_COLUMNS` plus ``best_au`` (the AU of largest D, significant or
-        not), ``significant`` and, when the scores have them, ``label_auc`` and
-        ``control_percentile`` of the chosen pair.
-    """
-    if "q_value" not in scores:
-        scores = add_q_values(scores)
-    rows = []
-    for (layer, channel), pairs in scores.groupby(["layer", "channel"], sort=False):
-        significant = pairs[pairs["q_value"] <= alpha]
-        chosen = significant if len(significant) else pairs
-        best = chosen.loc[chosen["distance"].idxmax()] if chosen["distance"].notna().any() \
-            else chosen.iloc[0]
-        row = {column: best[column]
-               for column in [*MAPPING_COLUMNS, "label_auc", "control_percentile"]
-               if column in best}
-        row.update(layer=layer, channel=int(channel), best_au=best["au"],
-                   au=best["au"] if len(significant) else None,
-                   significant=bool(len(significant)))
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    table["au"] = table["au"].astype("Int64")
-    extra = [c for c in ("label_auc", "control_percentile") if c in table]
-    return table[[*MAPPING_COLUMNS, "best_au", "significant", *extra]]
 
 
 def long_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -116,19 +84,18 @@ def long_scores(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def channels_for_au(mapping: pd.DataFrame, au: int) -> pd.DataFrame:
-    """The channels mapped to ``au``, strongest first."""
+    """The channels detected as detectors of ``au``, strongest (report-half AUC) first."""
     picked = mapping[mapping["au"] == au]
-    return picked.sort_values("distance", ascending=False, ignore_index=True)
+    return picked.sort_values("auc", ascending=False, ignore_index=True)
 
 
 def compare_with_control(scores: pd.DataFrame, control: pd.DataFrame) -> pd.DataFrame:
     """Add ``control_percentile``: where each pair's ``excess`` falls among the control's.
 
     For layer l and AU a, the share of the control network's channels of l whose ``excess``
-    at a is below this channel's (ties count half). Channels of a trained and a randomised
-    network do not correspond one to one, but their populations do: a pair at 0.99 is
-    stronger than 99 % of what random filters of the same architecture show on the same
-    faces; a pair near 0.5 is what any filter bank gives there (Adebayo et al. 2018).
+    (D beyond the random-placement null, question 1) at a is below this channel's (ties count
+    half). It places *where a channel looks* among what random filters show on the same faces
+    (Adebayo et al. 2018); the detector test has its own control built in.
 
     Parameters
     ----------
@@ -153,41 +120,56 @@ def compare_with_control(scores: pd.DataFrame, control: pd.DataFrame) -> pd.Data
 
 
 def layer_summary(result: MappingResult) -> pd.DataFrame:
-    """Per layer: how many channels are mapped and how strongly their chosen pairs hold up.
+    """Per layer: channels, detectors of the network and of its random-weights control.
 
-    Columns: ``channels``, ``mapped``, and over the mapped channels' pairs the median
-    ``excess`` (D beyond the random-placement null), the mean pointing ``hit_rate`` minus
-    its ``chance_rate``, and (with labels) the mean ``|label_auc - 0.5|``. Put beside the
-    same summary of ``--control randomized``, it shows how much of the mapping training
-    explains (Adebayo et al. 2018).
+    Columns: ``channels``, ``detectors`` (channels with an ``au``), ``control_detectors``
+    (the same test run on the random-weights copy against a second copy: what chance and the
+    architecture give), ``median_auc`` of the detectors (report half), and ``sham_rate``
+    (share of channels whose ``looks_at`` is a sham region) beside ``sham_share`` (share of
+    the regions that are shams: what a sham wins by chance).
     """
     rows = []
-    scores = result.scores.set_index(["layer", "channel", "au"])
+    control = result.control_detectors
     for layer, part in result.mapping.groupby("layer", sort=False):
         mapped = part[part["au"].notna()]
-        keys = [(layer, int(c), int(a)) for c, a in zip(mapped["channel"], mapped["au"],
-                                                         strict=True)]
-        chosen = scores.loc[keys] if keys else scores.iloc[:0]
-        row = {"layer": layer, "channels": len(part), "mapped": len(mapped),
-               "median_excess": float(chosen["excess"].median()) if keys else np.nan,
-               "hit_minus_chance": float((chosen["hit_rate"] - chosen["chance_rate"]).mean())
-               if keys else np.nan}
-        if "label_auc" in chosen:
-            row["label_auc_strength"] = float((chosen["label_auc"] - 0.5).abs().mean()) \
-                if keys else np.nan
+        looked = part["looks_at"].dropna().astype(str)
+        row = {"layer": layer, "channels": len(part), "detectors": len(mapped),
+               "median_auc": float(mapped["auc"].median()) if len(mapped) else np.nan,
+               "sham_rate": float(looked.str.startswith("sham").mean()) if len(looked)
+               else np.nan,
+               "sham_share": result.run.get("looks_at", {}).get("sham_share", np.nan)}
+        if control is not None:
+            row["control_detectors"] = int(control.loc[control["layer"] == layer, "au"]
+                                           .notna().sum())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def summary_counts(mapping: pd.DataFrame) -> pd.Series:
-    """Number of channels mapped to each AU (``none`` for unmapped channels)."""
+    """Number of channels detecting each AU (``none`` for channels without one)."""
     labels = mapping["au"].astype("string").fillna("none")
     return labels.value_counts().rename("channels")
 
 
+def headline(result: MappingResult) -> str:
+    """One line: detectors found in the network and in its random-weights control."""
+    mapping = result.mapping
+    found = int(mapping["au"].notna().sum())
+    layers = ", ".join(result.run["layers"])
+    text = f"{found} of {len(mapping)} channels of {layers} are AU detectors"
+    control = result.control_detectors
+    if control is not None:
+        text += (f"; the random-weights control: {int(control['au'].notna().sum())} of "
+                 f"{len(control)}")
+    detector = result.run.get("detector", {})
+    if detector.get("small_sample"):
+        text += (f" (small sample: {detector.get('n_report')} report images; "
+                 "no test can pass with so few)")
+    return text
+
 
 # --------------------------------------------------------------------------------------------
-# The streaming pass
+# Results
 
 
 @dataclass
@@ -197,21 +179,35 @@ class MappingResult:
     Attributes
     ----------
     mapping
-        One row per (layer, channel) (:func:`mapping_table`).
+        One row per (layer, channel), columns :data:`MAPPING_COLUMNS` (``mapping.csv``):
+        the detector test's verdict ``au`` and its numbers, ``looks_at`` and the
+        corroborating measures of that region.
     scores
-        One row per (layer, channel, AU) with every measure, q-values included.
+        One row per (layer, channel, AU) with every measure (``scores.csv``, long format).
     run
-        What was run on what: model, layers, data, options, versions, image counts by
-        landmark status, skipped inputs with reasons, wall seconds per phase (``run.json``).
+        What was run on what: model, layers, data, options, activity sources, detector counts
+        of the network and its control, sham rate, image counts by landmark status, clipped
+        regions, skipped inputs with reasons, wall seconds per phase (``run.json``).
     landmarks
         The landmark table of the dataset (:func:`interp_fer.faces.landmarks_table`).
     faces
-        The mapped images: dataset ``index``, ``key`` and the crop fed to the network.
+        The mapped images: dataset ``index``, ``key``, the crop fed to the network, and their
+        half (``half``: ``select`` or ``report``).
     top_images
         Per layer, ``values``/``indices`` (K, k): each channel's top-activating images.
     expressions
         With expression labels: one row per (layer, channel, expression), the one-vs-rest
         ``auc`` of the channel's peak response.
+    activity
+        One row per mapped face, one column per tested AU (``AU1``, ...): the activity the
+        detector test used (``activity.csv``).
+    responses
+        Per layer, ``x_in`` (N, K, A): each face's in-region peak response per channel and
+        tested AU (dossier plots of response against activity).
+    looks
+        One row per (layer, channel, region) with D for AU and sham regions (``looks_at.csv``).
+    control_detectors
+        The detector table of the random-weights copy tested against a second copy.
     """
 
     mapping: pd.DataFrame
@@ -221,17 +217,32 @@ class MappingResult:
     faces: pd.DataFrame | None = None
     top_images: dict[str, dict[str, np.ndarray]] | None = None
     expressions: pd.DataFrame | None = None
+    activity: pd.DataFrame | None = None
+    responses: dict[str, np.ndarray] | None = None
+    looks: pd.DataFrame | None = None
+    control_detectors: pd.DataFrame | None = None
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``mapping.csv``, ``scores.csv``, ``run.json`` (and ``expressions.csv``)."""
+        """Write ``mapping.csv``, ``scores.csv``, ``run.json`` and the other tables.
+
+        Every file is written atomically (a temporary file renamed into place), so a reader
+        or a killed run never sees half a file.
+        """
+        from .outputs import write_csv, write_text
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.mapping.to_csv(out / "mapping.csv", index=False)
-        long_scores(self.scores).to_csv(out / "scores.csv", index=False)
+        write_csv(self.mapping, out / "mapping.csv", index=False)
+        write_csv(long_scores(self.scores), out / "scores.csv", index=False)
         if self.expressions is not None:
-            self.expressions.to_csv(out / "expressions.csv", index=False)
-        with open(out / "run.json", "w") as handle:
-            json.dump(self.run, handle, indent=2, default=_json_default)
+            write_csv(self.expressions, out / "expressions.csv", index=False)
+        if self.activity is not None:
+            write_csv(self.activity, out / "activity.csv", index=False)
+        if self.looks is not None:
+            write_csv(self.looks, out / "looks_at.csv", index=False)
+        if self.control_detectors is not None:
+            write_csv(self.control_detectors, out / "control_mapping.csv", index=False)
+        write_text(json.dumps(self.run, indent=2, default=_json_default), out / "run.json")
         return out
 
 
@@ -243,6 +254,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+# --------------------------------------------------------------------------------------------
+# Stage 1: faces, regions and AU activity
+
+
 @dataclass
 class _Face:
     """One usable image: its dataset position, network-input crop and geometry."""
@@ -251,6 +266,49 @@ class _Face:
     key: str
     crop: Crop
     landmarks: np.ndarray  # (68, 2) (x, y) on the network input grid
+
+
+@dataclass
+class FaceSet:
+    """The faces a mapping run uses, with everything derived from landmarks alone.
+
+    Attributes
+    ----------
+    faces
+        Usable faces in dataset order.
+    skipped
+        ``(key, reason)`` of every image left out.
+    table
+        The landmark table (:func:`interp_fer.faces.landmarks_table`).
+    records
+        The dataset records of ``faces``.
+    aus
+        AU numbers with a region (question 1 is asked of all of them).
+    tested
+        AU numbers with a region *and* an activity source (question 2).
+    activity
+        (N, len(tested)) activity of every face.
+    activity_source
+        ``"AU12" -> "labels" | "landmarks" | "expressions"``.
+    clipped
+        Region name -> number of faces on which part of it lies outside the network input
+        (clipped to the image; e.g. a chin cut off by a tight crop).
+    """
+
+    faces: list[_Face]
+    skipped: list[tuple[str, str]]
+    table: pd.DataFrame
+    records: list[Record]
+    aus: tuple[int, ...]
+    tested: tuple[int, ...]
+    activity: np.ndarray
+    activity_source: dict[str, str]
+    clipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(N,) dataset positions of the faces."""
+        return np.array([f.index for f in self.faces], dtype=np.int64)
 
 
 def _choose_crop(shape: tuple[int, ...], box: tuple[float, float, float, float] | None,
@@ -327,6 +385,130 @@ def input_landmarks(model: FERModel, dataset: ImageDataset, *, crop: str = "auto
     return np.stack([f.landmarks for f in faces]) if faces else np.zeros((0, 68, 2))
 
 
+def label_activity(records: Sequence[Record], aus: Sequence[int]) -> np.ndarray:
+    """AU activity from the records' AU columns: (N, A) values as given (0/1 or intensity).
+
+    NaN where a record has no value for the AU (or no AU columns at all).
+    """
+    out = np.full((len(records), len(aus)), np.nan)
+    for i, record in enumerate(records):
+        for j, au in enumerate(aus):
+            if record.aus and au in record.aus:
+                out[i, j] = float(record.aus[au])
+    return out
+
+
+def face_activity(faces: list[_Face], records: Sequence[Record], aus: Sequence[int],
+                  source: str = "auto") -> tuple[np.ndarray, tuple[int, ...], dict[str, str]]:
+    """The AU activity the detector test uses, and where each AU's came from.
+
+    Parameters
+    ----------
+    faces, records
+        The mapped faces and their records (same order).
+    aus
+        AU numbers that have a region.
+    source
+        ``"auto"``: the user's AU columns for every AU coded on *every* face, landmark
+        proxies for the others (:mod:`interp_fer.au_activity`); ``"landmarks"``: proxies
+        only; ``"labels"``: AU columns only (an AU not coded on every face is not tested);
+        ``"expressions"``: EMFACS prototypes of the expression labels (a weak source: every
+        face of an expression gets the same AUs).
+
+    Returns
+    -------
+    activity
+        (N, T) for the T tested AUs.
+    tested
+        The tested AU numbers (those with an activity on every face).
+    sources
+        ``"AU12" -> source`` per tested AU.
+    """
+    from .au_activity import ACTIVITY_AUS, au_activity
+
+    if source not in ACTIVITY_SOURCES:
+        raise ValueError(f"activity source must be one of {', '.join(ACTIVITY_SOURCES)}, "
+                         f"not {source!r}")
+    aus = [int(a) for a in aus]
+    columns, tested, sources = [], [], {}
+    if source == "expressions":
+        names = [prototype_name(r.label_name) for r in records]
+        if any(n is None for n in names):
+            missing = sum(n is None for n in names)
+            raise ValueError(f"activity from expressions needs an expression with an EMFACS "
+                             f"prototype on every face; {missing} face(s) have none")
+        prototyped = sorted({a for aus_ in EMFACS_PROTOTYPES.values() for a in aus_})
+        for au in aus:
+            if au in prototyped:
+                columns.append(np.array([au in EMFACS_PROTOTYPES[n] for n in names], float))
+                tested.append(au)
+                sources[f"AU{au}"] = "expressions"
+    else:
+        coded = label_activity(records, aus) if source in ("auto", "labels") else None
+        measured = None
+        if source in ("auto", "landmarks"):
+            proxied = [a for a in aus if a in ACTIVITY_AUS]
+            values = au_activity(np.stack([f.landmarks for f in faces]), proxied) if faces \
+                else np.zeros((0, len(proxied)))
+            measured = dict(zip(proxied, values.T, strict=True))
+        for j, au in enumerate(aus):
+            if coded is not None and len(faces) and np.isfinite(coded[:, j]).all():
+                columns.append(coded[:, j])
+                sources[f"AU{au}"] = "labels"
+            elif measured is not None and au in measured and np.isfinite(measured[au]).all():
+                columns.append(measured[au])
+                sources[f"AU{au}"] = "landmarks"
+            else:
+                continue
+            tested.append(au)
+    activity = np.stack(columns, axis=1) if columns else np.zeros((len(faces), 0))
+    return activity, tuple(tested), sources
+
+
+def prepare_faces(model: FERModel, dataset: ImageDataset, *, aus: Sequence[int] | None = None,
+                  crop: str = "auto", activity: str = "auto", landmark_settings: Any = None,
+                  progress: bool = True) -> FaceSet:
+    """Stage 1 of :func:`map_dataset`: landmarks, crops, clipped regions and AU activity.
+
+    Parameters
+    ----------
+    model
+        Gives the input size the faces are cropped and scaled to.
+    dataset
+        Face images (their records carry labels, when any).
+    aus
+        AU numbers; default every AU with a region in ``landmarks/au_regions.json``.
+    crop, activity, landmark_settings, progress
+        As in :func:`map_dataset`.
+    """
+    from .au_regions import load_au_regions, region_clipping
+    from .faces import LandmarkSettings
+
+    settings = landmark_settings or LandmarkSettings()
+    if settings.faces != "largest":
+        raise ValueError("the mapping takes one face per image: use LandmarkSettings("
+                         "faces='largest') (crop group photos into single faces first)")
+    regions = load_au_regions()
+    aus = tuple(int(a) for a in (aus or [r.number for r in regions]))
+    table, shapes = _landmark_pass(dataset, settings, progress)
+    faces, skipped = _faces(table, shapes, crop, model.input_size)
+    if len(faces) < 2:
+        raise ValueError(f"only {len(faces)} usable face(s) in {dataset.source}: "
+                         "the mapping needs at least 2")
+    records = [dataset.records[f.index] for f in faces]
+    values, tested, sources = face_activity(faces, records, aus, activity)
+    clipped: dict[str, int] = {}
+    for face in faces:
+        for name, share in region_clipping(regions, face.landmarks, model.input_size).items():
+            if share > 0:
+                clipped[name] = clipped.get(name, 0) + 1
+    return FaceSet(faces, skipped, table, records, aus, tested, values, sources, clipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: one streaming pass over the faces
+
+
 def _geometry(faces: list[_Face], regions: Any, aus: tuple[int, ...],
               size: tuple[int, int]) -> FaceGeometry:
     from .faces import inter_ocular_distance
@@ -343,9 +525,25 @@ def _geometry(faces: list[_Face], regions: Any, aus: tuple[int, ...],
     return FaceGeometry(masks, face_masks, iod)
 
 
+def _sham_masks(faces: list[_Face], shams: Any, size: tuple[int, int]) -> np.ndarray:
+    """(N, S, H, W) sham-region masks of a batch."""
+    out = np.zeros((len(faces), len(shams.names), *size), dtype=bool)
+    for i, face in enumerate(faces):
+        by_name = shams.masks(face.landmarks, size)
+        for j, name in enumerate(shams.names):
+            out[i, j] = by_name[name]
+    return out
+
+
 def _locate(model: FERModel, layer: str, inputs: torch.Tensor, acts: torch.Tensor,
-            field: Any, locate: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K, 2) extremum points in input pixels and (N, K) activity of every channel."""
+            field: Any, locate: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Extremum points (N, K, 2) in input pixels, (N, K) activity, and the (N, K, 2)
+    receptive-field centres of each channel's arg-max unit."""
+    flat = acts.flatten(2)
+    values, position = flat.max(dim=2)
+    position = position.cpu().numpy()
+    rows, cols = field.centre(position // acts.shape[-1], position % acts.shape[-1])
+    centres = np.stack([rows, cols], axis=-1).astype(np.float64)
     if locate == "deconv":
         from .projections import deconvnet, extremum_points
 
@@ -359,12 +557,371 @@ def _locate(model: FERModel, layer: str, inputs: torch.Tensor, acts: torch.Tenso
                                     max_memory=128 * 2**20)
             points.append(extremum_points(projections).numpy())
             active.append(projections.active.cpu().numpy())
-        return np.concatenate(points, axis=1), np.concatenate(active, axis=1)
-    flat = acts.flatten(2)
-    values, position = flat.max(dim=2)
-    position = position.cpu().numpy()
-    rows, cols = field.centre(position // acts.shape[-1], position % acts.shape[-1])
-    return np.stack([rows, cols], axis=-1).astype(np.float64), (values > 0).cpu().numpy()
+        return np.concatenate(points, axis=1), np.concatenate(active, axis=1), centres
+    return centres, (values > 0).cpu().numpy(), centres
+
+
+class ResponseStore:
+    """Per-image arrays of a run, appended batch by batch in image order.
+
+    The detector test ranks and permutes images, so it needs every image's responses, not a
+    summary: (N, K, A) float32 per layer and network.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        """Append a batch's rows to array ``name``."""
+        self._parts.setdefault(name, []).append(np.asarray(values, dtype=np.float32))
+
+    def array(self, name: str) -> np.ndarray:
+        """Every row of ``name`` so far (concatenated once, then kept)."""
+        parts = self._parts[name]
+        if len(parts) > 1:
+            self._parts[name] = parts = [np.concatenate(parts)]
+        return parts[0]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: self.array(name) for name in self._parts}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        self._parts = {name: [values] for name, values in arrays.items()}
+
+
+def _cell_membership(grid: CellGrid, masks: np.ndarray) -> np.ndarray:
+    """(N, R, h*w) boolean: the cells of each region at this layer."""
+    n, r = masks.shape[:2]
+    cells = grid.cell_masks(SparseMasks.from_dense(masks))
+    out = np.zeros((n * r, grid.shape[0] * grid.shape[1]), dtype=bool)
+    out[cells.mask, cells.position] = True
+    return out.reshape(n, r, -1)
+
+
+def _containment(member: np.ndarray) -> np.ndarray:
+    """(R, R) faces on which region i's cells are all inside region j's cells (i != j)."""
+    nonempty = member.any(axis=2)  # (N, R)
+    inside = ~(member[:, :, None, :] & ~member[:, None, :, :]).any(axis=3)  # (N, R, R)
+    inside &= nonempty[:, :, None]
+    counts = inside.sum(axis=0)
+    np.fill_diagonal(counts, 0)
+    return counts
+
+
+@dataclass
+class Stream:
+    """What :func:`stream_layers` accumulated.
+
+    Attributes
+    ----------
+    accumulators
+        Per layer, the corroborating measures of the network (:class:`LayerMapping`).
+    store
+        Per-image responses: ``"{network}/{layer}/{in|out|sham_in|sham_out}"`` for networks
+        ``model``, ``control`` and ``control2`` (:class:`ResponseStore`).
+    containment
+        Per layer, (R, R) face counts of region i's cells inside region j's (AUs, then shams).
+    agreement
+        Per layer, ``[n, n_agree]``: (image, active channel) pairs whose deconvnet location
+        lies within 0.1 IOD of the receptive-field centre (``locate='deconv'`` only).
+    """
+
+    accumulators: dict[str, LayerMapping]
+    store: ResponseStore
+    containment: dict[str, np.ndarray]
+    agreement: dict[str, np.ndarray]
+
+    def state(self) -> dict[str, np.ndarray]:
+        arrays = {f"acc/{name}/{k}": v for name, acc in self.accumulators.items()
+                  for k, v in acc.state().items()}
+        arrays.update({f"store/{k}": v for k, v in self.store.state().items()})
+        arrays.update({f"containment/{k}": v for k, v in self.containment.items()})
+        arrays.update({f"agreement/{k}": v for k, v in self.agreement.items()})
+        return arrays
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        for name, acc in self.accumulators.items():
+            acc.restore(part(f"acc/{name}/"))
+        self.store.restore(part("store/"))
+        self.containment.update(part("containment/"))
+        self.agreement.update(part("agreement/"))
+
+
+def _calibration_faces(faces: list[_Face], n: int = 256) -> list[_Face]:
+    # Bins and thresholds from a sample spread evenly over the whole dataset, not from its
+    # first batch (files sorted by expression would otherwise calibrate on one expression).
+    step = max(1, int(np.ceil(len(faces) / n)))
+    return faces[::step]
+
+
+def _forward(model: FERModel, dataset: ImageDataset, batch: list[_Face]) -> torch.Tensor:
+    images = [dataset.load(dataset.records[f.index]).image for f in batch]
+    inputs = model.preprocess([f.crop.apply(image) for f, image in zip(batch, images, strict=True)])
+    return inputs.to(model.device)
+
+
+def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
+                  layers: Sequence[str], *, controls: Sequence[FERModel] = (),
+                  locate: str = "deconv", options: MappingOptions | None = None,
+                  batch_size: int = 64, labelled: bool = False, checkpoint: Any = None,
+                  clock: Any = None, progress: bool = True) -> Stream:
+    """Stage 2 of :func:`map_dataset`: one pass over the faces, batch by batch.
+
+    Parameters
+    ----------
+    model
+        The network.
+    dataset, faceset
+        The images and their faces (:func:`prepare_faces`).
+    layers
+        Layer names.
+    controls
+        Random-weights copies (:func:`interp_fer.controls.randomized_copy`): the first is the
+        detector test's control, the second the "control of the control".
+    locate, options, batch_size
+        As in :func:`map_dataset`.
+    labelled
+        Accumulate label AUCs (the dataset's expression or AU labels).
+    checkpoint
+        A :class:`interp_fer.checkpoint.Checkpoint`, saved when due (time-based) and resumed
+        from when its key matches.
+    clock
+        A :class:`_Clock` for wall seconds per phase.
+    progress
+        Show a progress bar that moves per face.
+    """
+    from tqdm.auto import tqdm
+
+    from .accumulators import region_peaks
+    from .au_regions import load_au_regions, load_sham_regions
+    from .layers import receptive_field
+
+    options = options or MappingOptions()
+    clock = clock or _Clock()
+    regions, shams = load_au_regions(), load_sham_regions()
+    size = model.input_size
+    aus, faces = faceset.aus, faceset.faces
+    n_classes = len(dataset.class_names) if labelled else None
+    presence = classes = None
+    if labelled:
+        presence = au_presence(faceset.records, aus)
+        classes = np.array([-1 if r.label is None else r.label for r in faceset.records])
+
+    shape = (model.preprocess.channels, *size)
+    probe = layer_outputs(model.module, layers, torch.zeros(1, *shape, device=model.device))
+    fields = {name: receptive_field(model, name) for name in layers}
+    grids = {name: CellGrid.from_field(fields[name], tuple(probe[name].shape[-2:]), size)
+             for name in layers}
+    with clock("forward"):
+        sample = _calibration_faces(faces)
+        acts = layer_outputs(model.module, layers, _forward(model, dataset, sample))
+    stream = Stream({name: LayerMapping.calibrate(name, grids[name], aus, acts[name], options,
+                                                  n_classes) for name in layers},
+                    ResponseStore(), {}, {})
+    resumed = checkpoint.load() if checkpoint is not None else None
+    start = 0
+    if resumed:
+        start = resumed[0]
+        stream.restore(resumed[1])
+
+    batches = [faces[i:i + batch_size] for i in range(0, len(faces), batch_size)]
+    networks = [("model", model)] + [(f"control{'' if i == 0 else i + 1}", c)
+                                     for i, c in enumerate(controls)]
+    bar = tqdm(total=len(faces), desc=f"map {model.name}", unit="face", disable=not progress,
+               initial=sum(len(b) for b in batches[:start]))
+    for number, batch in enumerate(batches):
+        if number < start:
+            continue
+        with clock("forward"):
+            inputs = _forward(model, dataset, batch)
+            acts = {net: layer_outputs(m.module, layers, inputs) for net, m in networks}
+        with clock("geometry"):
+            geometry = _geometry(batch, regions, aus, size)
+            sham = _sham_masks(batch, shams, size)
+            every = np.concatenate([geometry.regions, sham], axis=1)
+        indices = np.array([f.index for f in batch])
+        rows = slice(number * batch_size, number * batch_size + len(batch))
+        batch_presence = None if presence is None else presence[rows]
+        batch_classes = None if classes is None else classes[rows]
+        for name in layers:
+            grid = grids[name]
+            with clock(f"locate ({locate})"):
+                points, active, centres = _locate(model, name, inputs, acts["model"][name],
+                                                  fields[name], locate)
+            with clock("statistics"):
+                r_in, r_out = stream.accumulators[name].update(
+                    indices, acts["model"][name], geometry, points, active, batch_presence,
+                    batch_classes)
+                stream.store.add(f"model/{name}/in", r_in)
+                stream.store.add(f"model/{name}/out", r_out)
+                face_cells = torch.from_numpy(grid.cells_in(geometry.face))
+                sham_cells = grid.cell_masks(SparseMasks.from_dense(sham))
+                s_in, s_out = region_peaks(acts["model"][name], sham_cells,
+                                           face_cells.to(acts["model"][name].device))
+                stream.store.add(f"model/{name}/sham_in", s_in.cpu().numpy())
+                stream.store.add(f"model/{name}/sham_out", s_out.cpu().numpy())
+                in_cells = grid.cell_masks(geometry.sparse_regions)
+                for net, _ in networks[1:]:
+                    c_act = acts[net][name]
+                    c_in, c_out = region_peaks(c_act, in_cells, face_cells.to(c_act.device))
+                    stream.store.add(f"{net}/{name}/in", c_in.cpu().numpy())
+                    stream.store.add(f"{net}/{name}/out", c_out.cpu().numpy())
+                counts = _containment(_cell_membership(grid, every))
+                stream.containment[name] = stream.containment.get(name, 0) + counts
+                if locate == "deconv":
+                    near = np.linalg.norm(points - centres, axis=-1) <= \
+                        0.1 * geometry.iod[:, None]
+                    seen = stream.agreement.get(name, np.zeros(2))
+                    stream.agreement[name] = seen + [active.sum(), (near & active).sum()]
+        bar.update(len(batch))
+        if checkpoint is not None and number + 1 < len(batches) and checkpoint.due():
+            checkpoint.save(number + 1, stream.state())
+    bar.close()
+    return stream
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: the decision and the tables
+
+
+def _responses(stream: Stream, network: str, layers: Sequence[str], columns: list[int]
+               ) -> list[LayerResponses]:
+    return [LayerResponses(name, stream.store.array(f"{network}/{name}/in")[:, :, columns],
+                           stream.store.array(f"{network}/{name}/out")[:, :, columns])
+            for name in layers]
+
+
+def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
+                   sham_names: Sequence[str], distance: str = "wasserstein") -> pd.DataFrame:
+    """D of every channel for every AU and sham region (question 1), exact from samples.
+
+    One row per (layer, channel, region): ``region`` (``AU12``, ``sham_cheek``), ``sham``,
+    ``distance`` (:func:`interp_fer.statistics.signed_distance` between the per-image peak
+    inside the region and the peak on the rest of the face; faces where the region has no
+    cell are left out) and ``n_images``.
+    """
+    names = [f"AU{a}" for a in aus] + list(sham_names)
+    frames = []
+    for layer in layers:
+        x_in = np.concatenate([stream.store.array(f"model/{layer}/in"),
+                               stream.store.array(f"model/{layer}/sham_in")], axis=2)
+        x_out = np.concatenate([stream.store.array(f"model/{layer}/out"),
+                                stream.store.array(f"model/{layer}/sham_out")], axis=2)
+        k = x_in.shape[1]
+        for j, name in enumerate(names):
+            rows = np.isfinite(x_in[:, :, j]).all(axis=1) & np.isfinite(x_out[:, :, j]).all(axis=1)
+            d = signed_distance(x_in[rows, :, j], x_out[rows, :, j], distance) if rows.sum() > 1 \
+                else np.full(k, np.nan)
+            frames.append(pd.DataFrame({"layer": layer, "channel": np.arange(k), "region": name,
+                                        "sham": name.startswith("sham"), "distance": d,
+                                        "n_images": int(rows.sum())}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _looks_at(looks: pd.DataFrame, containment: dict[str, np.ndarray], n_faces: int
+              ) -> pd.DataFrame:
+    """Per (layer, channel): the region of largest D, and whether it is resolvable there."""
+    rows = []
+    for (layer, channel), part in looks.groupby(["layer", "channel"], sort=False):
+        names = list(part["region"])
+        d = part["distance"].to_numpy(dtype=float)
+        if not np.isfinite(d).any():
+            rows.append({"layer": layer, "channel": channel, "looks_at": None,
+                         "looks_at_distance": np.nan, "looks_at_resolvable": False,
+                         "looks_at_shares_cells_with": ""})
+            continue
+        w = int(np.nanargmax(d))
+        counts = containment.get(layer)
+        shared = []
+        if counts is not None:
+            # Region w cannot be told from region j at this layer when, on most faces, the
+            # cells of one lie inside the cells of the other.
+            nested = (counts[w] > n_faces / 2) | (counts[:, w] > n_faces / 2)
+            shared = [names[j] for j in np.flatnonzero(nested) if j != w]
+        rows.append({"layer": layer, "channel": channel, "looks_at": names[w],
+                     "looks_at_distance": d[w], "looks_at_resolvable": not shared,
+                     "looks_at_shares_cells_with": ";".join(shared)})
+    return pd.DataFrame(rows)
+
+
+def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
+           detector: DetectorOptions, distance: str = "wasserstein", controls: int = 2
+           ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame | None,
+                      dict[str, Any]]:
+    """Stage 3 of :func:`map_dataset`: the detector test, ``looks_at`` and the tables.
+
+    Returns
+    -------
+    mapping, scores, looks, control_detectors, summary
+        :attr:`MappingResult.mapping`, ``.scores``, ``.looks``, ``.control_detectors``, and
+        the numbers ``run.json`` reports (``detector`` and ``looks_at`` sections).
+    """
+    from .au_regions import load_sham_regions
+
+    aus, tested = faceset.aus, faceset.tested
+    columns = [aus.index(a) for a in tested]
+    ids = faceset.indices
+    summary: dict[str, Any] = {}
+    if tested:
+        model = _responses(stream, "model", layers, columns)
+        control = _responses(stream, "control", layers, columns) if controls >= 1 else None
+        detectors, pairs = detector_test(model, faceset.activity, ids, tested, control, detector)
+        control_detectors = None
+        if controls >= 2:
+            control2 = _responses(stream, "control2", layers, columns)
+            control_detectors, _ = detector_test(control, faceset.activity, ids, tested,
+                                                 control2, detector)
+        summary["detector"] = {
+            "tested_aus": list(tested), "n_perm": detectors.attrs["n_perm"],
+            "n_select": int(detectors["n_select"].iloc[0]),
+            "n_report": int(detectors["n_report"].iloc[0]),
+            "small_sample": bool(detectors["small_sample"].iloc[0]),
+            "detectors": int(detectors["au"].notna().sum()),
+            "control_detectors": None if control_detectors is None
+            else int(control_detectors["au"].notna().sum()),
+            "channels": len(detectors), "control": "randomized copy, every parameter re-drawn"
+            if controls else "none (no control bar applied)",
+        }
+    else:
+        detectors = pd.DataFrame({"layer": [name for name in layers for _ in range(
+            stream.accumulators[name].top.n_channels)]})
+        detectors["channel"] = detectors.groupby("layer").cumcount()
+        detectors["au"] = pd.array([pd.NA] * len(detectors), dtype="Int64")
+        pairs, control_detectors = None, None
+        summary["detector"] = {"tested_aus": [], "detectors": 0,
+                               "note": "no AU has an activity source: nothing was tested"}
+
+    scores = pd.concat([stream.accumulators[name].scores() for name in layers],
+                       ignore_index=True)
+    if pairs is not None:
+        scores = scores.merge(pairs, on=["layer", "channel", "au"], how="left")
+    shams = load_sham_regions()
+    looks = looks_at_table(stream, layers, aus, shams.names, distance)
+    looking = _looks_at(looks, stream.containment, len(faceset.faces))
+    n_regions = len(aus) + len(shams.names)
+    sham_rate = float(looking["looks_at"].dropna().str.startswith("sham").mean()) \
+        if looking["looks_at"].notna().any() else np.nan
+    summary["looks_at"] = {
+        "sham_rate": sham_rate, "sham_share": len(shams.names) / n_regions,
+        "unresolvable": int((~looking["looks_at_resolvable"]).sum()),
+        "note": "share of channels whose largest D is at a sham region, against the share "
+                "of regions that are shams (what a sham wins by chance)",
+    }
+    mapping = detectors.merge(looking, on=["layer", "channel"], how="left")
+    measures = scores.assign(looks_at=[f"AU{a}" for a in scores["au"]])
+    keep = ["hit_rate", "chance_rate", "iou", "n_images"]
+    mapping = mapping.merge(measures[["layer", "channel", "looks_at", *keep]],
+                            on=["layer", "channel", "looks_at"], how="left")
+    if "label_auc" in scores:
+        label = scores[["layer", "channel", "au", "label_auc"]].rename(
+            columns={"au": "candidate_au"})
+        mapping = mapping.merge(label, on=["layer", "channel", "candidate_au"], how="left")
+    present = [c for c in MAPPING_COLUMNS if c in mapping]
+    extra = [c for c in ("label_auc",) if c in mapping]
+    return mapping[[*present, *extra]], scores, looks, control_detectors, summary
 
 
 class _Clock:
@@ -396,6 +953,40 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a network's parameters and buffers (names, shapes, dtypes and values).
+
+    Part of a run's checkpoint key: a retrained file at the same path, or a randomised
+    copy, never resumes another network's statistics.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16
+                      else value.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_digest(dataset: ImageDataset) -> str:
+    """SHA-256 of a dataset's identity: every record's key, label and AU values, and the
+    size and modification time of each image file."""
+    digest = hashlib.sha256()
+    for record in dataset.records:
+        stat = ""
+        if record.path is not None:
+            try:
+                info = os.stat(record.path)
+                stat = f"{info.st_size}:{info.st_mtime_ns}"
+            except OSError:
+                stat = "missing"
+        digest.update(json.dumps([record.key, record.label, record.label_name, record.usage,
+                                  sorted((record.aus or {}).items()), stat,
+                                  hashlib.sha256((record.pixels or "").encode()).hexdigest()],
+                                 default=str).encode())
+    return digest.hexdigest()
+
+
 def map_dataset(
     model: FERModel,
     dataset: ImageDataset,
@@ -404,16 +995,19 @@ def map_dataset(
     aus: Sequence[int] | None = None,
     locate: str = "deconv",
     options: MappingOptions | None = None,
+    detector: DetectorOptions | None = None,
+    activity: str = "auto",
+    controls: int | Sequence[FERModel] = 2,
     crop: str = "auto",
     batch_size: int = 64,
-    alpha: float = 0.05,
+    alpha: float | None = None,
     labels: bool | None = None,
     landmark_settings: Any = None,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 10,
+    checkpoint_interval: float = 60.0,
     progress: bool = True,
 ) -> MappingResult:
-    """Map every channel of ``layers`` to the facial Action Unit it detects.
+    """Which channel of ``layers`` detects which facial Action Unit, and where each looks.
 
     Parameters
     ----------
@@ -426,27 +1020,42 @@ def map_dataset(
     aus
         AU numbers; default every AU defined in ``landmarks/au_regions.json``.
     locate
-        Extremum point of each (image, channel): ``"deconv"`` (centroid of the deconvnet
-        projection's top 1 %) or ``"rf-center"`` (receptive-field centre of the arg-max unit).
+        Extremum point of each (image, channel), for the pointing measures: ``"deconv"``
+        (centroid of the deconvnet projection's top 1 %) or ``"rf-center"`` (receptive-field
+        centre of the arg-max unit). The detector test does not depend on it.
     options
-        Statistical choices (:class:`MappingOptions`), the seed included.
+        Choices of the streamed measures of question 1 (:class:`MappingOptions`).
+    detector
+        Choices of the detector test (:class:`interp_fer.detectors.DetectorOptions`); its
+        seed defaults to ``options.seed``.
+    activity
+        Where AU activity comes from: ``"auto"`` (the user's AU columns where every face is
+        coded, landmark proxies otherwise), ``"landmarks"``, ``"labels"`` or
+        ``"expressions"`` (EMFACS prototypes; :func:`face_activity`).
+    controls
+        Random-weights copies to run beside the network (:func:`interp_fer.controls.
+        randomized_copy`, seeds ``seed + 1`` and ``seed + 2``): 2 (default) gives the control
+        bar of the decision and the control's own detector count; 1 the bar only; 0 none
+        (the decision then has no control bar: not recommended). Or the control networks
+        themselves (one or two, with the same layer names).
     crop
         ``"auto"`` (whole image for registered crops, a square around the face in photos),
         ``"face"`` or ``"none"``.
     batch_size
         Images per forward pass.
     alpha
-        False discovery rate of the mapping.
+        False discovery rate of the detector test (default ``detector.alpha``, 0.05).
     labels
         Score channels against the faces' labels (AU columns, or expressions through the
-        EMFACS prototypes, :mod:`interp_fer.labels`): ``label_auc`` per (channel, AU) and
-        one-vs-rest AUCs per expression. Default: when the dataset has labels.
+        EMFACS prototypes): ``label_auc`` per (channel, AU) and one-vs-rest AUCs per
+        expression. Default: when the dataset has labels.
     landmark_settings
         :class:`interp_fer.faces.LandmarkSettings` (default: automatic).
     checkpoint
-        File to checkpoint to (resumed when it matches this run's arguments).
-    checkpoint_every
-        Batches between checkpoints.
+        File to checkpoint to (resumed when it matches this run's arguments, the network's
+        weights and the data's identity).
+    checkpoint_interval
+        Seconds between checkpoints.
     progress
         Show progress bars (tqdm; notebooks too).
 
@@ -454,139 +1063,114 @@ def map_dataset(
     -------
     MappingResult
     """
-    from tqdm.auto import tqdm
-
-    from .au_regions import load_au_regions
     from .checkpoint import Checkpoint, run_key
+    from .controls import randomized_copy
     from .faces import LandmarkSettings
-    from .layers import receptive_field
 
     if locate not in ("deconv", "rf-center"):
         raise ValueError(f"locate must be 'deconv' or 'rf-center', not {locate!r}")
     if crop not in ("auto", "face", "none"):
         raise ValueError(f"crop must be 'auto', 'face' or 'none', not {crop!r}")
+    if isinstance(controls, int):
+        if controls not in (0, 1, 2):
+            raise ValueError(f"controls must be 0, 1 or 2, not {controls!r}")
+    elif not 1 <= len(controls) <= 2:
+        raise ValueError(f"give one or two control networks, not {len(controls)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     options = options or MappingOptions()
+    detector = detector or DetectorOptions(seed=options.seed)
+    if alpha is not None:
+        detector = DetectorOptions(**{**asdict(detector), "alpha": alpha})
     settings = landmark_settings or LandmarkSettings()
-    if settings.faces != "largest":
-        raise ValueError("the mapping takes one face per image: use LandmarkSettings("
-                         "faces='largest') (crop group photos into single faces first)")
     layers = tuple(layers or model.stages)
     if not layers:
         raise ValueError("no layers to map: name some (interp-fer layers lists them)")
-    regions = load_au_regions()
-    aus = tuple(int(a) for a in (aus or [r.number for r in regions]))
-    size = model.input_size
 
     clock = _Clock()
     with clock("landmarks"):
-        table, shapes = _landmark_pass(dataset, settings, progress)
-    faces, skipped = _faces(table, shapes, crop, size)
-    if len(faces) < 2:
-        raise ValueError(f"only {len(faces)} usable face(s) in {dataset.source}: "
-                         "the mapping needs at least 2")
-    records = [dataset.records[f.index] for f in faces]
-    available = has_labels(records)
+        faceset = prepare_faces(model, dataset, aus=aus, crop=crop, activity=activity,
+                                landmark_settings=settings, progress=progress)
+    available = has_labels(faceset.records)
     if labels and not available:
         raise ValueError(f"{dataset.source}: no expression or AU labels to score against "
                          "(give a labels CSV, e.g. interp-fer map --labels)")
     labelled = available if labels is None else bool(labels)
-    n_classes = len(dataset.class_names) if labelled else None
-    presence = classes = None  # per mapped face, sliced batch by batch
-    if labelled:
-        presence = au_presence(records, aus)
-        classes = np.array([-1 if r.label is None else r.label for r in records])
+    control_models = [randomized_copy(model, seed=options.seed + 1 + i)
+                      for i in range(controls)] if isinstance(controls, int) else list(controls)
 
-    shape = (model.preprocess.channels, *size)
-    probe = layer_outputs(model.module, layers, torch.zeros(1, *shape, device=model.device))
-    fields = {name: receptive_field(model, name) for name in layers}
-    grids = {name: CellGrid.from_field(fields[name], tuple(probe[name].shape[-2:]), size)
-             for name in layers}
+    key = run_key({"model": model.source or model.name, "weights": weights_digest(model.module),
+                   "layers": layers, "aus": faceset.aus, "data": dataset.source,
+                   "data_digest": data_digest(dataset), "locate": locate, "crop": crop,
+                   "batch": batch_size, "options": asdict(options),
+                   "controls": [weights_digest(c.module) for c in control_models],
+                   "labels": labelled, "landmarks": settings.fingerprint()})
+    saver = Checkpoint(checkpoint, key, interval=checkpoint_interval) if checkpoint else None
+    stream = stream_layers(model, dataset, faceset, layers, controls=control_models,
+                           locate=locate, options=options, batch_size=batch_size,
+                           labelled=labelled, checkpoint=saver, clock=clock, progress=progress)
+    if saver:  # the pass is the expensive part: keep it until the outputs are written
+        saver.save(len(faceset.faces), stream.state())
 
-    key = run_key({"model": model.source or model.name, "layers": layers, "aus": aus,
-                   "data": dataset.source, "n": len(dataset), "locate": locate,
-                   "crop": crop, "batch": batch_size, "options": asdict(options),
-                   "labels": labelled,
-                   "landmarks": settings.fingerprint()})
-    saver = Checkpoint(checkpoint, key) if checkpoint else None
-    resumed = saver.load() if saver else None
-    start = resumed[0] if resumed else 0
-
-    batches = [faces[i:i + batch_size] for i in range(0, len(faces), batch_size)]
-    accumulators: dict[str, LayerMapping] = {}
-    bar = tqdm(total=len(faces), desc=f"map {model.name}", unit="face", disable=not progress,
-               initial=sum(len(b) for b in batches[:start]))
-    for number, batch in enumerate(batches):
-        if number >= start or not accumulators:
-            with clock("forward"):
-                images = [dataset.load(dataset.records[f.index]).image for f in batch]
-                inputs = model.preprocess([f.crop.apply(image)
-                                           for f, image in zip(batch, images, strict=True)])
-                inputs = inputs.to(model.device)
-                acts = layer_outputs(model.module, layers, inputs)
-        if not accumulators:  # the first batch fixes bins and thresholds, resumed or not
-            accumulators = {name: LayerMapping.calibrate(name, grids[name], aus, acts[name],
-                                                         options, n_classes) for name in layers}
-            if resumed:
-                for name, mapping in accumulators.items():
-                    prefix = f"{name}/"
-                    mapping.restore({k[len(prefix):]: v for k, v in resumed[1].items()
-                                     if k.startswith(prefix)})
-        if number < start:
-            continue
-        with clock("geometry"):
-            geometry = _geometry(batch, regions, aus, size)
-        indices = np.array([f.index for f in batch])
-        rows = slice(number * batch_size, number * batch_size + len(batch))
-        batch_presence = None if presence is None else presence[rows]
-        batch_classes = None if classes is None else classes[rows]
-        for name in layers:
-            with clock(f"locate ({locate})"):
-                points, active = _locate(model, name, inputs, acts[name], fields[name], locate)
-            with clock("statistics"):
-                accumulators[name].update(indices, acts[name], geometry, points, active,
-                                          batch_presence, batch_classes)
-        bar.update(len(batch))
-        done = number + 1
-        if saver and (done % checkpoint_every == 0) and done < len(batches):
-            saver.save(done, {f"{name}/{k}": v for name, m in accumulators.items()
-                              for k, v in m.state().items()})
-    bar.close()
-
-    with clock("scores"):
-        scores = add_q_values(pd.concat([accumulators[name].scores() for name in layers],
-                                        ignore_index=True))
-        mapping = mapping_table(scores, alpha)
-    statuses = table["status"].value_counts().to_dict()
+    with clock("decision"):
+        mapping, scores, looks, control_detectors, summary = decide(
+            stream, faceset, layers, detector=detector, distance=options.distance,
+            controls=len(control_models))
+        scores = add_q_values(scores)
+    statuses = faceset.table["status"].value_counts().to_dict()
+    half = np.where(_select_half(faceset, detector), "select", "report")
     run = {
-        "model": {"name": model.name, "source": model.source, "input_size": list(size),
+        "model": {"name": model.name, "source": model.source, "input_size": list(model.input_size),
                   "class_names": list(model.class_names)},
         "layers": list(layers),
-        "aus": list(aus),
+        "aus": list(faceset.aus),
         "data": {"source": dataset.source, "n_images": len(dataset),
-                 "n_mapped": len(faces), "n_skipped": len(skipped)},
+                 "n_mapped": len(faceset.faces), "n_skipped": len(faceset.skipped)},
+        "activity": {"requested": activity, "sources": faceset.activity_source},
         "landmark_status": {str(k): int(v) for k, v in statuses.items()},
         "landmark_settings": asdict(settings),
-        "skipped": [{"key": k, "reason": r} for k, r in skipped],
+        "clipped_regions": faceset.clipped,
+        "skipped": [{"key": k, "reason": r} for k, r in faceset.skipped],
         "locate": locate,
+        "locate_agreement": {
+            name: {"pairs": int(v[0]), "within_0.1_iod": float(v[1] / v[0]) if v[0] else None}
+            for name, v in stream.agreement.items()} or None,
         "crop": crop,
-        "alpha": alpha,
+        "alpha": detector.alpha,
         "options": asdict(options),
+        "detector_options": asdict(detector),
         "seed": options.seed,
-        "labels": _label_summary(records, presence, aus) if labelled else None,
+        **summary,
+        "labels": _label_summary(faceset.records, au_presence(faceset.records, faceset.aus),
+                                 faceset.aus) if labelled else None,
         "versions": _versions(),
         "seconds": clock.seconds,
     }
-    if saver:
-        saver.clear()
     face_table = pd.DataFrame([
         {"index": f.index, "key": f.key, "crop_top": f.crop.top, "crop_left": f.crop.left,
-         "crop_height": f.crop.height, "crop_width": f.crop.width} for f in faces])
-    top = {name: accumulators[name].top.state() for name in layers}
+         "crop_height": f.crop.height, "crop_width": f.crop.width, "half": h}
+        for f, h in zip(faceset.faces, half, strict=True)])
+    top = {name: stream.accumulators[name].top.state() for name in layers}
     expressions = None
     if labelled and dataset.class_names:
-        expressions = pd.concat([accumulators[name].expression_scores(dataset.class_names)
+        expressions = pd.concat([stream.accumulators[name].expression_scores(dataset.class_names)
                                  for name in layers], ignore_index=True)
-    return MappingResult(mapping, scores, run, table, face_table, top, expressions)
+    columns = [faceset.aus.index(a) for a in faceset.tested]
+    activity_frame = pd.DataFrame(faceset.activity, columns=[f"AU{a}" for a in faceset.tested])
+    activity_frame.insert(0, "key", [f.key for f in faceset.faces])
+    activity_frame.insert(0, "index", faceset.indices)
+    responses = {name: stream.store.array(f"model/{name}/in")[:, :, columns] for name in layers}
+    result = MappingResult(mapping, scores, run, faceset.table, face_table, top, expressions,
+                           activity_frame, responses, looks, control_detectors)
+    if saver:
+        saver.clear()
+    return result
+
+
+def _select_half(faceset: FaceSet, detector: DetectorOptions) -> np.ndarray:
+    from .detectors import selection_half
+
+    return selection_half(faceset.indices, detector.seed)
 
 
 def _label_summary(records: list[Any], presence: np.ndarray, aus: tuple[int, ...]

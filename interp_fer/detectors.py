@@ -1,0 +1,442 @@
+"""The detector test: does channel k *detect* AU a? (DESIGN.md, "The detector test").
+
+Question (2) of the mapping, kept apart from where a channel looks (question 1,
+:mod:`interp_fer.layer_mapping`). Everything here works on plain arrays of per-image
+responses, so it knows nothing about networks, dlib or images:
+
+``x_in``  (N, K, A)
+    channel k's peak response inside region a on image i (``r_in`` of
+    :func:`interp_fer.accumulators.region_peaks`);
+``x_out`` (N, K, A)
+    its peak on the rest of the face;
+``activity`` (N, A)
+    how active AU a is on image i (landmark proxies, :mod:`interp_fer.au_activity`, or the
+    user's AU labels, 0/1 or intensity).
+
+The statistic, per (k, a) and on one set of images, is a *partial rank correlation*
+``partial(k, a)``: the correlation between the channel's in-minus-out contrast (the rank of
+``x_in[:, k, a]`` minus the rank of ``x_out[:, k, a]``, standardised) and the rank of AU a's
+activity, with the ranks of every *other* AU's activity partialled out (linear regression on
+ranks). It answers the three questions of the design at once:
+
+* *association*: the response at the AU's place rises with the AU's activity;
+* *specificity given co-occurring AUs*: AU6 and AU12 move together on smiles; a channel
+  following AU6 has no partial correlation with AU12 once AU6 is held fixed;
+* *specificity against the rest of the face*: a channel that brightens everywhere on smiles
+  (a global response) rises inside and outside the region alike, so its contrast does not
+  follow the AU.
+
+The decision (:func:`detector_test`):
+
+1. **Cross-fitting.** Images are split in two halves by a per-image draw (order- and
+   batch-independent). On the *selection* half each channel gets its candidate AU, the one of
+   largest ``partial``; every number reported for the pair comes from the other, *report*,
+   half, so the choice does not inflate it.
+2. **Significance.** On the report half, rows of the activity matrix are permuted together
+   (AU co-occurrence kept) and ``partial`` recomputed: exact Monte-Carlo permutation p-values,
+   ``(1 + #{T_perm >= T}) / (1 + n_perm)``, one-sided (a detector's response *rises* with the
+   AU), with ``n_perm`` large enough that the smallest possible p is below half the smallest
+   Benjamini-Hochberg threshold of the family. BH runs over every tested pair of the run (one
+   candidate per channel). No tail is fitted.
+3. **Control.** The same ``partial`` for every channel of a copy of the network with every
+   parameter re-drawn (:func:`interp_fer.controls.randomized_copy`), on the same report images,
+   gives per (layer, AU) the bar a trained channel must clear: by default the *largest*
+   random channel's value (``control_quantile=1``).
+4. **Direction of the evidence.** The in-region association must exceed the out-of-region
+   one (``effect > out_effect``).
+
+A channel is mapped to its candidate AU when all four hold; otherwise ``au`` is empty and the
+candidate's numbers are still reported.
+
+Effect sizes are reported on a common scale: ``effect`` is Spearman's rho between the
+in-region response and the activity, or for 0/1 activity the rank-biserial correlation
+(2 AUC - 1); ``auc = (1 + effect) / 2`` is then the AUC for 0/1 activity and an AUC-like
+number for continuous activity. Its interval is a percentile bootstrap over report images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .statistics import benjamini_hochberg
+
+
+@dataclass
+class DetectorOptions:
+    """Choices of the detector test (all recorded in ``run.json``).
+
+    Attributes
+    ----------
+    alpha
+        False discovery rate (Benjamini-Hochberg over every tested pair of the run).
+    n_perm
+        Permutations; ``None`` picks ``max(1000, ceil(2 m / alpha))`` for m tested pairs, so
+        the p-value floor ``1 / (n_perm + 1)`` is below half the smallest BH threshold.
+    n_boot
+        Bootstrap replicates of the effect-size interval.
+    confidence
+        Level of that interval.
+    control_quantile
+        Which quantile of the random-weights channels' ``partial`` (same layer, same AU) a
+        trained channel must exceed; 1.0 = the largest.
+    min_report
+        Report halves with fewer images are flagged ``small_sample`` (no test can pass
+        there in practice, but the flag says why).
+    seed
+        Seed of the half split, the permutations and the bootstrap.
+    """
+
+    alpha: float = 0.05
+    n_perm: int | None = None
+    n_boot: int = 200
+    confidence: float = 0.95
+    control_quantile: float = 1.0
+    min_report: int = 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), not {self.alpha}")
+        if self.n_perm is not None and self.n_perm < 1:
+            raise ValueError(f"n_perm must be >= 1, not {self.n_perm}")
+        if self.n_boot < 0:
+            raise ValueError(f"n_boot must be >= 0, not {self.n_boot}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), not {self.confidence}")
+        if not 0 <= self.control_quantile <= 1:
+            raise ValueError(f"control_quantile must be in [0, 1], not {self.control_quantile}")
+
+    def permutations_for(self, m: int) -> int:
+        """Permutations for a family of ``m`` tested pairs."""
+        if self.n_perm is not None:
+            return self.n_perm
+        return max(1000, int(np.ceil(2 * max(m, 1) / self.alpha)))
+
+
+def selection_half(image_ids: np.ndarray, seed: int) -> np.ndarray:
+    """(N,) boolean: True for images of the selection half, False for the report half.
+
+    Each image's side is a function of ``(seed, image id)`` alone, so it does not depend on
+    the order of the images, on batches or on which other images are in the run.
+    """
+    ids = np.asarray(image_ids, dtype=np.uint64)
+    # SplitMix64 of (seed, id): a well-mixed 64-bit hash, vectorised (wrapping arithmetic).
+    with np.errstate(over="ignore"):
+        z = ids * np.uint64(0x9E3779B97F4A7C15) \
+            + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(63)) == 0
+
+
+def standard_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks along axis 0 (ties averaged), centred and scaled to unit mean square.
+
+    A constant column becomes all zeros.
+    """
+    ranks = stats.rankdata(values, axis=0).astype(np.float64)
+    ranks -= ranks.mean(axis=0, keepdims=True)
+    scale = np.sqrt((ranks ** 2).mean(axis=0, keepdims=True))
+    return np.divide(ranks, scale, out=np.zeros_like(ranks), where=scale > 0)
+
+
+def _precision(z: np.ndarray) -> np.ndarray:
+    """Inverse correlation of the standardised activity ranks (pseudo-inverse, ridge 1e-6)."""
+    a = z.shape[1]
+    sigma = z.T @ z / len(z)
+    # A constant activity column has zero variance: keep it out of the inverse.
+    live = np.diag(sigma) > 0
+    omega = np.zeros((a, a))
+    if live.any():
+        sub = sigma[np.ix_(live, live)] + 1e-6 * np.eye(int(live.sum()))
+        omega[np.ix_(live, live)] = np.linalg.pinv(sub)
+    return omega
+
+
+def _partial_from(c: np.ndarray, omega: np.ndarray, au: np.ndarray) -> np.ndarray:
+    """Partial correlation of e with activity ``au`` given the other activities.
+
+    ``c[..., :]`` is corr(e, z_b) for every activity b (e and z standardised); with the
+    precision ``omega`` of z, the partial correlation of e and z_a given z_{-a} is
+    ``(omega c)_a / sqrt(s omega_aa + (omega c)_a^2)``, ``s = 1 - c' omega c`` (the Schur
+    complement of the joint correlation matrix of (e, z)).
+    """
+    w = c @ omega  # omega is symmetric
+    s = 1.0 - (c * w).sum(axis=-1)
+    wa = np.take_along_axis(w, au[..., None], axis=-1)[..., 0]
+    denom = np.sqrt(np.clip(s, 0, None) * omega[au, au] + wa ** 2)
+    return np.divide(wa, denom, out=np.full_like(wa, np.nan), where=denom > 0)
+
+
+def partial_association(x_in: np.ndarray, x_out: np.ndarray, activity: np.ndarray) -> np.ndarray:
+    """``partial(k, a)`` for every channel and AU on one set of images.
+
+    Parameters
+    ----------
+    x_in, x_out
+        (N, K, A) in-region and out-of-region peak responses.
+    activity
+        (N, A) AU activity.
+
+    Returns
+    -------
+    numpy.ndarray
+        (K, A) partial rank correlations in [-1, 1] (NaN where undefined, e.g. a constant
+        response).
+    """
+    n, k, a = x_in.shape
+    if n < 3:
+        return np.full((k, a), np.nan)
+    e = _in_residuals(x_in, x_out)  # (N, K, A)
+    z = standard_ranks(activity)
+    omega = _precision(z)
+    c = np.einsum("nka,nb->kab", e, z) / n  # (K, A, A)
+    out = _partial_from(c, omega, np.broadcast_to(np.arange(a), (k, a)))
+    out[~np.any(e != 0, axis=0)] = np.nan
+    return out
+
+
+def _in_residuals(x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
+    """The in-minus-out rank contrast, standardised: (N, K, A)."""
+    n, k, a = x_in.shape
+    contrast = standard_ranks(x_in.reshape(n, -1)) - standard_ranks(x_out.reshape(n, -1))
+    contrast -= contrast.mean(axis=0, keepdims=True)
+    scale = np.sqrt((contrast ** 2).mean(axis=0, keepdims=True))
+    return np.divide(contrast, scale, out=np.zeros_like(contrast), where=scale > 1e-9
+                     ).reshape(n, k, a)
+
+
+def rank_effect(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each column pair (rank-biserial 2 AUC - 1 when y is 0/1).
+
+    Parameters
+    ----------
+    x, y
+        (N, M) arrays; column j of x against column j of y. A column of y with exactly two
+        distinct values is taken as binary (absent / present).
+
+    Returns
+    -------
+    numpy.ndarray
+        (M,) effects in [-1, 1], NaN where a column is constant.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = len(x)
+    rx = standard_ranks(x)
+    low, high = y.min(axis=0), y.max(axis=0)
+    binary = ((y == low) | (y == high)).all(axis=0) & (high > low)
+    out = (rx * standard_ranks(y)).mean(axis=0)
+    if binary.any():
+        raw = stats.rankdata(x[:, binary], axis=0)
+        positive = y[:, binary] == high[binary]
+        n1 = positive.sum(axis=0)
+        n0 = n - n1
+        auc = ((raw * positive).sum(axis=0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+        out[binary] = 2 * auc - 1
+    constant = ~(rx != 0).any(axis=0) | (high == low)
+    out[constant] = np.nan
+    return out
+
+
+def permutation_p_values(e: np.ndarray, au: np.ndarray, activity: np.ndarray,
+                         observed: np.ndarray, n_perm: int, seed: int,
+                         chunk: int = 128) -> np.ndarray:
+    """One-sided permutation p-values of ``partial`` for the tested pairs.
+
+    Parameters
+    ----------
+    e
+        (N, J) standardised in-minus-out rank contrasts, one column per tested pair.
+    au
+        (J,) the activity column each pair is tested against.
+    activity
+        (N, A) activity; its rows are permuted together, so co-occurrence is kept.
+    observed
+        (J,) the observed ``partial``.
+    n_perm
+        Number of random permutations.
+    seed
+        Seed of the permutations.
+
+    Returns
+    -------
+    numpy.ndarray
+        (J,) ``(1 + #{partial_perm >= observed}) / (1 + n_perm)``; NaN where ``observed`` is.
+    """
+    n = len(e)
+    z = standard_ranks(activity).astype(np.float32)
+    omega = _precision(z.astype(np.float64))
+    et = np.ascontiguousarray(e.T, dtype=np.float32)  # (J, N)
+    rng = np.random.default_rng([seed, 0x9E47])
+    exceed = np.zeros(len(au), dtype=np.int64)
+    done = 0
+    while done < n_perm:
+        p = min(chunk, n_perm - done)
+        order = np.argsort(rng.random((p, n)), axis=1)
+        c = np.matmul(et, z[order]).astype(np.float64) / n  # (P, J, A), BLAS per permutation
+        null = _partial_from(c, omega, np.broadcast_to(au, c.shape[:2]))
+        exceed += (null >= observed[None] - 1e-12).sum(axis=0)
+        done += p
+    out = (1 + exceed) / (1 + n_perm)
+    out[~np.isfinite(observed)] = np.nan
+    return out
+
+
+def _bootstrap_interval(x: np.ndarray, y: np.ndarray, n_boot: int, confidence: float,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    m = x.shape[1]
+    if n_boot == 0 or len(x) < 3:
+        return np.full(m, np.nan), np.full(m, np.nan)
+    rng = np.random.default_rng([seed, 0xB007])
+    draws = np.empty((n_boot, m))
+    for b in range(n_boot):
+        rows = rng.integers(0, len(x), len(x))
+        draws[b] = rank_effect(x[rows], y[rows])
+    tail = (1 - confidence) / 2
+    with np.errstate(invalid="ignore"):
+        low, high = np.nanquantile(draws, [tail, 1 - tail], axis=0) if np.isfinite(draws).any() \
+            else (np.full(m, np.nan), np.full(m, np.nan))
+    return low, high
+
+
+@dataclass
+class LayerResponses:
+    """Per-image responses of one layer of one network, for the detector test.
+
+    Attributes
+    ----------
+    layer
+        Layer name.
+    x_in, x_out
+        (N, K, A) in-region and out-of-region peak responses, rows in image order.
+    """
+
+    layer: str
+    x_in: np.ndarray
+    x_out: np.ndarray
+
+
+def detector_test(layers: list[LayerResponses], activity: np.ndarray, image_ids: np.ndarray,
+                  aus: tuple[int, ...], control: list[LayerResponses] | None = None,
+                  options: DetectorOptions | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Which channel detects which AU, for every layer of one network.
+
+    Parameters
+    ----------
+    layers
+        Per layer, the trained network's responses (same images, same AUs).
+    activity
+        (N, A) AU activity of those images (finite).
+    image_ids
+        (N,) stable ids (dataset positions) that fix each image's half.
+    aus
+        The A AU numbers.
+    control
+        The same layers of a random-weights copy on the same images; without it no control
+        bar is applied and ``control_bar`` is NaN (say so when reporting).
+    options
+        :class:`DetectorOptions`.
+
+    Returns
+    -------
+    detectors
+        One row per (layer, channel): ``au`` (Int64, empty unless every criterion holds),
+        ``candidate_au``, ``partial`` (report half), ``partial_select``, ``effect``,
+        ``auc``, ``auc_low``, ``auc_high``, ``out_effect``, ``p_value``, ``q_value``,
+        ``control_bar``, ``beats_control``, ``specific``, ``n_select``, ``n_report``,
+        ``small_sample``.
+    pairs
+        One row per (layer, channel, AU): ``partial_select``, ``partial`` and ``effect`` on
+        the report half, and ``control_bar``, for every pair (tables and heatmaps).
+    """
+    options = options or DetectorOptions()
+    activity = np.asarray(activity, dtype=np.float64)
+    if not np.isfinite(activity).all():
+        raise ValueError("activity must be finite for every image given to the detector test")
+    select = selection_half(image_ids, options.seed)
+    report = ~select
+    a = len(aus)
+    rows, pair_rows, tested = [], [], []
+    for number, responses in enumerate(layers):
+        x_in, x_out = _filled(responses.x_in), _filled(responses.x_out)
+        k = x_in.shape[1]
+        t_select = partial_association(x_in[select], x_out[select], activity[select])
+        t_report = partial_association(x_in[report], x_out[report], activity[report])
+        bar = np.full(a, np.nan)
+        if control is not None:
+            c = control[number]
+            if c.layer != responses.layer:
+                raise ValueError(f"control layer {c.layer!r} does not match {responses.layer!r}")
+            t_control = partial_association(_filled(c.x_in)[report], _filled(c.x_out)[report],
+                                            activity[report])
+            for j in range(a):
+                finite = t_control[:, j][np.isfinite(t_control[:, j])]
+                if len(finite):
+                    bar[j] = np.quantile(finite, options.control_quantile)
+        candidate = np.where(np.isfinite(t_select).any(axis=1),
+                             np.nanargmax(np.where(np.isfinite(t_select), t_select, -np.inf),
+                                          axis=1), 0)
+        channels = np.arange(k)
+        x_rep = x_in[report][:, channels, candidate]
+        o_rep = x_out[report][:, channels, candidate]
+        y_rep = activity[report][:, candidate]
+        effect = rank_effect(x_rep, y_rep)
+        out_effect = rank_effect(o_rep, y_rep)
+        low, high = _bootstrap_interval(x_rep, y_rep, options.n_boot, options.confidence,
+                                        options.seed + number)
+        partial = t_report[channels, candidate]
+        e = _in_residuals(x_in[report], x_out[report])[:, channels, candidate]
+        tested.append((len(rows), e, candidate, partial))
+        for ch in range(k):
+            rows.append({
+                "layer": responses.layer, "channel": ch, "candidate_au": aus[candidate[ch]],
+                "partial": partial[ch], "partial_select": t_select[ch, candidate[ch]],
+                "effect": effect[ch], "auc": (1 + effect[ch]) / 2,
+                "auc_low": (1 + low[ch]) / 2, "auc_high": (1 + high[ch]) / 2,
+                "out_effect": out_effect[ch], "control_bar": bar[candidate[ch]],
+                "n_select": int(select.sum()), "n_report": int(report.sum()),
+            })
+        ch_grid, au_grid = np.meshgrid(np.arange(k), np.arange(a), indexing="ij")
+        pair_rows.append(pd.DataFrame({
+            "layer": responses.layer, "channel": ch_grid.ravel(),
+            "au": np.asarray(aus)[au_grid.ravel()], "partial_select": t_select.ravel(),
+            "partial": t_report.ravel(), "control_bar": np.broadcast_to(bar, (k, a)).ravel()}))
+    table = pd.DataFrame(rows)
+    table["p_value"] = np.nan
+    m = int(np.isfinite(table["partial"]).sum()) if len(table) else 0
+    n_perm = options.permutations_for(m)
+    if report.sum() >= 3:
+        for start, e, candidate, partial in tested:
+            p = permutation_p_values(e, candidate, activity[report], partial, n_perm,
+                                     options.seed)
+            table.loc[start:start + len(p) - 1, "p_value"] = p
+    table["q_value"] = benjamini_hochberg(table["p_value"].to_numpy(dtype=float))
+    with np.errstate(invalid="ignore"):
+        table["beats_control"] = (table["partial"] > table["control_bar"]) | \
+            table["control_bar"].isna()
+        table["specific"] = table["effect"] > table["out_effect"]
+    table["small_sample"] = table["n_report"] < options.min_report
+    detected = (table["q_value"] <= options.alpha) & table["beats_control"] & table["specific"]
+    table["au"] = pd.array(np.where(detected, table["candidate_au"], pd.NA), dtype="Int64")
+    table.attrs.update(n_perm=n_perm, options=asdict(options), control=control is not None)
+    columns = ["layer", "channel", "au", "candidate_au", "partial", "partial_select", "effect",
+               "auc", "auc_low", "auc_high", "out_effect", "p_value", "q_value", "control_bar",
+               "beats_control", "specific", "n_select", "n_report", "small_sample"]
+    pairs = pd.concat(pair_rows, ignore_index=True) if pair_rows else pd.DataFrame()
+    return table[columns], pairs
+
+
+def _filled(x: np.ndarray) -> np.ndarray:
+    # A region without cells (clipped off the image) has no response: the lowest value of
+    # the channel stands in, so ranks put it last and nothing is dropped silently (the run
+    # counts clipped regions).
+    x = np.asarray(x, dtype=np.float64)
+    if np.isfinite(x).all():
+        return x
+    low = np.nanmin(np.where(np.isfinite(x), x, np.nan), axis=(0, 2), keepdims=True)
+    return np.where(np.isfinite(x), x, np.nan_to_num(low, nan=0.0) - 1.0)
