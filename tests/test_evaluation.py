@@ -80,3 +80,101 @@ def test_cli_stratified_limit(tmp_path, capsys):
     # The bundled samples include unlabelled faces: a stratified subset is refused, by name.
     assert main(["evaluate", "--limit", "2", "--stratify", "--quiet"]) == 2
     assert "no expression label" in capsys.readouterr().err
+
+
+# -- datasets as they come, and several datasets in one call (real faces) ------------------------
+
+#: Sample faces saved under the folder names other datasets use (aliases of the model's
+#: classes), plus a class the 7-class model lacks.
+ALIAS_FOLDERS = {"happy": "happiness", "angry": "anger", "surprise": "surprised",
+                 "disgust": "disgusted", "single_face": "contempt"}
+
+
+def _alias_folders(root):
+    from interp_fer.samples import sample_face
+
+    for sample, folder in ALIAS_FOLDERS.items():
+        (root / folder).mkdir(parents=True)
+        Image.fromarray(sample_face(sample)).save(root / folder / f"{sample}.png")
+    return root
+
+
+def _fer_share(fer2013, path, every=120):
+    """A labels CSV of every ``every``-th FER2013 test image, absolute paths, alias names."""
+    import csv
+
+    alias = {"angry": "anger", "happy": "happiness", "sad": "sadness", "fear": "fearful"}
+    with open(fer2013 / "test_labels.csv") as handle:
+        rows = list(csv.DictReader(handle))[::every]
+    lines = ["path,label_name,usage"]
+    for row in rows:
+        name = alias.get(row["label_name"], row["label_name"])
+        lines.append(f"{fer2013 / row['path']},{name},{row['usage']}")
+    path.write_text("\n".join(lines) + "\n")
+    return path, rows
+
+
+def test_alias_folders_and_a_missing_class(tmp_path, mini_xception, sample_faces):
+    """Folders named anger/happiness/... are the model's angry/happy/...; contempt is skipped
+    and counted by name; every image gets the prediction it gets as a sample face."""
+    dataset = open_dataset(_alias_folders(tmp_path / "faces"),
+                           class_names=mini_xception.class_names)
+    result = evaluate(mini_xception, dataset, progress=False)
+    assert result.n_images == 4 and result.n_skipped == 1
+    assert result.skipped_classes == {"contempt": 1}
+    assert result.skipped == {"class 'contempt' is not one of the model's classes": 1}
+    assert result.crop == "none"
+    for name in ("happy", "angry", "surprise", "disgust"):
+        assert result.per_class[name]["n"] == 1
+    samples = evaluate(mini_xception, sample_faces, progress=False)
+    for name in ("happy", "angry", "surprise", "disgust"):
+        assert result.per_class[name] == samples.per_class[name]
+    assert result.confusion == samples.confusion
+
+
+def test_per_class_comparison_table():
+    from interp_fer.evaluation import Evaluation, comparison
+
+    a = Evaluation(0.5, 2, 0, {"x": {"accuracy": 1.0, "n": 1}, "y": {"accuracy": 0.0, "n": 1}},
+                   [[1, 0], [1, 0]], ["x", "y"])
+    b = Evaluation(1.0, 1, 0, {"x": {"accuracy": 1.0, "n": 1},
+                               "y": {"accuracy": float("nan"), "n": 0}},
+                   [[1, 0], [0, 0]], ["x", "y"])
+    table = comparison({"A": a, "B": b})
+    assert table == {"x": {"A": 1.0, "B": 1.0}, "y": {"A": 0.0, "B": None},
+                     "all": {"A": 0.5, "B": 1.0}}
+
+
+def test_cli_evaluates_several_datasets(tmp_path, capsys, fer2013_optional):
+    """Sample faces, alias-named folders of them and (when present) a FER2013 share in one
+    call: one result per dataset, the per-class table, crop recorded, the comparison figure."""
+    faces = _alias_folders(tmp_path / "faces")
+    args = ["evaluate", "--data", "samples", "--data", str(faces)]
+    fer_rows = []
+    if fer2013_optional is not None:
+        share, fer_rows = _fer_share(fer2013_optional, tmp_path / "fer_share.csv")
+        args += ["--data", str(share)]
+    out, figure = tmp_path / "eval.json", tmp_path / "by_dataset.png"
+    assert main([*args, "--json", str(out), "--figure", str(figure), "--quiet"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["model"] == "mini-xception" and payload["crop"] == "none"
+    datasets = payload["datasets"]
+    assert list(datasets) == args[2::2]
+    assert datasets["samples"]["n_images"] == 4
+    assert datasets[str(faces)]["skipped_classes"] == {"contempt": 1}
+    assert datasets[str(faces)]["per_class"] == {
+        name: stats for name, stats in datasets["samples"]["per_class"].items()}
+    table = payload["per_class_accuracy"]
+    assert set(table) == {*datasets["samples"]["class_names"], "all"}
+    assert table["neutral"]["samples"] is None  # no neutral sample face: n/a, not 0
+    if fer_rows:
+        fer = datasets[str(share)]
+        assert fer["n_images"] == len(fer_rows) and fer["n_skipped"] == 0
+        for name in ("angry", "happy", "sad", "fear"):  # written as aliases in the CSV
+            expected = sum(r["label_name"] == name for r in fer_rows)
+            assert fer["per_class"][name]["n"] == expected > 0
+        assert 0.3 < fer["accuracy"] < 0.9  # mini-Xception: ~66 % on FER2013 test
+    assert figure.stat().st_size > 10_000
+    text = capsys.readouterr().out
+    assert "per-class accuracy (%) by dataset" in text and "crop: none" in text
+    assert main(["evaluate", "--data", "samples", "--data", "samples", "--quiet"]) == 2

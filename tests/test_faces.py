@@ -13,11 +13,14 @@ from interp_fer.faces import (
     FaceLandmarks,
     LandmarkDetector,
     LandmarkSettings,
+    choose_faces,
     landmark_error,
     landmarks_array,
+    landmarks_outside,
     landmarks_table,
     mirror_landmarks,
     read_landmarks,
+    upsample_plan,
     write_landmarks,
 )
 from interp_fer.shape_predictor import parse_shape_predictor
@@ -280,8 +283,11 @@ def two_faces(astronaut, astronaut_face) -> tuple[np.ndarray, tuple, tuple]:
 def test_largest_face_by_default(two_faces):
     canvas, _, (bx0, bx1) = two_faces
     f = LandmarkDetector()(canvas)
-    assert f.status == "detected" and f.n_faces == 2 and f.face_index == 0
+    # never a silent choice: the status says several faces were found
+    assert f.status == "several_faces" and f.n_faces == 2 and f.face_index == 0
     assert bx0 < f.landmarks[:, 0].mean() < bx1
+    table = landmarks_table([("two", canvas)], cache=False, progress=False)
+    assert list(table["status"]) == ["several_faces"] and list(table["n_faces"]) == [2]
 
 
 def test_all_faces_on_request(two_faces):
@@ -410,3 +416,129 @@ def _die(sig):
     import os
 
     os.kill(os.getpid(), sig)
+
+
+# -- detection that holds on real photos ------------------------------------------------------------
+
+
+def _rotate(image: np.ndarray, landmarks: np.ndarray, degrees: float):
+    """``image`` rotated about its centre (PIL, counter-clockwise) and its landmarks moved."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    out = np.asarray(Image.fromarray(image).rotate(degrees, Image.Resampling.BICUBIC,
+                                                   fillcolor=(128, 128, 128)))
+    a = np.radians(degrees)
+    c = np.array([(w - 1) / 2, (h - 1) / 2])
+    d = landmarks - c
+    # y points down, so a counter-clockwise turn on screen is (x, y) -> (x cos + y sin, ...)
+    rot = np.stack([d[:, 0] * np.cos(a) + d[:, 1] * np.sin(a),
+                    -d[:, 0] * np.sin(a) + d[:, 1] * np.cos(a)], axis=1)
+    return out, rot + c
+
+
+def test_cnn_detector_is_the_fallback_when_hog_finds_nothing(astronaut, astronaut_face):
+    """The astronaut's face turned 50 degrees: HOG (frontal) finds nothing, dlib's CNN finds
+    it where the face is. (The landmark model itself wants upright faces: at 50 degrees its
+    points are off; aligning on the eye line is the face pipeline's job.)"""
+    left, top, right, bottom = (int(v) for v in astronaut_face.box)
+    pad = 60
+    face = np.ascontiguousarray(astronaut[top - pad:bottom + pad, left - pad:right + pad])
+    turned, ref = _rotate(face, astronaut_face.landmarks - [left - pad, top - pad], 50)
+    assert LandmarkDetector(cnn_fallback=False)(turned).status == "no_face"
+    f = LandmarkDetector()(turned)
+    assert f.status == "detected" and f.path == "cnn" and f.n_faces == 1
+    centre = np.add(f.box[:2], f.box[2:]) / 2
+    side = f.box[2] - f.box[0]
+    assert np.hypot(*(centre - ref.mean(axis=0))) < 0.3 * side
+
+
+def test_cnn_boxes_are_reframed_for_the_landmark_model(astronaut, astronaut_face):
+    """CNN boxes sit higher and tighter than the HOG boxes the landmark model was trained on;
+    re-estimated from the landmarks, they give the HOG path's landmarks."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(astronaut).resize((256, 256), Image.Resampling.LANCZOS))
+    ref = (astronaut_face.landmarks + 0.5) / 2 - 0.5
+    refined = LandmarkDetector(detector="cnn", upsample=1)(small)
+    raw = LandmarkDetector(detector="cnn", upsample=1, refine_fallback=0)(small)
+    assert refined.path == "cnn" and refined.status == "detected"
+    assert landmark_error(refined.landmarks, ref) < 0.05
+    assert landmark_error(refined.landmarks, ref) < landmark_error(raw.landmarks, ref)
+
+
+def test_large_photo_keeps_its_face(astronaut, astronaut_face):
+    """A 1,100 px photo gets a plain pass and an upsampled one: the face is found (one step
+    alone can lose a clear face in such a photo) and its landmarks match full resolution."""
+    from PIL import Image
+
+    side = 1100
+    big = np.asarray(Image.fromarray(astronaut).resize((side, side), Image.Resampling.BICUBIC))
+    assert upsample_plan(side, side) == ((0, 1), ())
+    f = LandmarkDetector()(big)
+    assert f.status in ("detected", "several_faces") and f.path == "hog"
+    ref = (astronaut_face.landmarks + 0.5) * side / 512 - 0.5
+    assert landmark_error(f.landmarks, ref) < 0.05
+
+
+def test_upsample_plan_rule():
+    assert upsample_plan(48, 48) == ((1,), (2,))
+    assert upsample_plan(512, 400) == ((1,), (2,))
+    assert upsample_plan(720, 960) == ((1,), ())
+    assert upsample_plan(1080, 1920) == ((0, 1), ())  # 4 x 2.07 Mpx fits the budget
+    assert upsample_plan(3000, 4000) == ((0,), ())  # a 12 Mpx photo: no upsampled pass
+    assert upsample_plan(3000, 4000, upsample=1) == ((1,), ())
+
+
+def test_choose_largest_or_central():
+    boxes = [(0, 0, 40, 40), (80, 80, 110, 110), (150, 150, 200, 200)]
+    assert choose_faces(boxes, 200, 200, "largest") == [2, 0, 1]
+    assert choose_faces(boxes, 200, 200, "central") == [1, 2, 0]
+    with pytest.raises(ValueError, match="central"):
+        choose_faces(boxes, 200, 200, "first")
+    with pytest.raises(ValueError, match="choose"):
+        LandmarkSettings(choose="first")
+
+
+def test_central_face_of_a_real_group(two_faces):
+    """With ``choose="central"`` the face nearest the image centre comes first."""
+    canvas = two_faces[0]
+    h, w = canvas.shape[:2]
+    everyone = LandmarkDetector(faces="all").detect(canvas)
+    centre = np.array([(w - 1) / 2, (h - 1) / 2])
+    dist = [np.hypot(*(np.add(f.box[:2], f.box[2:]) / 2 - centre)) for f in everyone]
+    nearest = everyone[int(np.argmin(dist))]
+    f = LandmarkDetector(choose="central")(canvas)
+    assert f.status == "several_faces" and f.n_faces == 2
+    np.testing.assert_allclose(f.box, nearest.box)
+
+
+def test_nme_normalises_by_outer_eye_corners():
+    ref = np.zeros((68, 2))
+    ref[36:42] = [10.0, 50.0]  # image-left eye, all six points at its outer corner
+    ref[42:48] = [50.0, 50.0]
+    ref[36] = [0.0, 50.0]
+    ref[45] = [60.0, 50.0]  # outer corners 60 px apart; eye centres 45 px apart
+    pred = ref + [3.0, 4.0]  # every point 5 px off
+    np.testing.assert_allclose(landmark_error(pred, ref), 5 / 60)
+    centres = np.linalg.norm(ref[42:48].mean(0) - ref[36:42].mean(0))
+    np.testing.assert_allclose(landmark_error(pred, ref, normalise="eye_centres"), 5 / centres)
+    with pytest.raises(ValueError, match="outer_corners"):
+        landmark_error(pred, ref, normalise="iod")
+
+
+def test_landmarks_outside_the_image_are_counted(astronaut, astronaut_face):
+    """A crop that cuts the chin: the points below it are counted, per face and per row."""
+    assert landmarks_outside(astronaut_face.landmarks, 512, 512) == 0
+    chin = astronaut_face.landmarks[8, 1]
+    bottom = int(chin) - 12  # the crop's last row lies above the chin
+    left, top = 120, 20
+    crop = np.ascontiguousarray(astronaut[top:bottom + 1, left:left + 220])
+    moved = astronaut_face.landmarks - [left, top]
+    expected = int(landmarks_outside(moved, *crop.shape[:2]))
+    assert expected >= 3 and moved[8, 1] > crop.shape[0] - 0.5
+    table = landmarks_table([("cut", crop), ("whole", astronaut)], cache=False, progress=False)
+    assert table.loc[1, "n_outside"] == 0
+    assert table.loc[0, "status"] in ("detected", "several_faces")
+    assert table.loc[0, "n_outside"] >= 1  # dlib still places the chin below the crop
+    assert landmarks_outside(np.full((68, 2), np.nan), 10, 10) == 0

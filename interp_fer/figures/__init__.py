@@ -2,7 +2,8 @@
 
 One module per kind of figure, everything importable from here:
 
-* :mod:`~interp_fer.figures.evaluation`: the confusion matrix (:func:`plot_confusion_matrix`);
+* :mod:`~interp_fer.figures.evaluation`: the confusion matrix (:func:`plot_confusion_matrix`)
+  and per-class accuracy across datasets (:func:`plot_dataset_comparison`);
 * :mod:`~interp_fer.figures.faces`: landmarks and AU regions on a face
   (:func:`plot_landmarks`, :func:`plot_au_regions`, :func:`au_regions_figure`);
 * :mod:`~interp_fer.figures.projections`: one face and the projections of a layer's channels
@@ -49,7 +50,7 @@ from ._style import (
 )
 from .attributions import METHOD_TITLES, plot_attribution_comparison
 from .dossier import ExpressionResponses, expression_responses, plot_channel_dossier
-from .evaluation import plot_confusion_matrix
+from .evaluation import plot_confusion_matrix, plot_dataset_comparison
 from .faces import au_regions_figure, plot_au_regions, plot_landmarks
 from .mapping import (
     MappedFaces,
@@ -83,6 +84,7 @@ __all__ = [
     "plot_channel_dossier",
     "plot_channel_faces",
     "plot_confusion_matrix",
+    "plot_dataset_comparison",
     "plot_distance_heatmap",
     "plot_landmarks",
     "project_figure",

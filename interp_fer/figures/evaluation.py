@@ -1,13 +1,14 @@
-"""Classification figures (:mod:`interp_fer.evaluation`): the confusion matrix."""
+"""Classification figures (:mod:`interp_fer.evaluation`): the confusion matrix, and per-class
+accuracy across datasets."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ._style import ONE_COLUMN, SEQUENTIAL, STYLE, new_figure
+from ._style import OKABE_ITO, ONE_COLUMN, SEQUENTIAL, STYLE, TWO_COLUMNS, new_figure
 
 
 def plot_confusion_matrix(
@@ -64,3 +65,65 @@ def plot_confusion_matrix(
                     color="black" if value > threshold else "white")
         figure.colorbar(image, ax=ax, label="recall" if normalise else "images", shrink=0.8)
     return figure
+
+
+def plot_dataset_comparison(
+    per_class: Mapping[str, Mapping[str, Mapping[str, float]]],
+    *,
+    title: str | None = None,
+    width: float = TWO_COLUMNS,
+) -> Figure:
+    """Per-class accuracy of one model on several datasets, as grouped bars.
+
+    Parameters
+    ----------
+    per_class
+        Dataset name -> class name -> {"accuracy", "n"}
+        (:attr:`interp_fer.evaluation.Evaluation.per_class` of each dataset). Classes are
+        shown in the order first met; a class a dataset lacks (n = 0) has no bar, and a
+        small "n=0" mark says so instead of a bar at 0.
+    title
+        Axes title.
+    width
+        Figure width in inches.
+    """
+    import matplotlib
+
+    datasets = list(per_class)
+    if not datasets:
+        raise ValueError("plot_dataset_comparison needs at least one dataset")
+    classes: list[str] = []
+    for stats in per_class.values():
+        classes += [c for c in stats if c not in classes]
+    n_sets = len(datasets)
+    bar = 0.8 / n_sets
+    x = np.arange(len(classes))
+    with matplotlib.rc_context(STYLE):
+        figure = new_figure(width, width * 0.42)
+        ax = figure.add_subplot()
+        for j, data in enumerate(datasets):
+            stats = per_class[data]
+            acc = np.array([_accuracy(stats.get(c)) for c in classes])
+            counts = [int((stats.get(c) or {}).get("n") or 0) for c in classes]
+            offset = (j - (n_sets - 1) / 2) * bar
+            colour = OKABE_ITO[j % len(OKABE_ITO)]
+            ax.bar(x + offset, np.nan_to_num(acc), bar, color=colour,
+                   label=f"{data} ({sum(counts)} images)")
+            for xi, value in zip(x + offset, acc, strict=True):
+                if np.isnan(value):
+                    ax.text(xi, 0.01, "n=0", ha="center", va="bottom", fontsize=5,
+                            rotation=90, color="0.4")
+        ax.set_xticks(x, classes, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (recall)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        if title:
+            ax.set_title(title)
+    return figure
+
+
+def _accuracy(stats: Mapping[str, float] | None) -> float:
+    if not stats or not stats.get("n"):
+        return float("nan")
+    value = stats.get("accuracy")
+    return float("nan") if value is None else float(value)
