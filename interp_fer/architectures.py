@@ -207,3 +207,218 @@ class PyEmotionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_4(self.conv_3(self.conv_2(self.conv_1(x))))
         return self.linear(x.flatten(1))
+
+
+# ImageNet-style RGB networks (the seed work fine-tunes these on expression datasets).
+# Their module structure is torchvision's (``features.N`` / ``classifier.N`` for VGG,
+# ``conv1 ... layer4.B.conv2 ... fc`` for ResNet), so a state_dict fine-tuned with torchvision
+# loads unchanged; torchvision itself is not needed (it does not import beside this torch).
+# Every ReLU is its own non-in-place module, so the projection rules see each one.
+
+#: ImageNet normalisation (on the [0, 1] scale) that these networks expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_VGG16_CONFIG = (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M")
+
+
+class VGG16(nn.Module):
+    """VGG-16 (configuration D; Simonyan & Zisserman 2015), torchvision layout, no batch norm.
+
+    Input: N x 3 x S x S RGB, ImageNet normalisation (:data:`IMAGENET_MEAN`/:data:`IMAGENET_STD`
+    after scaling to [0, 1]); S = 224 for the published networks. Output: N x ``num_classes``
+    logits.
+
+    Parameters
+    ----------
+    num_classes
+        Output classes (7 for FER2013).
+    width
+        Channels of the first stage (64 in VGG-16); the stages have 1, 2, 4, 8, 8 times it.
+    hidden
+        Units of the two hidden fully connected layers (default 64 x ``width``: 4096).
+    input_size
+        Side of the square input, in pixels (recorded for :func:`interp_fer.load_model`).
+    in_channels
+        Input channels.
+    dropout
+        Dropout probability of the classifier (inactive in eval mode).
+
+    Attributes
+    ----------
+    default_stages
+        The last ReLU of each of the five stages (before each max-pool):
+        ``features.3, .8, .15, .22, .29`` (conv1_2, conv2_2, conv3_3, conv4_3, conv5_3).
+    """
+
+    default_stages = ("features.3", "features.8", "features.15", "features.22", "features.29")
+
+    def __init__(self, num_classes: int = 7, width: int = 64, hidden: int | None = None,
+                 input_size: int = 224, in_channels: int = 3, dropout: float = 0.5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for entry in _VGG16_CONFIG:
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(previous, entry * width, 3, padding=1), nn.ReLU()]
+                previous = entry * width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        hidden = hidden or 64 * width
+        self.classifier = nn.Sequential(
+            nn.Linear(previous * 7 * 7, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        self.input_chw = (in_channels, input_size, input_size)
+        self.normalisation = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else (0.5, 0.5)
+        _init_imagenet_style(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convolutions with batch norm, identity or 1x1 shortcut.
+
+    ``relu1``/``relu2`` are separate modules (torchvision reuses one ``relu``; a module called
+    twice would make its output ambiguous for hooks). The block output is ``relu2``'s.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + shortcut)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al. 2016), torchvision layout (state_dict keys load unchanged).
+
+    Input: N x 3 x S x S RGB, ImageNet normalisation; S = 224 for the published networks.
+    Output: N x ``num_classes`` logits.
+
+    Parameters
+    ----------
+    num_classes
+        Output classes (7 for FER2013).
+    width
+        Channels of the first stage (64 in ResNet-18); the stages have 1, 2, 4, 8 times it.
+    input_size
+        Side of the square input, in pixels (recorded for :func:`interp_fer.load_model`).
+    in_channels
+        Input channels.
+
+    Attributes
+    ----------
+    default_stages
+        The stem's ReLU and the output of each of the four stages:
+        ``relu, layer1, layer2, layer3, layer4``.
+    """
+
+    default_stages = ("relu", "layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, num_classes: int = 7, width: int = 64, input_size: int = 224,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        previous = width
+        for index, (multiple, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2)), start=1):
+            blocks = nn.Sequential(BasicBlock(previous, multiple * width, stride),
+                                   BasicBlock(multiple * width, multiple * width))
+            self.add_module(f"layer{index}", blocks)
+            previous = multiple * width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(previous, num_classes)
+        self.input_chw = (in_channels, input_size, input_size)
+        self.normalisation = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else (0.5, 0.5)
+        _init_imagenet_style(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def _init_imagenet_style(network: nn.Module) -> None:
+    # torchvision's initialisation (Kaiming for convolutions, N(0, 0.01) for linear layers):
+    # random-weight experiments then see activations of the usual scale at every depth.
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+
+
+RGB_ARCHITECTURES = {"vgg16": VGG16, "resnet18": ResNet18}
+
+
+def rgb_model(name: str = "resnet18", *, num_classes: int = 7, width: int = 64,
+              input_size: int = 224, class_names: tuple[str, ...] | None = None,
+              seed: int = 0, device: str | torch.device = "cpu"):
+    """A randomly initialised VGG-16 or ResNet-18 as a FERModel, for random-weight experiments.
+
+    Parameters
+    ----------
+    name
+        ``"vgg16"`` or ``"resnet18"``.
+    num_classes, width, input_size
+        See :class:`VGG16` / :class:`ResNet18`.
+    class_names
+        Output class names (default: the FER2013 order when ``num_classes`` is 7, else
+        ``class0 ...``).
+    seed
+        Seed of the initialisation (the same seed gives the same weights).
+    device
+        Where to put the network.
+
+    Returns
+    -------
+    interp_fer.models.FERModel
+        In eval mode, with RGB ImageNet preprocessing at ``input_size`` and the
+        architecture's default stages. To load trained weights instead, use
+        ``load_model(ckpt, architecture="interp_fer.architectures:VGG16", arch_kwargs=...)``.
+    """
+    from .models import FERModel, _check_class_count
+    from .preprocessing import Preprocessor
+    from .zoo import FER2013_CLASSES
+
+    if name not in RGB_ARCHITECTURES:
+        raise ValueError(f"unknown RGB architecture {name!r}; choose from {', '.join(RGB_ARCHITECTURES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = RGB_ARCHITECTURES[name](num_classes=num_classes, width=width, input_size=input_size)
+    if class_names is None:
+        class_names = FER2013_CLASSES if num_classes == 7 else tuple(f"class{i}" for i in range(num_classes))
+    prep = Preprocessor((input_size, input_size), False, IMAGENET_MEAN, IMAGENET_STD)
+    model = FERModel(network.eval().to(device), prep, tuple(class_names), f"{name}-random-seed{seed}",
+                     type(network).default_stages, f"random initialisation (seed {seed})",
+                     {"architecture": f"interp_fer.architectures:{type(network).__name__}",
+                      "arch_kwargs": {"num_classes": num_classes, "width": width, "input_size": input_size}})
+    _check_class_count(model)
+    return model

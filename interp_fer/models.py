@@ -389,11 +389,15 @@ def load_model(
         path = Path(source).expanduser()
         network = _load_module_from_file(path, architecture, arch_kwargs, allow_pickle, strict)
         check_finite(network, str(path))
-        chw = getattr(network, "input_chw", None)  # Keras/ONNX imports know their input
+        # Keras/ONNX imports and the RGB architectures know their input.
+        chw = getattr(network, "input_chw", None)
         size = input_size if input_size is not None else (tuple(chw[1:]) if chw else 48)
         size = (size, size) if isinstance(size, int) else tuple(size)
         if grayscale is None and chw:
             grayscale = chw[0] == 1
+        norm = getattr(network, "normalisation", None)  # e.g. ImageNet mean/std of VGG16
+        if norm is not None and mean is None and std is None:
+            mean, std = norm
         prep = Preprocessor(
             size, True if grayscale is None else grayscale,
             0.0 if mean is None else mean, 1.0 if std is None else std,
