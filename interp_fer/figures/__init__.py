@@ -6,6 +6,8 @@ One module per kind of figure, everything importable from here:
   and per-class accuracy across datasets (:func:`plot_dataset_comparison`);
 * :mod:`~interp_fer.figures.faces`: landmarks and AU regions on a face
   (:func:`plot_landmarks`, :func:`plot_au_regions`, :func:`au_regions_figure`);
+* :mod:`~interp_fer.figures.activity`: AU activity proxies on a face (:func:`plot_activity`)
+  and the sham regions beside the AU regions (:func:`plot_sham_regions`);
 * :mod:`~interp_fer.figures.projections`: one face and the projections of a layer's channels
   (:func:`project_figure`, the ``interp-fer project`` grid);
 * :mod:`~interp_fer.figures.mapping`: the figures of a mapping run (the faces it saw,
@@ -48,6 +50,7 @@ from ._style import (
     new_figure,
     save_figure,
 )
+from .activity import plot_activity, plot_sham_regions
 from .attributions import METHOD_TITLES, plot_attribution_comparison
 from .dossier import ExpressionResponses, expression_responses, plot_channel_dossier
 from .evaluation import plot_confusion_matrix, plot_dataset_comparison
@@ -78,6 +81,7 @@ __all__ = [
     "grid_channels",
     "mapped_faces",
     "new_figure",
+    "plot_activity",
     "plot_attribution_comparison",
     "plot_au_projection_grid",
     "plot_au_regions",
@@ -87,6 +91,7 @@ __all__ = [
     "plot_dataset_comparison",
     "plot_distance_heatmap",
     "plot_landmarks",
+    "plot_sham_regions",
     "project_figure",
     "save_figure",
     "top_faces",
