@@ -5,8 +5,16 @@ For every conv stage of mini-xception and pyemotion: projections per second of
 Captum loop (one ``attribute`` call per (image, channel), timed on a sample of pairs spread
 over images and channels), their ratio, the engine's peak memory (CUDA allocator peak, or on
 CPU the growth of the bytes malloc has in use), and the
-largest difference between the two maps relative to each map's max |value| (must stay below
-1e-5). Only active (image, channel) pairs count: an inactive channel's map is zeros in both.
+largest difference between the engine's map and Captum's run in float64 on a float64 copy of
+the network and input, relative to each map's max |value| (must stay below 1e-5; Captum's own
+float32 maps are no reference: near-tied max-pool switches flip in float32 from one CPU to
+the next). Only active (image, channel) pairs count: an inactive channel's map is zeros in both.
+
+Ill-conditioning: ``min margin`` is the smallest max-pool switch margin of the stage's maps
+(:attr:`interp_fer.projections.Projections.switch_margins`), ``<thr`` the share of maps below
+:data:`~interp_fer.projections.ILL_CONDITIONED_MARGIN`, and ``f32 off`` how many of the checked
+maps Captum's float32 run got wrong (more than 1e-4 of the max away from float64), with how
+many of those the margin flagged.
 
 Both sides are timed at their best (engine: best of ``--repeats`` calls; Captum: its fastest
 call) so that a busy shared machine penalises neither.
@@ -30,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import math
 import os
 import sys
 import threading
@@ -44,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from interp_fer.layers import resolve_layer
 from interp_fer.memory import keep_freed_memory, malloc_in_use
 from interp_fer.models import load_model
-from interp_fer.projections import deconvnet
+from interp_fer.projections import ILL_CONDITIONED_MARGIN, deconvnet
 from interp_fer.samples import SAMPLE_FACES, sample_face
 
 TARGET_RATIO = 50.0
@@ -137,7 +147,9 @@ def bench_stage(model, inputs: torch.Tensor, stage: str, captum_pairs: int,
     pick = np.linspace(0, len(active) - 1, min(captum_pairs, len(active))).round().astype(int)
     pairs = [active[i] for i in dict.fromkeys(pick.tolist())]
     reference = NeuronDeconvolution(module, resolve_layer(module, stage))
-    calls, worst = [], 0.0
+    module64 = copy.deepcopy(module).double()
+    exact = NeuronDeconvolution(module64, resolve_layer(module64, stage))
+    calls, worst, float32_off, flagged = [], 0.0, 0, 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Captum warns on every call
         reference.attribute(inputs[:1], neuron_selector=(0, 0, 0))  # warm-up
@@ -150,15 +162,25 @@ def bench_stage(model, inputs: torch.Tensor, stage: str, captum_pairs: int,
                                            neuron_selector=(channel, row, col))[0]
             _sync(device)
             calls.append(time.perf_counter() - start)
-            scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
-            error = ((expected - result.maps[image, slot]).abs().max() / scale).item()
+            truth = exact.attribute(inputs[image:image + 1].double(),
+                                    neuron_selector=(channel, row, col))[0]
+            scale = truth.abs().max().clamp_min(torch.finfo(truth.dtype).tiny)
+            error = ((truth - result.maps[image, slot].double()).abs().max() / scale).item()
             worst = max(worst, error)
+            if ((truth - expected.double()).abs().max() / scale).item() > 1e-4:
+                float32_off += 1
+                flagged += bool(result.switch_margins[image, slot] < ILL_CONDITIONED_MARGIN)
     engine_rate = len(active) / engine_time
     captum_rate = 1.0 / min(calls)  # best case, like the engine's best of --repeats
     with FlopCounterMode(display=False) as counter:
         deconvnet(module, inputs, stage)
     mflop = counter.get_total_flops() / max(1, len(active)) / 1e6
+    margins = result.switch_margins[result.active]
     return {
+        "margin": float(margins.min()) if len(margins) else math.inf,
+        "below": float((margins < ILL_CONDITIONED_MARGIN).double().mean()) if len(margins)
+        else 0.0,
+        "float32_off": float32_off, "flagged": flagged,
         "channels": result.maps.shape[1], "active": len(active), "engine": engine_rate,
         "captum": captum_rate, "ratio": engine_rate / captum_rate,
         "memory": memory.peak / 2**20, "error": worst, "checked": len(pairs),
@@ -233,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
           f"freed memory kept: {'yes' if kept else 'no'}")
     print(f"dense 3x3 convolution (64x16x60x60, 16->16, channels-last): {ceiling:.0f} GFLOP/s")
     header = (f"{'model':<14}{'stage':<8}{'K':>5}{'active':>8}{'engine/s':>11}{'captum/s':>10}"
-              f"{'ratio':>8}{'peak MiB':>10}{'max err':>10}{'MFLOP/proj':>12}{'GFLOP/s':>9}")
+              f"{'ratio':>8}{'peak MiB':>10}{'max err':>10}{'MFLOP/proj':>12}{'GFLOP/s':>9}"
+              f"{'min margin':>12}{'<thr':>6}{'f32 off':>9}")
     print(header)
     print("-" * len(header))
     failures, short = 0, []
@@ -248,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model_name:<14}{stage:<8}{row['channels']:>5}{row['active']:>8}"
                   f"{row['engine']:>11.0f}{row['captum']:>10.1f}{row['ratio']:>7.0f}x"
                   f"{row['memory']:>10.1f}{row['error']:>10.1e}{row['mflop']:>12.2f}"
-                  f"{row['gflops']:>9.1f}", flush=True)
-    print(f"maps agree with Captum (<= {TOLERANCE:g} of each map's max): "
+                  f"{row['gflops']:>9.1f}{row['margin']:>12.1e}{row['below']:>6.0%}"
+                  f"{row['float32_off']:>5}/{row['flagged']:<3}", flush=True)
+    print(f"switch margins below {ILL_CONDITIONED_MARGIN:g} count as ill-conditioned (<thr); "
+          "f32 off: maps float32 Captum got wrong / of them flagged")
+    print(f"maps agree with float64 Captum (<= {TOLERANCE:g} of each map's max): "
           f"{'yes' if not failures else f'NO ({failures} stages)'}; "
           f"stages below {TARGET_RATIO:g}x: {len(short)}")
     for model_name, stage, row in short:

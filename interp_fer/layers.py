@@ -78,6 +78,7 @@ _IDENTITY_OPS = {
     "MinimumBackward0", "ClampBackward1", "ClampMinBackward0", "NegBackward0",
     "CatBackward0", "AliasBackward0", "NativeDropoutBackward0", "PreluKernelBackward0",
     "SoftplusBackward0", "ExpandBackward0",
+    "_RuleReLUBackward",  # an nn.ReLU whose backward a projection rule replaced (hooks.py)
 }
 
 _Axis = tuple[float, float, float]  # (size, stride, offset)

@@ -34,6 +34,7 @@ rows grow downwards. Map them to an original image with the preprocessing's resi
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -53,9 +54,16 @@ from .hooks import (
     raise_functional_relus,
     relu_rule,
 )
-from .layers import ReceptiveField, receptive_field, resolve_layer
+from .layers import ReceptiveField, receptive_field, resolve_layer, trace_from_node
 
 Engine = Literal["auto", "windowed", "autograd"]
+# Relative max-pool switch margin under which float32 arithmetic has been seen to flip a
+# switch (see Projections.switch_margins). Rounding is ~1e-7 per operation, but a BatchNorm
+# that subtracts a large running mean before the pool amplifies it relative to the pooled
+# values: on mini-Xception every map that float32 Captum got visibly wrong (1e-3 to 1e-1 of
+# its maximum) had a margin between 1e-5 and 1e-3. A conservative flag: most maps of deep
+# layers fall below it and are still right.
+ILL_CONDITIONED_MARGIN = 1e-3
 _CPU_TILE = 16 * 2**20  # bytes of the widest gradient of a CPU batch
 ExtremumMethod = Literal["centroid", "argmax", "rf"]
 
@@ -84,6 +92,19 @@ class Projections:
         ``"deconvnet"`` or ``"guided_backprop"``.
     receptive_field
         Geometry of the layer's units in input pixels (None when unknown).
+    switch_margins
+        (N, K) float64: how close the map came to a different max-pool switch. For every
+        max-pool window whose output lies in the seed unit's receptive-field cone (all
+        channels), the gap between the largest and the second-largest value of the window,
+        divided by the largest |value| of that image's channel map at the pool input; the
+        smallest such gap over every max-pool between the input and the layer. Windows whose
+        two largest values are exactly equal (e.g. zeros after a ReLU) are left out: the
+        first-index rule breaks them alike in every precision. ``inf`` when the path has no
+        max-pool window with a runner-up; NaN for inactive channels. Switches come from a
+        float64 forward pass (``forward_dtype``); a margin below
+        :data:`ILL_CONDITIONED_MARGIN` means that float32 arithmetic (a float32 reference,
+        another CPU, another batch) may pick a different switch and a visibly different
+        map. The cone is rectangular and spans all channels, so this is a lower bound.
     """
 
     maps: torch.Tensor
@@ -94,6 +115,7 @@ class Projections:
     layer: str
     method: str
     receptive_field: ReceptiveField | None = None
+    switch_margins: torch.Tensor | None = None
 
 
 def deconvnet(
@@ -105,6 +127,7 @@ def deconvnet(
     image_batch: int = 64,
     max_memory: int = 512 * 2**20,
     engine: Engine = "auto",
+    forward_dtype: torch.dtype | None = torch.float64,
 ) -> Projections:
     """Deconvnet projection of each channel's arg-max unit, for every image of a batch.
 
@@ -128,6 +151,12 @@ def deconvnet(
     engine
         ``"windowed"`` (receptive-field windows), ``"autograd"`` (batched autograd, whole
         maps) or ``"auto"`` (windowed when the graph has only operations it knows).
+    forward_dtype
+        Precision of the forward pass that picks each channel's arg-max unit, the max-pool
+        switches and the guided-backprop ReLU masks (default float64: near-tied switches
+        then do not depend on the CPU's float32 kernels, nor on which other images share
+        the batch). The windowed engine's backward pass runs in the module's dtype; the
+        autograd engine runs entirely in ``forward_dtype``. None: the module's dtype.
 
     Returns
     -------
@@ -139,7 +168,7 @@ def deconvnet(
         When a ReLU between the input and the layer is not an ``nn.ReLU`` module.
     """
     return project(module, inputs, layer, channels, method="deconvnet", image_batch=image_batch,
-                   max_memory=max_memory, engine=engine)
+                   max_memory=max_memory, engine=engine, forward_dtype=forward_dtype)
 
 
 def guided_backprop(
@@ -151,10 +180,12 @@ def guided_backprop(
     image_batch: int = 64,
     max_memory: int = 512 * 2**20,
     engine: Engine = "auto",
+    forward_dtype: torch.dtype | None = torch.float64,
 ) -> Projections:
     """Guided-backprop projection of each channel's arg-max unit (see :func:`deconvnet`)."""
     return project(module, inputs, layer, channels, method="guided_backprop",
-                   image_batch=image_batch, max_memory=max_memory, engine=engine)
+                   image_batch=image_batch, max_memory=max_memory, engine=engine,
+                   forward_dtype=forward_dtype)
 
 
 def project(
@@ -167,6 +198,7 @@ def project(
     image_batch: int = 64,
     max_memory: int = 512 * 2**20,
     engine: Engine = "auto",
+    forward_dtype: torch.dtype | None = torch.float64,
 ) -> Projections:
     """Projections with ``method`` = ``"deconvnet"`` or ``"guided_backprop"``.
 
@@ -189,15 +221,29 @@ def project(
     parts = []
     # Work outside a caller's inference mode: the backward pass needs a recorded graph.
     with torch.inference_mode(False):
+        state = _forward_state(module, dtype, forward_dtype)
         for chunk in inputs.split(max(1, image_batch)):
-            parts.append(_project_chunk(module, layer_module, name,
-                                        chunk.to(device, dtype).clone(), channels, method,
-                                        max_memory, engine))
+            parts.append(_project_chunk(module, layer_module, name, chunk.to(device, dtype),
+                                        channels, method, max_memory, engine, state))
     result = Projections(
         *(torch.cat([part[i] for part in parts]).to(inputs.device) for i in range(4)),
         channels=parts[0][4], layer=name, method=method, receptive_field=field,
+        switch_margins=torch.cat([part[5] for part in parts]).cpu(),
     )
     return result
+
+
+def _forward_state(module: nn.Module, dtype: torch.dtype,
+                   forward_dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    """The module's floating parameters and buffers in ``forward_dtype`` (None: as they are)."""
+    if forward_dtype is None or forward_dtype == dtype:
+        return None
+    if not forward_dtype.is_floating_point:
+        raise ValueError(f"forward_dtype must be a floating dtype or None, not {forward_dtype}")
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    return {name: value.detach().to(forward_dtype) if value.is_floating_point() else value
+            for name, value in named}
 
 
 def _layer_name(module: nn.Module, layer_module: nn.Module, layer: str | nn.Module) -> str:
@@ -232,7 +278,7 @@ class _StopForward(Exception):
 
 
 def _forward_to_layer(module: nn.Module, layer: nn.Module, hooks: HookSet, x: torch.Tensor,
-                      name: str) -> torch.Tensor:
+                      name: str, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     captured: list[torch.Tensor] = []
 
     def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -246,7 +292,10 @@ def _forward_to_layer(module: nn.Module, layer: nn.Module, hooks: HookSet, x: to
     hooks.forward(layer, capture)  # after the ReLU hooks: a ReLU layer's output is replaced
     with torch.inference_mode(False), torch.enable_grad():
         try:
-            module(x)
+            if state is None:
+                module(x)
+            else:  # the same module (and hooks), its parameters in the forward dtype
+                torch.func.functional_call(module, state, (x,))
         except _StopForward:
             pass
     if not captured:
@@ -270,15 +319,22 @@ def _channel_index(channels: Any, n_channels: int) -> torch.Tensor:
 
 
 def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch.Tensor,
-                   channels: Any, rule: Rule, max_memory: int, engine: Engine):
-    with HookSet(module) as hooks:
-        hooks.eval()
-        relu_rule(hooks, module, rule)
-        with torch.inference_mode(False):
-            # Channels-last runs oneDNN's faster CPU convolutions in the forward pass.
-            x = images.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
-        activation = _forward_to_layer(module, layer, hooks, x, name)
-    nodes = graph_nodes(activation.grad_fn, x)
+                   channels: Any, rule: Rule, max_memory: int, engine: Engine,
+                   state: dict[str, torch.Tensor] | None):
+    dtype = images.dtype  # of the module: the windowed backward and the results
+    if state is not None:
+        try:
+            x, activation, nodes = _forward_graph(module, layer, name, images, rule, state)
+        except RuntimeError as error:
+            if not any(word in str(error) for word in ("Double", "dtype", "scalar type")):
+                raise
+            warnings.warn(f"{type(module).__name__}: the forward pass cannot run in float64 "
+                          f"({error}); max-pool switches and arg-max units of layer {name!r} "
+                          "come from a pass in the module's own dtype, so near-ties may "
+                          "depend on the CPU and the batch", RuntimeWarning, stacklevel=4)
+            state = None
+    if state is None:
+        x, activation, nodes = _forward_graph(module, layer, name, images, rule, None)
     functional = sum(1 for node in nodes if type(node).__name__ in RELU_NODES)
     raise_functional_relus(functional, f"layer {name!r}", rule)
     n, n_channels, h, w = activation.shape
@@ -288,19 +344,151 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
     values = flat.gather(2, position[..., None])[..., 0]
     units = torch.stack([position // w, position % w], dim=-1)
     active = values > 0
-    maps = x.new_zeros(n, len(index), *x.shape[1:]).detach()
-    plan = None if engine == "autograd" else _compile(nodes, x)
+    margins = _switch_margins(nodes, activation.grad_fn, (h, w), units, active)
+    maps = x.new_zeros(n, len(index), *x.shape[1:], dtype=dtype).detach()
+    plan = None if engine == "autograd" else _compile(nodes, x, dtype)
     if plan is None and engine == "windowed":
         raise ValueError(f"layer {name!r}: the graph has operations the windowed engine does "
                          "not support; use engine='auto' or 'autograd'")
+    if plan is None and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+        # Batched autograd (vmap) cannot query the layout of some operations' saved tensors
+        # (GroupNorm): run the graph again from a contiguous input.
+        x, activation, nodes = _forward_graph(module, layer, name, images, rule, state,
+                                              channels_last=False)
     image, slot = active.nonzero(as_tuple=True)
     with torch.inference_mode(False), torch.no_grad():
         if plan is not None:
             seeds = (image, index[slot], units[image, slot, 0], units[image, slot, 1])
-            maps[image, slot] = _run_windowed(plan, seeds, x.shape, max_memory)
+            maps[image, slot] = _run_windowed(plan, seeds, x.shape, max_memory, dtype)
         else:
             _run_autograd(activation, x, index, units, active, maps, max_memory)
-    return maps.detach(), units, values.detach(), active, index.cpu()
+    return maps.detach(), units, values.detach().to(dtype), active, index.cpu(), margins
+
+
+def _forward_graph(module: nn.Module, layer: nn.Module, name: str, images: torch.Tensor,
+                   rule: Rule, state: dict[str, torch.Tensor] | None, *,
+                   channels_last: bool | None = None):
+    """(x, layer output, graph nodes from the output to x) of one recorded forward pass.
+
+    ``state``: parameters and buffers in the forward dtype (None: the module's own).
+    """
+    dtype = images.dtype
+    if state is not None:
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), dtype)
+    if channels_last is None:
+        # Channels-last runs oneDNN's faster float32 CPU convolutions; float64 ones are
+        # faster in the default layout.
+        channels_last = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    with HookSet(module) as hooks:
+        hooks.eval()
+        relu_rule(hooks, module, rule)
+        with torch.inference_mode(False):
+            x = images.detach().to(dtype).clone(memory_format=layout).requires_grad_(True)
+        activation = _forward_to_layer(module, layer, hooks, x, name, state)
+    return x, activation, graph_nodes(activation.grad_fn, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Switch margins: how close each map came to a different max-pool switch (see Projections).
+
+
+def _switch_margins(nodes: list[Any], root: Any, extent: tuple[int, int], units: torch.Tensor,
+                    active: torch.Tensor) -> torch.Tensor:
+    """(N, K) float64 smallest relative switch margin in each seed's cone (CPU tensor).
+
+    ``root``: the layer output's grad_fn; ``extent``: its (h, w); ``units``: (N, K, 2).
+    """
+    n, k = units.shape[:2]
+    margin = torch.full((n, k), math.inf, dtype=torch.float64)
+    units = units.cpu()
+    image = torch.arange(n)[:, None].expand(n, k)
+    for node in nodes:
+        if type(node).__name__ != "MaxPool2DWithIndicesBackward0":
+            continue
+        windows = _pool_window_margins(node).cpu()  # (N, ho, wo)
+        field = trace_from_node(root, node)
+        cone = _cone_minimum(windows, field, extent)
+        if cone is None:  # unknown geometry: every window of the map
+            here = windows.flatten(1).amin(1)[:, None].expand(n, k)
+        else:
+            here = cone[image, units[..., 0], units[..., 1]]
+        margin = torch.minimum(margin, here)
+    return margin.masked_fill(~active.cpu(), math.nan)
+
+
+def _pool_params(node: Any) -> tuple[tuple[int, int], ...]:
+    """(kernel, stride, padding, dilation) of a max-pool node, each as (rows, cols)."""
+    def pair(values: Any) -> tuple[int, int]:
+        values = tuple(int(v) for v in values)
+        return (values[0], values[-1])
+
+    kernel = pair(node._saved_kernel_size)
+    return kernel, pair(node._saved_stride or kernel), pair(node._saved_padding), \
+        pair(node._saved_dilation)
+
+
+def _pool_window_margins(node: Any, budget: int = 32 * 2**20) -> torch.Tensor:
+    """(N, ho, wo) float64: per output position, the smallest relative gap over channels.
+
+    The gap of a window is its largest minus its second-largest value, over the largest
+    |value| of the (image, channel) map; inf for exact ties and windows with one value.
+    """
+    x = node._saved_self.detach()
+    kernel, stride, padding, dilation = _pool_params(node)
+    ho, wo = node._saved_result1.shape[2:]
+    n, c, h, w = x.shape
+    if kernel[0] * kernel[1] < 2:
+        return torch.full((n, ho, wo), math.inf, dtype=torch.float64, device=x.device)
+    span = [dilation[a] * (kernel[a] - 1) + 1 for a in range(2)]
+    after = [max(0, (size - 1) * stride[a] + span[a] - padding[a] - length)
+             for a, (size, length) in enumerate(((ho, h), (wo, w)))]
+    out = []
+    per_image = c * ho * wo * kernel[0] * kernel[1] * 8
+    step = max(1, budget // max(1, per_image))
+    for part in x.split(step):
+        part = part.double()
+        # Scale of the finite values: a max-pool's own -inf padding (Keras 'same') is no value.
+        finite = torch.where(part.isfinite(), part.abs(), 0.0)
+        scale = finite.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(part.dtype).tiny)
+        padded = F.pad(part, (padding[1], after[1], padding[0], after[0]), value=-math.inf)
+        windows = padded.unfold(2, span[0], stride[0]).unfold(3, span[1], stride[1])
+        windows = windows[:, :, :ho, :wo, ::dilation[0], ::dilation[1]].flatten(4)
+        top = windows.topk(2, dim=4).values
+        gap = top[..., 0] - top[..., 1]
+        relative = torch.where(gap == 0, math.inf, gap / scale)  # inf - inf: nan
+        out.append(relative.nan_to_num(nan=math.inf).amin(dim=1))
+    return torch.cat(out)
+
+
+def _cone_minimum(windows: torch.Tensor, field: ReceptiveField | None,
+                  extent: tuple[int, ...]) -> torch.Tensor | None:
+    """(N, h, w): minimum of ``windows`` (N, ho, wo) over each layer unit's cone.
+
+    ``field`` maps the layer's units (grid ``extent`` = (h, w)) onto the pool's output grid.
+    None when the geometry is unknown or not on the integer grid.
+    """
+    if field is None:
+        return None
+    sizes, strides, firsts = [], [], []
+    for axis in (field.rows, field.cols):
+        first = axis.offset - (axis.size - 1) / 2
+        if not (float(axis.size).is_integer() and float(axis.stride).is_integer()
+                and float(first).is_integer()) or axis.stride < 1:
+            return None
+        sizes.append(int(axis.size))
+        strides.append(int(axis.stride))
+        firsts.append(int(first))
+    pads = []
+    for a in range(2):
+        before = max(0, -firsts[a])
+        stop = firsts[a] + (extent[a] - 1) * strides[a] + sizes[a]
+        pads.append((before, max(0, stop - windows.shape[1 + a])))
+    padded = F.pad(windows[:, None], (*pads[1], *pads[0]), value=math.inf)
+    start = [firsts[a] + pads[a][0] for a in range(2)]
+    padded = padded[:, :, start[0]:, start[1]:]
+    low = -F.max_pool2d(-padded, tuple(sizes), tuple(strides))
+    return low[:, 0, :extent[0], :extent[1]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +511,7 @@ def _run_autograd(activation: torch.Tensor, x: torch.Tensor, index: torch.Tensor
         with torch.enable_grad():
             (grads,) = torch.autograd.grad(activation, x, seeds, retain_graph=True,
                                            is_grads_batched=True)
-        maps[:, slots] = grads.transpose(0, 1) * active[:, slots, None, None, None]
+        maps[:, slots] = (grads.transpose(0, 1) * active[:, slots, None, None, None]).to(maps.dtype)
 
 
 def _largest_map(root: Any) -> int:
@@ -382,8 +570,11 @@ def _meta_shape(node: Any, index: int) -> tuple[int, ...]:
     return tuple(node._input_metadata[index].shape)
 
 
-def _compile(nodes: list[Any], x: torch.Tensor) -> list[_Step] | None:
-    """Translate the graph into windowed steps, or None if some node is not supported."""
+def _compile(nodes: list[Any], x: torch.Tensor, dtype: torch.dtype) -> list[_Step] | None:
+    """Translate the graph into windowed steps, or None if some node is not supported.
+
+    The steps compute in ``dtype`` whatever the dtype of the recorded forward pass.
+    """
     relevant = set(nodes)
     try:
         edges = {node: [(child, i) if child in relevant else (None, i)
@@ -397,7 +588,7 @@ def _compile(nodes: list[Any], x: torch.Tensor) -> list[_Step] | None:
             if node in folded and not isinstance(folded[node], torch.Tensor):
                 apply = _identity  # a BatchNorm folded into the convolution below it
             else:
-                apply = _handler(node, shapes, folded.get(node))
+                apply = _handler(node, shapes, dtype, folded.get(node))
             if apply is None:
                 return None
             steps.append(_Step(node, apply, [c for c, _ in edges[node]]))
@@ -440,7 +631,8 @@ def _fold_batchnorms(nodes: list[Any], edges: dict[Any, list[tuple[Any, int]]]) 
 _BATCHNORMS = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
 
 
-def _handler(node: Any, shapes: list[tuple[int, ...] | None], scale: torch.Tensor | None = None):
+def _handler(node: Any, shapes: list[tuple[int, ...] | None], dtype: torch.dtype,
+             scale: torch.Tensor | None = None):
     kind = type(node).__name__
     used = [s for s in shapes if s is not None]
     if any(len(s) != 4 for s in used):
@@ -458,13 +650,15 @@ def _handler(node: Any, shapes: list[tuple[int, ...] | None], scale: torch.Tenso
     if is_rule_node(node):
         return _relu_handler(node)
     if kind == "ConvolutionBackward0":
-        return _conv_handler(node, shapes[0], scale)
+        return _conv_handler(node, shapes[0], scale, dtype)
     if kind == "MaxPool2DWithIndicesBackward0":
         return _pool_handler(node, shapes[0])
     if kind in _BATCHNORMS:
         scale = _batchnorm_scale(node)
-        return None if scale is None else \
-            lambda win, img: [replace(win, data=win.data * scale)]
+        if scale is None:
+            return None
+        scale = scale.to(dtype)
+        return lambda win, img: [replace(win, data=win.data * scale)]
     if kind == "ConstantPadNdBackward0":
         return _constant_pad_handler(node, shapes[0])
     if kind in ("ReflectionPad2DBackward0", "ReplicationPad2DBackward0"):
@@ -490,12 +684,14 @@ def _relu(win: _Win) -> torch.Tensor:
     return torch.relu(win.data) if win.shared else win.data.relu_()
 
 
-def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor | None):
+def _conv_handler(node: Any, shape: tuple[int, ...] | None, scale: torch.Tensor | None,
+                  dtype: torch.dtype):
     if shape is None or node._saved_transposed or len(node._saved_stride) != 2:
         return None
     weight = node._saved_weight.detach()
     if scale is not None:  # BatchNorm after this convolution, folded into its output channels
         weight = weight * scale.view(-1, 1, 1, 1)
+    weight = weight.to(dtype)
     stride, padding = tuple(node._saved_stride), tuple(node._saved_padding)
     dilation, groups = tuple(node._saved_dilation), int(node._saved_groups)
     kernel = tuple(weight.shape[2:])
@@ -924,13 +1120,12 @@ def _accumulate(a: _Win, b: _Win, extent: Sequence[int]) -> _Win:
 
 
 def _run_windowed(plan: list[_Step], seeds: tuple[torch.Tensor, ...], input_shape: torch.Size,
-                  max_memory: int) -> torch.Tensor:
+                  max_memory: int, dtype: torch.dtype) -> torch.Tensor:
     image, channel, row, col = seeds
     total = len(image)
     root = plan[0].node
     out_shape = _meta_shape(root, 0)
-    result = torch.empty(total, *input_shape[1:], device=image.device,
-                         dtype=root._input_metadata[0].dtype)
+    result = torch.empty(total, *input_shape[1:], device=image.device, dtype=dtype)
     # On CPU, batches whose widest gradient fits in cache run several times faster than big
     # ones (the element-wise passes are memory-bound); on GPU only max_memory bounds them.
     tile = max_memory // 4 if image.is_cuda else min(max_memory // 4, _CPU_TILE)
@@ -939,7 +1134,8 @@ def _run_windowed(plan: list[_Step], seeds: tuple[torch.Tensor, ...], input_shap
     while start < total:
         stop = min(total, start + batch)
         maps, peak = _windowed_batch(plan, image[start:stop], channel[start:stop],
-                                     row[start:stop], col[start:stop], out_shape, input_shape)
+                                     row[start:stop], col[start:stop], out_shape, input_shape,
+                                     dtype)
         result[start:stop] = maps
         start = stop
         per_seed = peak / max(1, len(maps))
@@ -947,10 +1143,9 @@ def _run_windowed(plan: list[_Step], seeds: tuple[torch.Tensor, ...], input_shap
     return result
 
 
-def _windowed_batch(plan, image, channel, row, col, out_shape, input_shape):
+def _windowed_batch(plan, image, channel, row, col, out_shape, input_shape, dtype):
     b = len(image)
-    data = torch.zeros(b, out_shape[1], 1, 1, device=image.device,
-                       dtype=plan[0].node._input_metadata[0].dtype)
+    data = torch.zeros(b, out_shape[1], 1, 1, device=image.device, dtype=dtype)
     data[torch.arange(b, device=image.device), channel, 0, 0] = 1
     off = torch.stack([row, col], dim=1).cpu().numpy().astype(np.int64)
     seed = _fit(data, off, (False, False), out_shape[2:])
@@ -976,7 +1171,7 @@ def _windowed_batch(plan, image, channel, row, col, out_shape, input_shape):
             else:
                 pending[child] = grad
     if result is None:
-        return torch.zeros(b, *input_shape[1:], device=image.device), peak
+        return torch.zeros(b, *input_shape[1:], device=image.device, dtype=dtype), peak
     result = _clean(result)
     data = result.data  # full axes already span the input; place the windowed ones
     for axis in range(2):

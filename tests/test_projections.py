@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +22,7 @@ from torch import nn
 from interp_fer.hooks import FunctionalReLUError, HookSet
 from interp_fer.layers import resolve_layer
 from interp_fer.projections import (
+    ILL_CONDITIONED_MARGIN,
     deconvnet,
     extremum_points,
     project,
@@ -126,6 +134,13 @@ def test_extremum_centroid_keeps_every_pixel_tied_with_the_threshold():
 # ------------------------------------------------------------------------ Captum parity
 
 
+# The engine's float32 backward pass against a float64 reference: measured <= 6.5e-7 of each
+# map's max on the zoo (rounding of the float32 transposed convolutions); 1e-5 leaves room for
+# other CPUs' kernels. A float32 reference would not do: near-tied max-pool switches flip in
+# float32 from one CPU to the next (a different map, up to 1e-1 of its max).
+PARITY_TOLERANCE = 1e-5
+
+
 def captum_map(method, module, layer, x, channel, row, col):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,17 +149,21 @@ def captum_map(method, module, layer, x, channel, row, col):
 
 
 def assert_matches_captum(module, x, result, slots=None):
-    """Each active map equals Captum's to 1e-5 of the map's max |value|."""
+    """Each active map equals Captum's, run in float64 on a float64 copy of the network and
+    input, to PARITY_TOLERANCE of the map's max |value|."""
+    reference = copy.deepcopy(module).double()
     checked = 0
     for image in range(x.shape[0]):
         for slot in slots if slots is not None else range(len(result.channels)):
             if not result.active[image, slot]:
                 continue
             row, col = result.units[image, slot].tolist()
-            expected = captum_map(result.method, module, result.layer, x[image:image + 1],
-                                  int(result.channels[slot]), row, col)
-            error = (expected - result.maps[image, slot]).abs().max()
-            assert error <= 1e-5 * expected.abs().max(), (result.layer, image, slot)
+            expected = captum_map(result.method, reference, result.layer,
+                                  x[image:image + 1].double(), int(result.channels[slot]),
+                                  row, col)
+            error = (expected - result.maps[image, slot].double()).abs().max()
+            assert error <= PARITY_TOLERANCE * expected.abs().max(), \
+                (result.layer, image, slot, float(error / expected.abs().max()))
             checked += 1
     assert checked
 
@@ -209,6 +228,152 @@ def test_zoo_rf_agreement_reports_rate(zoo):
     assert agreement.count == result.active.sum()
     assert 0.0 <= agreement.rate <= 1.0
     assert agreement.distances.shape == result.values.shape
+
+
+def seventeen_faces():
+    """17 real faces: the sample faces, their mirror images, three of them shifted."""
+    from interp_fer.samples import SAMPLE_FACES, sample_face
+
+    base = [sample_face(name) for name in SAMPLE_FACES]
+    mirrored = [face[:, ::-1].copy() for face in base]
+    shifted = [np.roll(face, (9, -7), axis=(0, 1)) for face in base[:3]]
+    return (base + mirrored + shifted)[:17]
+
+
+@pytest.fixture(scope="module")
+def crowd():
+    from interp_fer.models import load_model
+
+    faces = seventeen_faces()
+    assert len(faces) == 17
+    return {name: (model := load_model(name), model.preprocess(faces))
+            for name in ("mini-xception", "pyemotion")}
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+@pytest.mark.parametrize(("name", "stage"), ZOO_STAGES)
+def test_projection_does_not_depend_on_the_batch(crowd, name, stage, method):
+    # One face alone, then at different places in batches of 3 and 17 other faces (and split
+    # into image batches of 5): same arg-max units, maps, switch margins and extremum points.
+    model, faces = crowd[name]
+    face = 1  # the "happy" sample face
+    channels = sorted({0, _channels(model.module, stage, faces) // 2, 5})
+    alone = project(model.module, faces[face:face + 1], stage, channels, method=method)
+    assert alone.active.any()
+    batches = [(faces[[face, 0, 2]], 0), (faces[[3, 4, face]], 2), (faces, face)]
+    for batch, where in batches:
+        for image_batch in (64, 5):
+            result = project(model.module, batch, stage, channels, method=method,
+                             image_batch=image_batch)
+            assert torch.equal(result.units[where], alone.units[0])
+            assert torch.equal(result.active[where], alone.active[0])
+            scale = alone.maps[0].flatten(1).abs().amax(1).clamp_min(1e-30)
+            error = (result.maps[where] - alone.maps[0]).flatten(1).abs().amax(1)
+            assert (error <= 1e-6 * scale).all(), (batch.shape[0], image_batch, error / scale)
+            torch.testing.assert_close(result.switch_margins[where], alone.switch_margins[0],
+                                       rtol=1e-9, atol=0, equal_nan=True)
+            for how in ("centroid", "argmax", "rf"):
+                torch.testing.assert_close(extremum_points(result, how)[where],
+                                           extremum_points(alone, how)[0],
+                                           rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_switch_margins_known_answer():
+    # A 2x2/2 max-pool straight on the input: window (0,0) holds 1 and 0.9 (gap 0.1), window
+    # (0,1) holds 2 and zeros (gap 2), window (1,0) zeros only (an exact tie: not counted),
+    # window (1,1) 2 and -1 (gap 3). The map's largest |value| is 2.
+    x = torch.tensor([[1.0, 0.9, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                      [0.0, 0.0, 2.0, 0.0], [0.0, 0.0, -1.0, 0.0]]).view(1, 1, 4, 4)
+    pointwise = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(1, 1, 1, bias=False), nn.ReLU()).eval()
+    whole = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(1, 1, 2, bias=False), nn.ReLU()).eval()
+    with torch.no_grad():
+        pointwise[1].weight.fill_(1.0)
+        whole[1].weight.fill_(1.0)
+    for engine in ENGINES:
+        # 1x1 convolution: the arg-max unit (0, 1) sees pool window (0, 1) only.
+        one = deconvnet(pointwise, x, "2", engine=engine)
+        assert one.units.tolist() == [[[0, 1]]]
+        assert one.switch_margins.tolist() == [[pytest.approx(2 / 2)]]
+        # 2x2 convolution: the one unit sees every window; the smallest gap is 0.1.
+        every = deconvnet(whole, x, "2", engine=engine)
+        assert every.switch_margins.tolist() == [[pytest.approx(0.1 / 2)]]
+    assert one.switch_margins.dtype == torch.float64
+    # No max-pool on the path: inf; an inactive channel: NaN.
+    assert deconvnet(hand_net(), HAND_X, "relu1").switch_margins.isinf().all()
+    assert deconvnet(whole, -x.abs(), "2").switch_margins.isnan().all()
+
+
+def test_switch_margins_flag_near_ties_of_real_faces(zoo):
+    model, x = zoo["mini-xception"]
+    shallow = deconvnet(model.module, x, "conv2")  # below every max-pool
+    assert shallow.switch_margins.isinf().all()
+    deep = deconvnet(model.module, x, "block4", channels=range(0, 128, 8))
+    margins = deep.switch_margins[deep.active]
+    assert ((margins > 0) & (margins < 1)).all()
+    # block4's cones cover thousands of max-pool windows: on real faces some are near-ties.
+    assert (margins < ILL_CONDITIONED_MARGIN).any()
+
+
+def test_float64_switches_match_captum_in_float64_where_float32_does_not(zoo):
+    # The forward pass runs in float64 (forward_dtype): the same switches as a float64
+    # reference. In the module's own float32 the engine still runs, and still matches a
+    # float64 reference wherever the float32 switches agree.
+    model, x = zoo["mini-xception"]
+    result = deconvnet(model.module, x, "block4", channels=[0, 44, 120])
+    assert_matches_captum(model.module, x, result)
+    float32 = deconvnet(model.module, x, "block4", channels=[0, 44, 120], forward_dtype=None)
+    assert float32.maps.dtype == torch.float32 and float32.switch_margins.shape == (2, 3)
+    with pytest.raises(ValueError, match="forward_dtype"):
+        deconvnet(model.module, x, "block4", channels=0, forward_dtype=torch.int64)
+
+
+ISA_SCRIPT = """
+import copy, json, warnings, sys, torch
+from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
+from interp_fer import load_model
+from interp_fer.layers import resolve_layer
+from interp_fer.projections import project
+from interp_fer.samples import sample_face
+
+warnings.simplefilter("ignore")
+torch.set_num_threads(1)
+model = load_model("mini-xception")
+x = model.preprocess([sample_face("happy"), sample_face("surprise"), sample_face("angry")])
+reference = copy.deepcopy(model.module).double()
+worst, batch = 0.0, 0.0
+for method, captum in (("deconvnet", NeuronDeconvolution), ("guided_backprop",
+                                                            NeuronGuidedBackprop)):
+    result = project(model.module, x, "block4", [0, 44, 120], method=method)
+    alone = project(model.module, x[1:2], "block4", [0, 44, 120], method=method)
+    batch = max(batch, float((alone.maps[0] - result.maps[1]).abs().max()
+                             / result.maps[1].abs().max()))
+    assert torch.equal(alone.units[0], result.units[1])
+    attribution = captum(reference, resolve_layer(reference, "block4"))
+    for image in range(x.shape[0]):
+        for slot, channel in enumerate(result.channels.tolist()):
+            if not result.active[image, slot]:
+                continue
+            row, col = result.units[image, slot].tolist()
+            expected = attribution.attribute(x[image:image + 1].double(),
+                                             neuron_selector=(channel, row, col))[0]
+            error = (expected - result.maps[image, slot].double()).abs().max()
+            worst = max(worst, float(error / expected.abs().max()))
+print(json.dumps({"isa": torch.backends.cpu.get_cpu_capability(), "worst": worst,
+                  "batch": batch}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["AVX512_CORE", "AVX2"])
+def test_parity_holds_under_each_onednn_isa(isa):
+    # oneDNN picks its float32 kernels by instruction set: a parity check in a fresh process
+    # for each (a CPU without AVX-512 runs the AVX-512 case at its own best ISA).
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["worst"] <= PARITY_TOLERANCE, measured
+    assert measured["batch"] <= 1e-6, measured
 
 
 # ------------------------------------------------------------------------ real-model shapes
