@@ -508,11 +508,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def _run_map(args: argparse.Namespace, out: str) -> int:
-    from .controls import randomized_copy
-    from .layer_mapping import MappingOptions
-    from .mapping import compare_with_control, map_dataset, mapping_table
-    from .report import write_report
-
+    # Model, layers and data are checked before the mapping machinery is even imported.
     model = _load_model(args)
     _require_hooks(model, "map")
     layers = None if args.layers in (None, ["all"]) else args.layers
@@ -523,6 +519,12 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
         dataset = dataset.with_labels(args.labels)
     if args.limit or args.stratify:
         dataset = dataset.subset(limit=args.limit, stratify=args.stratify)
+
+    from .controls import randomized_copy
+    from .layer_mapping import MappingOptions
+    from .mapping import compare_with_control, map_dataset, mapping_table
+    from .report import write_report
+
     options = MappingOptions(distance=args.distance, n_boot=args.n_boot, n_null=args.n_null,
                              seed=args.seed)
     checkpoint = f"{out}/.checkpoint.npz"
@@ -766,6 +768,15 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _close_progress_bars() -> None:
+    """Close the bars an exception left open, so the error line is not drawn over."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def _show_warning(command: str) -> Callable[..., None]:
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"interp-fer {command}: warning: {message}", file=sys.stderr)
@@ -789,6 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.handler(args)
         except (Exception, KeyboardInterrupt, Terminated) as error:
+            _close_progress_bars()
             status, prefix = _status(error)
             if args.debug:
                 traceback.print_exc()
