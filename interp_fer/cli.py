@@ -336,6 +336,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(set(sources)) < len(sources):
         raise UsageError(f"--data names the same dataset twice: {' '.join(sources)}")
     model = _load_model(args)
+    if args.saliency_weighted:
+        from .evaluation import saliency_weighted
+
+        model = saliency_weighted(model)
     results = {}
     for data in sources:
         results[data] = _evaluate_one(args, model, data)
@@ -610,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=positive, default=256,
                           help="images per forward pass (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--saliency-weighted", action="store_true",
+                          help="feed each image multiplied by its normalised saliency map "
+                               "(as networks trained on such inputs expect)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     layers = command("layers", "layer names, output shapes, receptive fields")

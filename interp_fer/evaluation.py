@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
 
 from .data import ImageDataset
 from .labels import class_index
@@ -252,3 +254,77 @@ def evaluate(
         model=model.name,
         data=dataset.source,
     )
+
+
+def saliency_weighted_inputs(module: nn.Module, inputs: torch.Tensor,
+                             mean: float | tuple[float, ...] = 0.0,
+                             std: float | tuple[float, ...] = 1.0) -> torch.Tensor:
+    """Preprocessed images multiplied by their normalised saliency map (the seed work's input).
+
+    For each image, the saliency map is ``max_c |d logit_k / d x_c|`` for the class ``k`` the
+    network predicts on the plain image, divided by its maximum (so it lies in [0, 1]); the
+    image's pixels (on the [0, 1] scale, ``x * std + mean``) are multiplied by it and
+    normalised again.
+
+    Parameters
+    ----------
+    module
+        The network (``nn.Module``) taking preprocessed (N, c, H, W) input.
+    inputs
+        Preprocessed images, (N, c, H, W) float tensor.
+    mean, std
+        The preprocessing's normalisation (a float or one value per channel).
+
+    Returns
+    -------
+    torch.Tensor
+        (N, c, H, W) weighted, preprocessed images, detached.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x = inputs.clone().requires_grad_(True)   # a clone: inputs may be inference tensors
+        logits = module(x)
+        top = logits.argmax(dim=1, keepdim=True)
+        (grad,) = torch.autograd.grad(logits.gather(1, top).sum(), x)
+    saliency = grad.abs().amax(dim=1, keepdim=True)
+    peak = saliency.flatten(1).amax(dim=1).clamp_min(torch.finfo(saliency.dtype).tiny)
+    saliency = saliency / peak.view(-1, 1, 1, 1)
+    shape = (1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=inputs.dtype, device=inputs.device).reshape(shape)
+    std_t = torch.as_tensor(std, dtype=inputs.dtype, device=inputs.device).reshape(shape)
+    pixels = inputs.detach() * std_t + mean_t
+    return ((pixels * saliency - mean_t) / std_t).detach()
+
+
+class SaliencyWeighted(nn.Module):
+    """``network`` applied to saliency-weighted inputs (see :func:`saliency_weighted_inputs`).
+
+    Parameters
+    ----------
+    network
+        The network taking preprocessed input.
+    mean, std
+        Its preprocessing's normalisation.
+    """
+
+    def __init__(self, network: nn.Module, mean: float | tuple[float, ...] = 0.0,
+                 std: float | tuple[float, ...] = 1.0) -> None:
+        super().__init__()
+        self.network = network
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(saliency_weighted_inputs(self.network, x, self.mean, self.std))
+
+
+def saliency_weighted(model: FERModel) -> FERModel:
+    """A copy of ``model`` whose network sees each image multiplied by its saliency map.
+
+    Evaluating it (:func:`evaluate`, ``interp-fer evaluate --saliency-weighted``) scores the
+    network on saliency-weighted inputs (see :func:`saliency_weighted_inputs`); the saliency
+    is computed per image with one extra forward and backward pass.
+    """
+    from dataclasses import replace
+
+    network = SaliencyWeighted(model.module, model.preprocess.mean, model.preprocess.std)
+    return replace(model, module=network, name=f"{model.name} (saliency-weighted)",
+                   metadata={**model.metadata, "saliency_weighted": True})

@@ -181,3 +181,46 @@ def test_architecture_module_in_the_current_folder(tmp_path, monkeypatch):
 
     with pytest.raises(ModelLoadError, match="no_such_module_here"):
         import_architecture("no_such_module_here:Net")
+
+
+def test_saliency_weighted_inputs_known_answer():
+    # A linear network: the saliency of its top class is |w| everywhere, so the weighted
+    # image is pixels * |w| / max|w| (on the [0, 1] scale), normalised again.
+    from interp_fer.evaluation import saliency_weighted_inputs
+
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+    x = torch.rand(4, 2, 3, 3) * 2 - 1
+    mean, std = (0.4, 0.6), (0.2, 0.3)
+    weighted = saliency_weighted_inputs(network, x, mean, std)
+    with torch.no_grad():
+        top = network(x).argmax(1)
+    grad = network[1].weight[top].reshape(4, 2, 3, 3).abs().detach()
+    saliency = grad.amax(1, keepdim=True) / grad.amax(1, keepdim=True).flatten(1).amax(1).view(4, 1, 1, 1)
+    m, s = torch.tensor(mean).view(1, 2, 1, 1), torch.tensor(std).view(1, 2, 1, 1)
+    expected = ((x * s + m) * saliency - m) / s
+    torch.testing.assert_close(weighted, expected)
+
+
+def test_saliency_weighted_evaluation_and_cli_flag(tmp_path, faces):
+    import json
+
+    from interp_fer.cli import main
+    from interp_fer.data import ImageDataset
+    from interp_fer.evaluation import evaluate, saliency_weighted
+    from interp_fer.samples import load_sample_faces
+
+    model = rgb_model("vgg16", seed=5, **SMALL)
+    weighted = saliency_weighted(model)
+    assert weighted.name.endswith("(saliency-weighted)") and model.module is weighted.module.network
+    logits = weighted.logits(faces)                  # works under FERModel's inference mode
+    assert logits.shape == (2, 7) and not np.allclose(logits, model.logits(faces))
+    everything = load_sample_faces()
+    dataset = ImageDataset(everything.records[:3], everything.class_names, everything.source)
+    result = evaluate(weighted, dataset, progress=False)
+    assert result.n_images == 3 and "saliency-weighted" in result.model
+    # The CLI flag, on a zoo model and the sample faces.
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", "pyemotion", "--saliency-weighted", "--limit", "3",
+                 "--quiet", "--json", str(out)]) == 0
+    assert "saliency-weighted" in json.loads(out.read_text())["model"]
