@@ -168,3 +168,25 @@ def test_stratified_subset_needs_labels(tmp_path):
     _save(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="no expression label"):
         open_dataset(tmp_path).subset(limit=1, stratify=True)
+
+
+def test_stratified_subset_of_the_real_fer2013_keeps_usage_and_expression(fer2013):
+    # test_labels.csv lists, per class, every PrivateTest row before the PublicTest ones:
+    # a subset stratified by expression alone took PrivateTest rows only.
+    dataset = open_dataset(fer2013 / "test_labels.csv")
+    kept = dataset.subset(limit=700, stratify=True).records
+    assert len(kept) == 700
+
+    def shares(records):
+        counts = {}
+        for r in records:
+            counts[(r.usage, r.label)] = counts.get((r.usage, r.label), 0) + 1
+        return counts
+
+    full, part = shares(dataset.records), shares(kept)
+    assert set(part) == set(full)  # every (usage, expression) group is there
+    for group, size in full.items():
+        assert abs(part[group] - 700 * size / len(dataset)) < 1, group
+    usages = [r.usage for r in kept]
+    # half each, up to the rounding of the 7 groups of a split (< 1 each)
+    assert abs(usages.count("PublicTest") - 350) < 7

@@ -127,3 +127,39 @@ def test_map_scores_labels_on_fer2013(fer2013, mini_xception):
     noise = map_dataset(no_preference_model(mini_xception), dataset, ["detector"],
                         locate="rf-center", options=options, progress=False)
     assert (noise.expressions["auc"] - 0.5).abs().mean() < 0.06
+
+
+def test_label_name_only_csv_gets_class_indices(tmp_path):
+    # Without label_index the class index comes from the model's class names, aliases and
+    # case ignored (issue 11: such a CSV used to give NaN expression AUCs: every face -1).
+    from PIL import Image
+
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    (tmp_path / "labels.csv").write_text(
+        "path,label_name\na.png,Happiness\nb.png,ANGER\nc.png,surprised\nd.png,contempt\n")
+    classes = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+    dataset = open_dataset(tmp_path / "labels.csv", class_names=classes)
+    assert [(r.label, r.label_name) for r in dataset.records] == [
+        (3, "happy"), (0, "angry"), (5, "surprise"), (None, "contempt")]
+    assert dataset.rejected == []
+    # contempt is no class of the model, yet its EMFACS prototype still gives AU presence
+    np.testing.assert_array_equal(au_presence(dataset.records[3:], [12, 14]), [[1, 1]])
+    # Opened without the model's names, the names found are the classes, sorted.
+    alone = open_dataset(tmp_path / "labels.csv")
+    assert alone.class_names == ("ANGER", "contempt", "Happiness", "surprised")
+    assert [r.label for r in alone.records] == [2, 0, 3, 1]
+
+
+def test_label_name_only_fer2013_matches_the_indices(fer2013, tmp_path):
+    import pandas as pd
+
+    from interp_fer.zoo import FER2013_CLASSES
+
+    table = pd.read_csv(fer2013 / "test_labels.csv")
+    table["path"] = [str(fer2013 / p) for p in table["path"]]
+    table.drop(columns="label_index").to_csv(tmp_path / "names.csv", index=False)
+    by_name = open_dataset(tmp_path / "names.csv", class_names=FER2013_CLASSES)
+    by_index = open_dataset(fer2013 / "test_labels.csv", class_names=FER2013_CLASSES)
+    assert [r.label for r in by_name.records] == [r.label for r in by_index.records]
+    assert None not in {r.label for r in by_name.records}
