@@ -466,7 +466,8 @@ def au_activity(landmarks: np.ndarray, aus: Sequence[int] | None = None,
 
 
 def activity_frame(landmarks: np.ndarray, aus: Sequence[int] | None = None,
-                   index: Sequence | None = None) -> Any:
+                   index: Sequence | None = None, *,
+                   proxies: ActivityProxies | None = None) -> Any:
     """:func:`au_activity` as a table with columns ``AU1``, ``AU2``, ...
 
     Parameters
@@ -474,9 +475,11 @@ def activity_frame(landmarks: np.ndarray, aus: Sequence[int] | None = None,
     landmarks
         ``(N, 68, 2)`` ``(x, y)`` pixels.
     aus
-        AU numbers; default every AU the default proxies cover.
+        AU numbers; default every AU the proxies cover.
     index
         Row labels (e.g. image keys); default ``0..N-1``.
+    proxies
+        :class:`ActivityProxies`; default the package's.
 
     Returns
     -------
@@ -485,7 +488,7 @@ def activity_frame(landmarks: np.ndarray, aus: Sequence[int] | None = None,
     """
     import pandas as pd
 
-    proxies = load_activity_proxies()
+    proxies = proxies or load_activity_proxies()
     chosen = [proxies[a].number for a in (proxies.aus if aus is None else aus)]
     values = au_activity(landmarks, chosen, proxies)
     return pd.DataFrame(values, columns=[f"AU{a}" for a in chosen], index=index)

@@ -151,6 +151,8 @@ def test_file_errors_name_the_file(tmp_path, raw):
                                                       if k not in ("_meta", "AU12")])))
     custom = load_activity_proxies(path)
     assert custom.aus == (12,)
+    face = load_au_regions().reference_face * 50
+    assert list(activity_frame(face[None], proxies=custom).columns) == ["AU12"]
     with pytest.raises(KeyError, match="no activity proxy for AU25"):
         au_activity(np.zeros((1, 68, 2)), [25], custom)
 
