@@ -327,8 +327,9 @@ def load_model(
     Parameters
     ----------
     source
-        A zoo name (see :func:`interp_fer.zoo.zoo_names`) or a path to a TorchScript file,
-        a state_dict checkpoint (with ``architecture``) or a pickled module (with
+        A zoo name (see :func:`interp_fer.zoo.zoo_names`) or a path to a Keras file
+        (``.h5``/``.hdf5``/``.keras``), an ONNX file (``.onnx``), a TorchScript file, a
+        state_dict checkpoint (with ``architecture``) or a pickled module (with
         ``allow_pickle``).
     architecture, arch_kwargs
         ``"package.module:Class"`` and its keyword arguments (mapping or JSON string), for
@@ -337,11 +338,16 @@ def load_model(
         Output class names in order; default: the FER2013 order (angry, disgust, fear,
         happy, sad, surprise, neutral).
     input_size
-        Network input side or (height, width) in pixels; default 48 (zoo: the model's own).
+        Network input side or (height, width) in pixels; default 48 (zoo: the model's own;
+        Keras/ONNX files and the architectures of :mod:`interp_fer.architectures`: the input
+        shape they record).
     grayscale
-        One input channel (default) or RGB.
+        One input channel (default) or RGB (default for Keras/ONNX files: from their input
+        shape).
     mean, std
-        Normalisation after scaling pixels to [0, 1]; default 0 and 1 (zoo: the model's own).
+        Normalisation after scaling pixels to [0, 1]; default 0 and 1 (zoo: the model's own;
+        :class:`~interp_fer.architectures.VGG16`/:class:`~interp_fer.architectures.ResNet18`:
+        ImageNet's). Keras and ONNX files do not record their preprocessing: give it.
     stages
         Layer names analysed by default; default: every ReLU stage with a spatial output.
     allow_pickle

@@ -337,10 +337,13 @@ def onnx_to_torch(source: str | os.PathLike | bytes, *, drop_final_softmax: bool
         Listing every unsupported node (name and operator) at once, or naming the node whose
         attributes or weights cannot be converted.
     """
-    import onnx
-    from onnx import numpy_helper
-
     label = str(source) if not isinstance(source, bytes) else "<onnx bytes>"
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as error:
+        raise OnnxImportError(f"{label}: reading ONNX files needs the 'onnx' package: "
+                              "pip install 'interp_fer[onnx]' (or pip install onnx)") from error
     try:
         model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
     except Exception as error:  # DecodeError and friends: not a protobuf model
