@@ -184,9 +184,6 @@ class PyEmotionNet(nn.Module):
         Side of the square input, which fixes the first linear layer's size.
     """
 
-    #: Layers analysed by default, from the zoo or from a state_dict checkpoint.
-    default_stages = ("conv_1", "conv_2", "conv_3", "conv_4")
-
     def __init__(
         self, num_classes: int = 7, in_channels: int = 1, width: int = 32, input_size: int = 48
     ) -> None:

@@ -202,7 +202,7 @@ ZOO: dict[str, ZooEntry] = {
         grayscale=True,
         mean=0.5,
         std=0.5,
-        stages=PyEmotionNet.default_stages,
+        stages=("conv_1", "conv_2", "conv_3", "conv_4"),
         reference="NetworkV2 of the `PyEmotion` 1.0.0 distribution; "
         "FER2013 test 51.0 % PublicTest / 52.1 % PrivateTest",
     ),
