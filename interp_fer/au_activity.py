@@ -39,6 +39,10 @@ from .faces import MIRROR_INDEX, N_LANDMARKS, eye_centres
 DATA_PACKAGE = "interp_fer.landmarks"
 DATA_FILE = "au_activity.json"
 
+#: AU numbers the default proxy file covers (a literal, so that importing reads no file; a test
+#: keeps it equal to the file).
+ACTIVITY_AUS: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 12, 15, 17, 20, 23, 25, 26, 27)
+
 _DISTANCE_OPS = {"vdist": ("upper", "lower"), "hdist": ("a", "b"), "dist": ("a", "b")}
 _ENTRY_FIELDS = ({"name", "bilateral", "formula", "sign", "unit", "description", "sources"},
                  {"notes"})
@@ -540,6 +544,65 @@ def subtract_neutral(activity: np.ndarray, subject: Sequence, neutral: np.ndarra
     return out
 
 
-#: AU numbers the default proxy file covers (a literal, so that importing reads no file; a test
-#: keeps it equal to the file).
-ACTIVITY_AUS: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 12, 15, 17, 20, 23, 25, 26, 27)
+def _auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """One-vs-rest ROC AUC (Mann-Whitney U over n1 n0; ties count half); NaN scores dropped."""
+    from scipy.stats import rankdata
+
+    keep = np.isfinite(score)
+    positive, score = positive[keep], score[keep]
+    n1 = int(positive.sum())
+    n0 = len(positive) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def separation_table(activity: np.ndarray, expressions: Sequence[str | None],
+                     aus: Sequence[int] = ACTIVITY_AUS) -> Any:
+    """How well each proxy separates expressions: one-vs-rest ROC AUC per AU.
+
+    The check that a proxy measures its AU where only expression labels exist: faces whose
+    expression's EMFACS prototype (:data:`interp_fer.labels.EMFACS_PROTOTYPES`) holds the AU
+    should have larger activity than the others (AUC > 0.5).
+
+    Parameters
+    ----------
+    activity
+        ``(N, A)`` from :func:`au_activity`, columns in the order of ``aus``.
+    expressions
+        ``N`` expression names (``"happy"``, ``"angry"``, ...; aliases as
+        :func:`interp_fer.labels.prototype_name` reads them); None or unknown names are
+        left out.
+    aus
+        The AU of each column; default :data:`ACTIVITY_AUS`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per AU: ``au``, ``prototype_of`` (expressions whose prototype holds it, joined
+        by ``+``; empty when none), ``auc_prototype`` (those against the rest; NaN when none),
+        then one column per expression present: that expression against the rest.
+    """
+    import pandas as pd
+
+    from .labels import EMFACS_PROTOTYPES, prototype_name
+
+    act = np.asarray(activity, dtype=float)
+    names = np.array([prototype_name(e) or "" for e in expressions], dtype=object)
+    if act.ndim != 2 or act.shape != (len(names), len(aus)):
+        raise ValueError(f"activity {act.shape} must be (N, A) for {len(names)} expressions and "
+                         f"{len(aus)} AUs")
+    known = names != ""
+    act, names = act[known], names[known]
+    present = sorted(set(names))
+    rows = []
+    for j, au in enumerate(aus):
+        holders = [e for e in present if int(au) in EMFACS_PROTOTYPES[e]]
+        positive = np.isin(names, holders)
+        row: dict[str, Any] = {"au": int(au), "prototype_of": "+".join(holders),
+                               "auc_prototype": _auc(positive, act[:, j])}
+        for e in present:
+            row[e] = _auc(names == e, act[:, j])
+        rows.append(row)
+    return pd.DataFrame(rows)

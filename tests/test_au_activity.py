@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import rankdata
 
 from interp_fer.au_activity import (
     ACTIVITY_AUS,
@@ -21,11 +20,12 @@ from interp_fer.au_activity import (
     au_activity,
     face_frame_points,
     load_activity_proxies,
+    separation_table,
     subtract_neutral,
 )
 from interp_fer.au_regions import load_au_regions
 from interp_fer.faces import LandmarkDetector, mirror_landmarks
-from interp_fer.labels import EMFACS_PROTOTYPES, prototype_name
+from interp_fer.labels import prototype_name
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = (1, 2, 4, 5, 6, 7, 9, 12, 15, 17, 20, 23, 25, 26, 27)
@@ -70,13 +70,6 @@ def similarity(lm: np.ndarray, angle_deg: float, scale: float, shift) -> np.ndar
 
 def act(lm: np.ndarray) -> dict[int, float]:
     return dict(zip(ACTIVITY_AUS, au_activity(lm)[0], strict=True))
-
-
-def auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """One-vs-rest ROC AUC (Mann-Whitney, ties count half)."""
-    r = rankdata(score)
-    n1, n0 = positive.sum(), (~positive).sum()
-    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 # -- the data file -------------------------------------------------------------------------------
@@ -315,18 +308,34 @@ FER_BOUNDS = [(12, "happy", 0.8), (6, "happy", 0.65), (5, "surprise", 0.68),
               (4, "anger", 0.58)]
 
 
+def test_separation_table_known_answers():
+    """Perfectly ordered, reversed and constant scores give AUC 1, 0 and 0.5."""
+    expressions = ["happy", "happy", "sad", "neutral", "Angry", None]
+    score = np.array([5.0, 4.0, 1.0, 2.0, 3.0, 99.0])  # the None row is left out
+    activity = np.stack([score, -score, np.zeros(6), score], axis=1)
+    table = separation_table(activity, expressions, aus=[12, 12, 12, 17])
+    assert list(table.columns) == ["au", "prototype_of", "auc_prototype", "anger", "happy",
+                                   "neutral", "sad"]
+    rows = table.to_dict("records")
+    assert rows[0]["prototype_of"] == "happy" and rows[0]["auc_prototype"] == 1.0
+    assert rows[1]["auc_prototype"] == 0.0 and rows[2]["auc_prototype"] == 0.5
+    assert rows[0]["sad"] == 0.0 and rows[0]["anger"] == 0.5  # 3 beats 1 and 2, not 4 and 5
+    assert rows[3]["prototype_of"] == "" and np.isnan(rows[3]["auc_prototype"])  # no prototype
+    with pytest.raises(ValueError, match="expressions"):
+        separation_table(activity, expressions[:-1], aus=[12, 12, 12, 17])
+
+
 def test_proxies_separate_expressions_on_fer2013(fer_activity):
     activity, names = fer_activity
-    ok = np.isfinite(activity).all(axis=1)
-    assert ok.mean() > 0.99
-    activity, names = activity[ok], names[ok]
-    column = {au: k for k, au in enumerate(ACTIVITY_AUS)}
+    assert np.isfinite(activity).all(axis=1).mean() > 0.99
+    table = separation_table(activity, names).set_index("au")
     for au, expression, bound in FER_BOUNDS:
-        assert auc(names == expression, activity[:, column[au]]) > bound, (au, expression)
+        assert table.loc[au, expression] > bound, (au, expression, table.loc[au, expression])
     # against every expression whose EMFACS prototype holds the AU, where that is clear
+    assert table.loc[12, "prototype_of"] == "happy" and table.loc[4, "prototype_of"] == \
+        "anger+fear+sad"
     for au, bound in [(12, 0.8), (6, 0.65), (4, 0.55)]:
-        positive = np.array([au in EMFACS_PROTOTYPES[n] for n in names])
-        assert auc(positive, activity[:, column[au]]) > bound, au
+        assert table.loc[au, "auc_prototype"] > bound, au
 
 
 def test_figures(posed):
