@@ -190,3 +190,17 @@ def test_stratified_subset_of_the_real_fer2013_keeps_usage_and_expression(fer201
     usages = [r.usage for r in kept]
     # half each, up to the rounding of the 7 groups of a split (< 1 each)
     assert abs(usages.count("PublicTest") - 350) < 7
+
+
+def test_batches_report_progress_per_image(tmp_path):
+    # evaluate's bar moves per image read, not per batch (issue 15: it sat at 0/150).
+    for i in range(5):
+        _save(tmp_path / f"{i}.png", np.full((8, 8), i, np.uint8))
+    (tmp_path / "5.png").write_bytes(b"")  # unreadable: counted too
+    dataset = open_dataset(tmp_path)
+    seen = []
+    sizes = [(len(seen), len(batch)) for batch in dataset.batches(4, progress=seen.append)]
+    assert seen == [1] * 6
+    assert sizes == [(4, 4), (6, 1)]  # 4 images read before the first batch of 4
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(dataset.batches(0))
