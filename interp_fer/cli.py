@@ -506,9 +506,15 @@ def cmd_map(args: argparse.Namespace) -> int:
     from .outputs import OutputLock, check_writable_folder
 
     _check_aus(args.aus)
+    created = not Path(args.out).expanduser().exists()
     out = check_writable_folder(args.out)
-    with OutputLock(out, command=" ".join(["interp-fer", *sys.argv[1:]])):
-        return _run_map(args, str(out))
+    try:
+        with OutputLock(out, command=" ".join(["interp-fer", *args.argv])):
+            return _run_map(args, str(out))
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty folder behind
+        raise
 
 
 def _run_map(args: argparse.Namespace, out: str) -> int:
@@ -797,6 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _check_args(parser, args)
     # An application owns its process: keep freed tensors' memory for reuse (see memory.py).
     keep_freed_memory()

@@ -176,7 +176,7 @@ def test_unknown_layers_and_models_are_named(capsys, faces_dir, tmp_path, argv):
     assert status == EXIT_USAGE
     line = error_line(err, argv[0])
     assert "blokc1" in line or "no-such-zoo-model" in line
-    assert not (tmp_path / "run" / "mapping.csv").exists()
+    assert not (tmp_path / "run").exists()  # refused before writing: no empty folder left
 
 
 def test_map_unknown_au_is_refused_before_any_work(capsys, tmp_path):
