@@ -448,7 +448,7 @@ def au_activity(landmarks: np.ndarray, aus: Sequence[int] | None = None,
     numpy.ndarray
         ``(N, A)`` float64 in IOD (or dimensionless for ratio proxies), larger = more active.
         A face whose landmarks are not all finite, or whose eye centres coincide, gives a row
-        of NaN.
+        of NaN; a ratio whose divisor is 0 on a face gives NaN there.
     """
     proxies = proxies or load_activity_proxies()
     lm = np.asarray(landmarks, dtype=float)

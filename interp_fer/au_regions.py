@@ -10,7 +10,10 @@ its sources. This module validates the file and turns the definitions into
   over the image (:meth:`AURegions.masks`, :func:`grid_points`);
 * the face region (:meth:`AURegions.face_polygon`) and each region's share of the face's area,
   the chance rate of a random point on the face falling in the region
-  (:meth:`AURegions.area_shares`).
+  (:meth:`AURegions.area_shares`);
+* sham regions, AU1's disc at non-AU places, from ``sham_regions.json`` in the same schema
+  (:func:`load_sham_regions`), a control for "where a channel looks";
+* how much of each region a face cut by the image frame loses (:func:`region_clipping`).
 
 Coordinates are ``(x, y)`` pixels (dlib's convention, pixel centres at integers); arrays that
 are images or grids are indexed ``[row, col]`` = ``[y, x]``. The face frame: ``ex`` = unit

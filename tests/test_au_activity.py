@@ -161,6 +161,36 @@ def test_face_frame_puts_the_eyes_on_the_x_axis(face):
     assert pts[8, 1] > 1.5  # the chin is down (+y), 1.7 IOD below the eyes
 
 
+def test_operations_on_known_points(raw):
+    """Each operation of the vocabulary, and weights and signs, on the reference face, whose
+    points are given in the face frame already (eye centres at (-0.5, 0) and (0.5, 0))."""
+    ref = load_au_regions().reference_face
+    data = {"_meta": raw["_meta"]}
+    formulas = {
+        1: ([{"op": "vdist", "upper": [21], "lower": [39]}], 1, "IOD"),
+        2: ([{"op": "hdist", "a": [54], "b": [48]}], 1, "IOD"),
+        3: ([{"op": "dist", "a": [27], "b": [8]}], -1, "IOD"),
+        4: ([{"op": "vdist", "upper": [33], "lower": [8], "weight": 2},
+             {"op": "hdist", "a": [48], "b": [54], "weight": -0.5}], 1, "IOD"),
+        5: ([{"op": "ratio", "num": {"op": "vdist", "upper": [62], "lower": [66]},
+              "den": {"op": "hdist", "a": [60], "b": [64]}}], 1, "ratio"),
+    }
+    for n, (formula, sign, unit) in formulas.items():
+        data[f"AU{n:02d}"] = {"name": f"test {n}", "bilateral": False, "formula": formula,
+                              "sign": sign, "unit": unit, "description": "test",
+                              "sources": ["FACS2002"]}
+    data["AU01"]["bilateral"] = True  # mean of 21 -> 39 and 22 -> 42
+    proxies = ActivityProxies(data)
+    got = dict(zip(proxies.aus, au_activity(ref * 37 + [5, 9], proxies=proxies)[0], strict=True))
+    y = ref[:, 1]
+    assert got[1] == pytest.approx(((y[39] - y[21]) + (y[42] - y[22])) / 2, abs=1e-3)
+    assert got[2] == pytest.approx(ref[54, 0] - ref[48, 0], abs=1e-3)
+    assert got[3] == pytest.approx(-np.linalg.norm(ref[8] - ref[27]), abs=1e-3)
+    assert got[4] == pytest.approx(2 * (y[8] - y[33]) - 0.5 * (ref[54, 0] - ref[48, 0]), abs=1e-3)
+    assert got[5] == pytest.approx((y[66] - y[62]) / (ref[64, 0] - ref[60, 0]), abs=1e-3)
+    assert {p.landmarks for p in proxies} >= {(21, 22, 39, 42), (8, 27)}
+
+
 def test_invariant_to_translation_rotation_and_scale(face, posed):
     for lm in (face, posed["happy"], posed["astronaut"]):
         base = au_activity(lm)
