@@ -4,7 +4,9 @@ sample faces.
 Structure is checked everywhere (axes, titles, labels, colour limits, marks), PDF and PNG
 export for every figure, and pixels against stored baselines where the output does not depend
 on the mapping statistics (which change whenever the statistics do): the confusion matrix,
-the AU regions on a face, one face's projections and the attribution comparison.
+the AU regions on a face, one face's projections and the attribution comparison. The mapping
+run of the fixtures uses a detector seed whose report half holds 4 of the 7 sample faces, so
+both halves have values (3 images at least).
 
 Baselines are PNGs in ``tests/baselines/``, rendered at :data:`BASELINE_DPI` with the
 toolkit's fixed font (DejaVu Sans, shipped with matplotlib) and compared by RMS pixel
@@ -30,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.testing.compare import compare_images
 
 from interp_fer import figures as F
+from interp_fer.detectors import DetectorOptions, rank_effect
 from interp_fer.evaluation import evaluate
 from interp_fer.layer_mapping import MappingOptions
 from interp_fer.layers import layer_outputs
@@ -71,26 +74,27 @@ def assert_matches_baseline(figure: Figure, name: str, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def result(mini_xception, sample_faces):
+    # Detector seed 8 puts 4 of the 7 faces in the report half (seed 0: 2, too few for any
+    # value); 200 permutations keep the test fast.
     return map_dataset(mini_xception, sample_faces, LAYERS, locate="rf-center",
-                       options=MappingOptions(n_boot=8, n_null=4), progress=False)
+                       options=MappingOptions(n_boot=8, n_null=4),
+                       detector=DetectorOptions(seed=8, n_perm=200, n_boot=20), progress=False)
 
 
 def with_mapped(result, count: int = 3):
-    """``result`` with its ``count`` channels of largest D mapped to their best AU.
+    """``result`` with its ``count`` channels of largest AUC detecting their candidate AU.
 
-    Which channels the statistics find significant on seven faces is not the subject here;
-    forcing a few exercises the figures' "mapped" branch deterministically.
+    Which channels pass the detector test on seven faces is not the subject here (none can);
+    forcing a few exercises the figures' "detector" branch deterministically.
     """
     mapping = result.mapping.copy()
-    chosen = mapping.sort_values("distance", ascending=False).index[:count]
-    mapping.loc[chosen, "au"] = mapping.loc[chosen, "best_au"]
-    mapping.loc[chosen, "significant"] = True
+    chosen = mapping.sort_values("auc", ascending=False, kind="stable").index[:count]
+    mapping.loc[chosen, "au"] = mapping.loc[chosen, "candidate_au"]
     return dataclasses.replace(result, mapping=mapping)
 
 
 def without_mapped(result):
-    mapping = result.mapping.assign(au=pd.array([pd.NA] * len(result.mapping), dtype="Int64"),
-                                    significant=False)
+    mapping = result.mapping.assign(au=pd.array([pd.NA] * len(result.mapping), dtype="Int64"))
     return dataclasses.replace(result, mapping=mapping)
 
 
@@ -191,7 +195,7 @@ def test_projections_of_one_face(mini_xception, happy_input, tmp_path):
     assert_matches_baseline(figure, "projections_block2", tmp_path)
 
 
-# -- heatmap of D ------------------------------------------------------------------------------
+# -- heatmap of D (question 1) -----------------------------------------------------------------
 
 
 def test_heatmap_values_labels_and_limits(result):
@@ -206,6 +210,7 @@ def test_heatmap_values_labels_and_limits(result):
     assert [t.get_text() for t in ax.get_yticklabels()] == \
         [f"AU{a}" for a in sorted(part["au"].unique())]
     assert ax.get_xlabel() == "channel of block2"
+    assert "where channels look" in ax.get_title()
     assert image.colorbar.extend == "neither"
     limited = F.plot_distance_heatmap(scores, "block2", limit=bound / 2).axes[0].images[0]
     assert limited.get_clim() == pytest.approx((-bound / 2, bound / 2))
@@ -214,29 +219,105 @@ def test_heatmap_values_labels_and_limits(result):
         F.plot_distance_heatmap(scores, "nope")
 
 
-def test_heatmap_marks_significant_pairs_and_mapped_aus(result):
+def test_heatmap_marks_significant_pairs_and_looks_at(result):
     scores = result.scores[result.scores["layer"] == "conv2"].copy()
     scores["q_value"] = 1.0
-    # Significance set by hand: what is tested is how the marks follow q and D.
+    # Significance and looks_at set by hand: what is tested is how the marks follow them.
     pairs = {(0, 12): 0.9, (0, 25): 0.4, (3, 6): 0.7, (5, 1): -0.8}  # (channel, AU): D
     for (channel, au), distance in pairs.items():
         where = (scores["channel"] == channel) & (scores["au"] == au)
         scores.loc[where, ["distance", "q_value"]] = distance, 0.001
-    ax = F.plot_distance_heatmap(scores, "conv2").axes[0]
+    mapping = result.mapping[result.mapping["layer"] == "conv2"].copy()
+    mapping["looks_at"] = None
+    mapping.loc[mapping["channel"] == 0, "looks_at"] = "AU12"
+    mapping.loc[mapping["channel"] == 3, "looks_at"] = "AU6"
+    mapping.loc[mapping["channel"] == 5, "looks_at"] = "sham_cheek"
+    ax = F.plot_distance_heatmap(scores, "conv2", mapping=mapping).axes[0]
     dots = next(line for line in ax.lines if line.get_marker() == ".")
     circles = next(line for line in ax.lines if line.get_marker() == "o")
     rows = {au: row for row, au in enumerate(sorted(scores["au"].unique()))}
     assert sorted(zip(dots.get_xdata(), dots.get_ydata(), strict=True)) == \
         [(0, rows[12]), (0, rows[25]), (3, rows[6]), (5, rows[1])]
-    # One circle per mapped channel, on its significant AU of largest D.
+    # One circle per channel's looks_at; the sham has no row without the looks table.
     assert sorted(zip(circles.get_xdata(), circles.get_ydata(), strict=True)) == \
-        [(0, rows[12]), (3, rows[6]), (5, rows[1])]
+        [(0, rows[12]), (3, rows[6])]
+    # Without a mapping there is nothing to circle.
+    bare = F.plot_distance_heatmap(scores, "conv2").axes[0]
+    assert [line.get_marker() for line in bare.lines] == ["."]
+
+
+def test_heatmap_with_shams_draws_the_looks_table(result):
+    figure = F.plot_distance_heatmap(result.scores, "block2", mapping=result.mapping,
+                                     looks=result.looks)
+    ax = figure.axes[0]
+    looks = result.looks[result.looks["layer"] == "block2"]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    shams = sorted(looks.loc[looks["sham"], "region"].unique())
+    assert labels[-len(shams):] == [name.replace("_", " ") for name in shams]
+    assert labels[:-len(shams)] == [f"AU{a}" for a in sorted(result.run["aus"])]
+    grid = looks.pivot(index="region", columns="channel", values="distance")
+    regions = [f"AU{a}" for a in sorted(result.run["aus"])] + shams
+    np.testing.assert_allclose(ax.images[0].get_array().filled(np.nan),
+                               grid.loc[regions].to_numpy(), equal_nan=True)
+    # Every channel's looks_at (the region of largest D in this very table) is circled.
+    circles = next(line for line in ax.lines if line.get_marker() == "o")
+    expected = result.mapping[result.mapping["layer"] == "block2"]
+    assert len(circles.get_xdata()) == expected["looks_at"].notna().sum()
+    for x, y in zip(circles.get_xdata(), circles.get_ydata(), strict=True):
+        assert regions[int(y)] == expected.loc[expected["channel"] == x, "looks_at"].iloc[0]
+        assert grid.loc[regions[int(y)], x] == grid[x].max()
 
 
 def test_heatmap_without_values_is_grey_not_an_error(result):
     scores = result.scores[result.scores["layer"] == "conv2"].assign(distance=np.nan)
     image = F.plot_distance_heatmap(scores, "conv2").axes[0].images[0]
     assert image.get_clim() == (-1, 1) and np.ma.getmaskarray(image.get_array()).all()
+
+
+# -- heatmap of the detector test (question 2) ---------------------------------------------------
+
+
+def test_detector_heatmap_values_and_marks(result):
+    scores = result.scores
+    mapping = result.mapping.copy()
+    conv2 = mapping["layer"] == "conv2"
+    # Two detectors set by hand; every other channel keeps its candidate (a dot).
+    mapping.loc[conv2 & (mapping["channel"] == 1), ["au", "candidate_au"]] = 12, 12
+    mapping.loc[conv2 & (mapping["channel"] == 4), ["au", "candidate_au"]] = 25, 25
+    figure = F.plot_detector_heatmap(scores, "conv2", mapping)
+    ax = figure.axes[0]
+    tested = result.run["detector"]["tested_aus"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"AU{a}" for a in tested]
+    part = scores[scores["layer"] == "conv2"]
+    grid = part.pivot(index="au", columns="channel", values="partial").loc[tested]
+    np.testing.assert_allclose(ax.images[0].get_array().filled(np.nan), grid.to_numpy(),
+                               equal_nan=True)
+    bound = float(np.nanmax(np.abs(grid.to_numpy())))
+    assert ax.images[0].get_clim() == pytest.approx((-bound, bound))
+    rows = {au: row for row, au in enumerate(tested)}
+    circles = next(line for line in ax.lines if line.get_marker() == "o")
+    assert sorted(zip(circles.get_xdata(), circles.get_ydata(), strict=True)) == \
+        [(1, rows[12]), (4, rows[25])]
+    dots = next(line for line in ax.lines if line.get_marker() == ".")
+    others = mapping[conv2 & ~mapping["channel"].isin([1, 4])]
+    assert sorted(zip(dots.get_xdata(), dots.get_ydata(), strict=True)) == \
+        sorted((c, rows[int(a)]) for c, a in zip(others["channel"], others["candidate_au"],
+                                                 strict=True))
+    assert "question 2" in ax.get_title() and "report half" in ax.get_title()
+    selection = F.plot_detector_heatmap(scores, "conv2", column="partial_select").axes[0]
+    assert not [line for line in selection.lines if len(line.get_xdata())]  # no mapping
+    assert "selection half" in selection.get_title()
+    with pytest.raises(ValueError, match="no scores for layer 'nope'"):
+        F.plot_detector_heatmap(scores, "nope")
+    with pytest.raises(ValueError, match="no column 'bogus'"):
+        F.plot_detector_heatmap(scores, "conv2", column="bogus")
+
+
+def test_detector_heatmap_without_report_values_says_so(result):
+    scores = result.scores.assign(partial=np.nan)
+    ax = F.plot_detector_heatmap(scores, "conv2", result.mapping).axes[0]
+    assert np.ma.getmaskarray(ax.images[0].get_array()).all()
+    assert "no partial values" in ax.texts[0].get_text()
 
 
 # -- faces of a mapping run ----------------------------------------------------------------------
@@ -281,16 +362,19 @@ def unlabelled(dataset):
 # -- projection grid ---------------------------------------------------------------------------
 
 
-def test_grid_channels_puts_mapped_channels_first(mapped):
-    au = int(mapped.mapping.loc[mapped.mapping["significant"], "au"].iloc[0])
+def test_grid_channels_puts_detectors_first(mapped):
+    au = int(mapped.mapping["au"].dropna().iloc[0])
     chosen = F.grid_channels(mapped.mapping, au, count=50)
     flags = chosen["fallback"].tolist()
-    assert flags == sorted(flags)  # every mapped channel before every fallback
+    assert flags == sorted(flags) and flags[0] is False  # every detector before any candidate
     for flag in (False, True):
-        distances = chosen.loc[chosen["fallback"] == flag, "distance"].tolist()
-        assert distances == sorted(distances, reverse=True)
+        aucs = chosen.loc[chosen["fallback"] == flag, "auc"].tolist()
+        assert aucs == sorted(aucs, reverse=True)
     assert (chosen.loc[~chosen["fallback"], "au"] == au).all()
-    assert (chosen.loc[chosen["fallback"], "best_au"] == au).all()
+    fallback = chosen[chosen["fallback"]]
+    assert fallback["au"].isna().all() and (fallback["candidate_au"] == au).all()
+    expected = mapped.mapping[(mapped.mapping["candidate_au"] == au)]
+    assert len(chosen) == len(expected)
     assert set(F.grid_channels(mapped.mapping, au, 50, layers=["conv2"])["layer"]) <= {"conv2"}
     assert F.grid_channels(mapped.mapping, 999, 3).empty
 
@@ -305,7 +389,7 @@ def test_projection_grid(mini_xception, mapped, sample_faces, tmp_path):
         [f"AU{a}" for a in aus]
     heads = titles(figure)
     first = F.grid_channels(mapped.mapping, aus[0], 2).iloc[0]
-    assert heads[0] == f"{first['layer']} #{int(first['channel'])}\nD = {first['distance']:.2f}"
+    assert heads[0] == f"{first['layer']} #{int(first['channel'])}\nAUC {first['auc']:.2f}"
     for ax in figure.axes:
         if ax.images:  # a drawn cell: face, projection, extremum point, dashed AU region
             assert len(ax.images) == 2 and ax.images[1].get_clim() == (-1, 1)
@@ -314,39 +398,76 @@ def test_projection_grid(mini_xception, mapped, sample_faces, tmp_path):
     assert (tmp_path / "grid.pdf").stat().st_size > 0 and (tmp_path / "grid.png").is_file()
 
 
-def test_projection_grid_falls_back_to_best_aus_and_says_so(mini_xception, result,
-                                                            sample_faces):
+def test_projection_grid_falls_back_to_candidates_and_says_so(mini_xception, result,
+                                                              sample_faces):
     bare = without_mapped(result)
     figure = F.plot_au_projection_grid(mini_xception, bare, sample_faces, channels_per_au=1)
-    expected = [a for a in result.run["aus"] if (result.mapping["best_au"] == a).any()]
+    expected = [a for a in result.run["aus"] if (result.mapping["candidate_au"] == a).any()]
     assert len(figure.axes) == len(expected)
-    assert all(t.endswith("n.s.") for t in titles(figure))
-    assert "n.s.: best AU of the channel" in figure.get_supxlabel()
+    assert all(t.endswith("not a detector") for t in titles(figure))
+    assert "not a detector: the channel's candidate AU" in figure.get_supxlabel()
 
 
 # -- channel dossier ---------------------------------------------------------------------------
 
 
+def test_activity_responses_are_the_report_half(result):
+    row = result.mapping.query("layer == 'block2' and channel == 3").iloc[0]
+    au = int(row["candidate_au"])
+    points = F.activity_responses(result, "block2", 3, au)
+    report = (result.faces["half"] == "report").to_numpy()
+    j = result.run["detector"]["tested_aus"].index(au)
+    np.testing.assert_array_equal(points.activity,
+                                  result.activity[f"AU{au}"].to_numpy()[report])
+    np.testing.assert_array_equal(points.response, result.responses["block2"][report, 3, j])
+    assert len(points.activity) == result.run["detector"]["n_report"] == 4
+    assert points.keys.tolist() == result.faces.loc[report, "key"].tolist()
+    assert points.source == result.run["activity"]["sources"][f"AU{au}"] == "landmarks"
+    # The number in the plot's title is the one the detector test reported for the pair.
+    assert points.effect == pytest.approx(row["effect"])
+    assert points.auc == pytest.approx(row["auc"])
+    assert points.effect == pytest.approx(
+        rank_effect(points.response[:, None], points.activity[:, None])[0])
+    selection = F.activity_responses(result, "block2", 3, au, half="select")
+    assert len(selection.activity) == result.run["detector"]["n_select"]
+    with pytest.raises(ValueError, match="AU10 was not tested"):
+        F.activity_responses(result, "block2", 3, 10)
+
+
 def test_channel_dossier(mini_xception, mapped, sample_faces, tmp_path):
-    row = mapped.mapping[mapped.mapping["significant"]].iloc[0]
+    row = mapped.mapping[mapped.mapping["au"].notna()].iloc[0]
     layer, channel, au = row["layer"], int(row["channel"]), int(row["au"])
     figure = F.plot_channel_dossier(mini_xception, mapped, sample_faces, layer, channel,
                                     faces=3)
-    assert f"{layer} channel {channel}: mapped to AU{au}" in figure.get_suptitle()
+    assert f"{layer} channel {channel}: detects AU{au}" in figure.get_suptitle()
+    assert f"AUC {row['auc']:.2f}" in figure.get_suptitle()
     upper, lower = figure.subfigs
     assert len(upper.axes) == 2 * 3 + 1  # faces, projections, colour bar
     assert upper.axes[0].get_ylabel() == "AU region, points"
-    bars_ax, expression_ax = lower.axes
+    # Faces are named by their file, not only by their dataset index.
+    top = mapped.top_images[layer]["indices"][channel][:3]
+    keys = mapped.faces.set_index("index")["key"]
+    for ax, index in zip(upper.axes[:3], top, strict=True):
+        name = Path(keys[int(index)]).name
+        assert ax.get_title().startswith(name[:14]) and f"({int(index)})" in ax.get_title()
+    activity_ax, partial_ax, expression_ax = lower.axes
+    points = F.activity_responses(mapped, layer, channel, au)
+    (scatter,) = activity_ax.lines
+    np.testing.assert_array_equal(scatter.get_ydata(), points.response)
+    np.testing.assert_array_equal(scatter.get_xdata(), points.activity)
+    assert f"n = {len(points.activity)}" in activity_ax.get_title()
+    assert f"Spearman \u03c1 {points.effect:.2f}" in activity_ax.get_title()
+    assert activity_ax.get_xlabel() == f"AU{au} activity (landmarks)"
+    tested = mapped.run["detector"]["tested_aus"]
     scores = mapped.scores[(mapped.scores["layer"] == layer)
                            & (mapped.scores["channel"] == channel)].set_index("au")
-    order = mapped.run["aus"]
-    heights = [bar.get_height() for bar in bars_ax.patches]
-    np.testing.assert_allclose(heights, scores.loc[order, "distance"].to_numpy())
-    chosen = bars_ax.patches[order.index(au)]
+    heights = [bar.get_height() for bar in partial_ax.patches]
+    np.testing.assert_allclose(heights, np.nan_to_num(scores.loc[tested, "partial"]))
+    chosen = partial_ax.patches[tested.index(au)]
     assert chosen.get_linewidth() == 1.0
-    (segments,) = [c for c in bars_ax.collections if isinstance(c, LineCollection)]
-    ends = np.array([[s[0][1], s[1][1]] for s in segments.get_segments()])
-    np.testing.assert_allclose(ends, scores.loc[order, ["ci_low", "ci_high"]].to_numpy())
+    (bars,) = [c for c in partial_ax.collections if isinstance(c, LineCollection)]
+    levels = np.array([s[0][1] for s in bars.get_segments()])
+    np.testing.assert_allclose(levels, scores.loc[tested, "control_bar"].to_numpy())
     assert "forward pass over 4 labelled faces" in expression_ax.get_title()
     assert [t.get_text() for t in expression_ax.get_xticklabels()] == \
         ["angry (1)", "disgust (1)", "happy (1)", "surprise (1)"]
@@ -354,13 +475,14 @@ def test_channel_dossier(mini_xception, mapped, sample_faces, tmp_path):
     assert (tmp_path / "dossier.pdf").is_file() and (tmp_path / "dossier.png").is_file()
 
 
-def test_dossier_of_an_unmapped_channel_without_labels(mini_xception, result, sample_faces):
+def test_dossier_of_a_channel_that_is_not_a_detector(mini_xception, result, sample_faces):
     bare = without_mapped(result)
     figure = F.plot_channel_dossier(mini_xception, bare, unlabelled(sample_faces), "conv2", 0,
                                     faces=2)
-    best = int(result.mapping.query("layer == 'conv2' and channel == 0")["best_au"].iloc[0])
-    assert f"not mapped (best: AU{best}" in figure.get_suptitle()
-    expression_ax = figure.subfigs[1].axes[1]
+    candidate = int(result.mapping.query("layer == 'conv2' and channel == 0")["candidate_au"]
+                    .iloc[0])
+    assert f"not a detector (candidate AU{candidate}" in figure.get_suptitle()
+    expression_ax = figure.subfigs[1].axes[2]
     assert "no expression labels" in expression_ax.texts[0].get_text()
     with pytest.raises(KeyError, match="not in the mapping"):
         F.plot_channel_dossier(mini_xception, bare, sample_faces, "conv2", 99)

@@ -1,18 +1,26 @@
-"""report.html without a browser: structure, links to channel sections, the cap on sections, a
-run with no mapped channel, and an unlabelled dataset (tests/test_report_browser.py renders
-it in Chromium)."""
+"""report.html without a browser: the two questions and the headline (detectors beside the
+random-weights control, activity sources, sham rate, small-sample warning), structure, links
+to detector sections, the cap on sections, a run with no detector, and an unlabelled dataset
+(tests/test_report_browser.py renders it in Chromium)."""
 
 from __future__ import annotations
 
 import dataclasses
+import html
 from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
 
+from interp_fer.detectors import DetectorOptions
 from interp_fer.layer_mapping import MappingOptions
-from interp_fer.mapping import map_dataset
-from interp_fer.report import channel_anchor, dossier_channels, write_report
+from interp_fer.mapping import headline, map_dataset
+from interp_fer.report import (
+    channel_anchor,
+    dossier_channels,
+    small_sample_warning,
+    write_report,
+)
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -56,20 +64,20 @@ def parse(path) -> Structure:
 @pytest.fixture(scope="module")
 def result(mini_xception, sample_faces):
     return map_dataset(mini_xception, sample_faces, ["conv2", "block2"], locate="rf-center",
-                       options=MappingOptions(n_boot=8, n_null=4), progress=False)
+                       options=MappingOptions(n_boot=8, n_null=4),
+                       detector=DetectorOptions(seed=8, n_perm=200, n_boot=20), progress=False)
 
 
 def remapped(result, count: int):
-    """``result`` with its ``count`` channels of largest D mapped to their best AU (0: none).
+    """``result`` with its ``count`` channels of largest AUC detecting their candidate AU
+    (0: none).
 
-    Which channels seven faces make significant is not the subject here: the report's
-    handling of mapped and unmapped channels is.
+    Which channels pass the detector test on seven faces is not the subject here (none can):
+    the report's handling of detectors and other channels is.
     """
-    mapping = result.mapping.assign(au=pd.array([pd.NA] * len(result.mapping), dtype="Int64"),
-                                    significant=False)
-    chosen = mapping.sort_values("distance", ascending=False).index[:count]
-    mapping.loc[chosen, "au"] = mapping.loc[chosen, "best_au"]
-    mapping.loc[chosen, "significant"] = True
+    mapping = result.mapping.assign(au=pd.array([pd.NA] * len(result.mapping), dtype="Int64"))
+    chosen = mapping.sort_values("auc", ascending=False, kind="stable").index[:count]
+    mapping.loc[chosen, "au"] = mapping.loc[chosen, "candidate_au"]
     return dataclasses.replace(result, mapping=mapping)
 
 
@@ -82,10 +90,45 @@ def test_dossier_channels_are_capped_strongest_first(result):
     mapping = remapped(result, 5).mapping
     shown, omitted = dossier_channels(mapping, 3)
     assert (len(shown), omitted) == (3, 2)
-    assert shown["distance"].tolist() == sorted(mapping["distance"].nlargest(3), reverse=True)
+    assert shown["auc"].tolist() == sorted(mapping["auc"].nlargest(3), reverse=True)
+    assert shown["au"].notna().all()
 
 
-def test_mapped_channels_get_linked_sections(mini_xception, sample_faces, result, tmp_path):
+def test_small_sample_warning_follows_the_report_half(result):
+    assert result.run["detector"]["n_report"] == 4
+    assert "report half has 4 images" in small_sample_warning(result)
+    run = {**result.run, "detector": {**result.run["detector"], "n_report": 120,
+                                      "small_sample": False}}
+    assert small_sample_warning(dataclasses.replace(result, run=run)) is None
+
+
+def test_headline_says_the_two_questions_and_the_control(mini_xception, sample_faces, result,
+                                                          tmp_path):
+    path = write_report(remapped(result, 0), mini_xception, sample_faces,
+                        tmp_path / "report.html")
+    text = path.read_text(encoding="utf-8")
+    assert "Two questions, kept apart" in text
+    assert "Does channel k detect AU a?" in text and "Where does channel k look?" in text
+    # Detectors of the network beside the random-weights control's, as mapping.headline says.
+    assert "0 of 40 channels of conv2, block2 are AU detectors; the random-weights control: " \
+        "0 of 40" in text
+    assert html.escape(headline(result)) in text
+    assert "No test can pass with so few; the numbers are not evidence." in text
+    assert 'class="warning"' in text
+    sources = result.run["activity"]["sources"]
+    assert "AU activity from landmarks: " + ", ".join(sources) in text
+    looks = result.run["looks_at"]
+    assert (f"{100 * looks['sham_rate']:.0f} % of channels look at a sham region (chance share "
+            f"of the regions: {100 * looks['sham_share']:.0f} %)") in text
+    assert "regions clipped by the image frame (faces per region): none" in text
+    # The control section: detectors beside the control's per layer, sham rate beside share.
+    assert "Control: the same network with random weights" in text
+    for column in ("detectors", "control_detectors", "sham_rate", "sham_share"):
+        assert f">{column}</th>" in text
+    assert text.index("Two questions") < text.index('id="mapping"') < text.index('id="control"')
+
+
+def test_detectors_get_linked_sections(mini_xception, sample_faces, result, tmp_path):
     mapped = remapped(result, 3)
     path = write_report(mapped, mini_xception, sample_faces, tmp_path / "report.html",
                         max_channels=2)
@@ -96,20 +139,25 @@ def test_mapped_channels_get_linked_sections(mini_xception, sample_faces, result
     assert all(anchors.count(a) == 1 for a in anchors)
     assert set(anchors) <= set(structure.links)  # from the table and the per-AU lists
     text = path.read_text(encoding="utf-8")
-    assert "1 other mapped channel(s) omitted" in text
-    assert text.count("data:image/png;base64,") == 2 + 1 + 2  # heatmaps, grid, dossiers
+    assert "1 other detector(s) omitted" in text
+    assert text.count('<tr class="detected">') == 3
+    # Per layer two heatmaps (question 2, question 1), the grid, one dossier per section.
+    assert text.count("data:image/png;base64,") == 2 * 2 + 1 + 2
     assert 'src="http' not in text and "<link" not in text  # self-contained
+    assert not list(tmp_path.glob("*.tmp*")) and [p.name for p in tmp_path.iterdir()] == \
+        ["report.html"]  # written atomically, nothing left beside it
 
 
-def test_no_mapped_channel_is_not_an_error(mini_xception, sample_faces, result, tmp_path):
+def test_no_detector_is_not_an_error(mini_xception, sample_faces, result, tmp_path):
     path = write_report(remapped(result, 0), mini_xception, sample_faces,
                         tmp_path / "report.html", control=remapped(result, 0))
     structure = parse(path)
     text = path.read_text(encoding="utf-8")
     assert structure.sections == [] and structure.links == []
-    assert "No channel is significantly mapped" in text
-    assert "<b>0</b> of 40 channels mapped" in text
-    assert "Control: randomised weights" in text
+    assert "No channel detects an AU. The grid shows" in text
+    assert "No channel detects an AU: no channel sections." in text
+    assert "Full run on a randomised copy" in text
+    assert "0 of 40 channels of the randomised network are detectors" in text
 
 
 def test_unlabelled_dataset(mini_xception, sample_faces, result, tmp_path):

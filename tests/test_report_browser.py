@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from interp_fer.detectors import DetectorOptions
 from interp_fer.layer_mapping import MappingOptions
 from interp_fer.mapping import map_dataset
 from interp_fer.report import write_report
@@ -43,7 +44,9 @@ def browser():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, mini_xception, sample_faces):
     result = map_dataset(mini_xception, sample_faces, ["conv2", "block2"], locate="rf-center",
-                         options=MappingOptions(n_boot=8, n_null=4), progress=False)
+                         options=MappingOptions(n_boot=8, n_null=4),
+                         detector=DetectorOptions(seed=8, n_perm=200, n_boot=20),
+                         progress=False)
     return write_report(result, mini_xception, sample_faces,
                         tmp_path_factory.mktemp("report") / "report.html")
 
@@ -57,7 +60,9 @@ def test_report_renders_without_console_errors(browser, report, tmp_path):
     rows = browser.find_elements(By.CSS_SELECTOR, "table#mapping tbody tr")
     assert len(rows) == 8 + 32
     images = browser.find_elements(By.TAG_NAME, "img")
-    assert len(images) >= 2
+    assert len(images) >= 5  # two heatmaps per layer, the projection grid
+    warning = browser.find_element(By.CSS_SELECTOR, "p.warning")
+    assert "the numbers are not evidence" in warning.text and warning.is_displayed()
     for image in images:
         assert browser.execute_script(
             "return arguments[0].complete && arguments[0].naturalWidth > 0", image)
@@ -70,7 +75,7 @@ def test_mapping_table_sorts_on_click(browser, report):
 
     browser.get(report.as_uri())
     headers = browser.find_elements(By.CSS_SELECTOR, "table#mapping thead th")
-    column = [h.text for h in headers].index("distance")
+    column = [h.text for h in headers].index("auc")
 
     def values():
         cells = browser.find_elements(By.CSS_SELECTOR,

@@ -10,10 +10,12 @@ One module per kind of figure, everything importable from here:
   and the sham regions beside the AU regions (:func:`plot_sham_regions`);
 * :mod:`~interp_fer.figures.projections`: one face and the projections of a layer's channels
   (:func:`project_figure`, the ``interp-fer project`` grid);
-* :mod:`~interp_fer.figures.mapping`: the figures of a mapping run (the faces it saw,
-  :func:`plot_distance_heatmap`, :func:`plot_channel_faces`, :func:`plot_au_projection_grid`);
+* :mod:`~interp_fer.figures.mapping`: the figures of a mapping run (the faces it saw; where
+  channels look, :func:`plot_distance_heatmap`; which channel detects which AU,
+  :func:`plot_detector_heatmap`; :func:`plot_channel_faces`, :func:`plot_au_projection_grid`);
 * :mod:`~interp_fer.figures.dossier`: one channel's dossier (:func:`plot_channel_dossier`,
-  with :func:`expression_responses`);
+  with :func:`activity_responses`, the response-vs-activity points, and
+  :func:`expression_responses`);
 * :mod:`~interp_fer.figures.attributions`: attribution methods side by side
   (:func:`plot_attribution_comparison`).
 
@@ -52,7 +54,13 @@ from ._style import (
 )
 from .activity import plot_activity, plot_sham_regions
 from .attributions import METHOD_TITLES, plot_attribution_comparison
-from .dossier import ExpressionResponses, expression_responses, plot_channel_dossier
+from .dossier import (
+    ActivityResponses,
+    ExpressionResponses,
+    activity_responses,
+    expression_responses,
+    plot_channel_dossier,
+)
 from .evaluation import plot_confusion_matrix, plot_dataset_comparison
 from .faces import au_regions_figure, plot_au_regions, plot_landmarks
 from .mapping import (
@@ -61,6 +69,7 @@ from .mapping import (
     mapped_faces,
     plot_au_projection_grid,
     plot_channel_faces,
+    plot_detector_heatmap,
     plot_distance_heatmap,
     top_faces,
 )
@@ -74,8 +83,10 @@ __all__ = [
     "SEQUENTIAL",
     "STYLE",
     "TWO_COLUMNS",
+    "ActivityResponses",
     "ExpressionResponses",
     "MappedFaces",
+    "activity_responses",
     "au_regions_figure",
     "expression_responses",
     "grid_channels",
@@ -89,6 +100,7 @@ __all__ = [
     "plot_channel_faces",
     "plot_confusion_matrix",
     "plot_dataset_comparison",
+    "plot_detector_heatmap",
     "plot_distance_heatmap",
     "plot_landmarks",
     "plot_sham_regions",

@@ -1,5 +1,6 @@
-"""One channel's dossier (:func:`plot_channel_dossier`): its top faces, D per AU and its
-response per expression."""
+"""One channel's dossier (:func:`plot_channel_dossier`): its top faces and projections, its
+response against its AU's activity, the partial association per AU beside the random-weights
+control, and its response per expression."""
 
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from ._style import (
     _point_effects,
     new_figure,
 )
-from .mapping import MappedFaces, _alpha, _au_title, _channel_projection, mapped_faces, top_faces
+from .mapping import (
+    MappedFaces,
+    _au_title,
+    _channel_projection,
+    _number,
+    mapped_faces,
+    top_faces,
+)
 
 if TYPE_CHECKING:  # annotations only: figures must not import torch at module level
     import pandas as pd
@@ -162,12 +170,102 @@ def _mapping_row(result: MappingResult, layer: str, channel: int) -> pd.Series:
 
 
 def _channel_au(row: pd.Series) -> tuple[int, bool]:
-    """A mapping row's AU, and whether it is significant (else its best, non-significant AU)."""
+    """A mapping row's AU, and whether the channel detects it (else its candidate AU)."""
     import pandas as pd
 
     if pd.notna(row["au"]):
         return int(row["au"]), True
-    return int(row["best_au"]), False
+    return int(row["candidate_au"]), False
+
+
+def _file_name(key: object) -> str:
+    """The file name of an image key (a path or a ``file#row`` key), for titles."""
+    text = str(key)
+    return text.replace("\\", "/").rsplit("/", 1)[-1] or text
+
+
+@dataclass
+class ActivityResponses:
+    """One channel's in-region response against one AU's activity, on the report half.
+
+    Attributes
+    ----------
+    au
+        AU number.
+    activity
+        (n,) activity of the AU on each report-half face (``result.activity``).
+    response
+        (n,) the channel's peak response inside the AU's region on those faces
+        (``result.responses``); faces where the region has no cell are left out.
+    keys
+        (n,) image keys.
+    source
+        Where the activity came from (``landmarks``, ``labels`` or ``expressions``).
+    binary
+        Whether the activity takes two values only (present / absent).
+    effect
+        Spearman's rho (rank-biserial 2 AUC - 1 for binary activity) of these points, as the
+        detector test computes it (:func:`interp_fer.detectors.rank_effect`); NaN when
+        undefined.
+    """
+
+    au: int
+    activity: np.ndarray
+    response: np.ndarray
+    keys: np.ndarray
+    source: str
+    binary: bool
+    effect: float
+
+    @property
+    def auc(self) -> float:
+        """``(1 + effect) / 2``: the AUC for binary activity, AUC-like otherwise."""
+        return (1 + self.effect) / 2
+
+
+def activity_responses(result: MappingResult, layer: str, channel: int, au: int,
+                       half: str = "report") -> ActivityResponses:
+    """The points of a channel's response-vs-activity plot (faces of one half of the run).
+
+    Parameters
+    ----------
+    result
+        A mapping run with ``activity``, ``responses`` and ``faces`` (``half``).
+    layer, channel
+        The channel.
+    au
+        An AU the detector test ran on (``result.run["detector"]["tested_aus"]``).
+    half
+        ``"report"`` (where the numbers of the mapping come from) or ``"select"``.
+
+    Raises
+    ------
+    ValueError
+        When the run kept no activity or responses, or did not test ``au``.
+    """
+    from ..detectors import rank_effect
+
+    if result.activity is None or result.responses is None or result.faces is None:
+        raise ValueError("this MappingResult keeps no activity/responses: it was not made by "
+                         "interp_fer.mapping.map_dataset with the detector test")
+    column = f"AU{int(au)}"
+    tested = [int(a) for a in result.run.get("detector", {}).get("tested_aus", [])]
+    if column not in result.activity or int(au) not in tested:
+        raise ValueError(f"AU{au} was not tested (no activity source); tested AUs: "
+                         f"{', '.join(map(str, tested)) or 'none'}")
+    if layer not in result.responses:
+        raise ValueError(f"no responses for layer {layer!r} "
+                         f"(layers: {', '.join(result.responses)})")
+    rows = (result.faces["half"] == half).to_numpy()
+    x = result.activity[column].to_numpy(dtype=float)[rows]
+    y = np.asarray(result.responses[layer], dtype=float)[rows, int(channel), tested.index(au)]
+    keys = result.activity["key"].to_numpy(dtype=object)[rows]
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y, keys = x[finite], y[finite], keys[finite]
+    binary = len(np.unique(x)) == 2 and len(x) > 2  # two faces are not a 0/1 code
+    effect = float(rank_effect(y[:, None], x[:, None])[0]) if len(x) >= 2 else float("nan")
+    source = result.run.get("activity", {}).get("sources", {}).get(column, "unknown")
+    return ActivityResponses(int(au), x, y, keys, source, binary, effect)
 
 
 def _bare(ax) -> None:
@@ -192,17 +290,22 @@ def plot_channel_dossier(
     regions: AURegions | None = None,
     width: float = TWO_COLUMNS,
 ) -> Figure:
-    """Everything about one channel: where it looks, which AU it follows, and how strongly.
+    """Everything about one channel: where it looks, and whether it detects its AU.
 
     Panels:
 
-    1. its top-activating faces with the AU region(s) filled and the extremum point of the
-       channel's deconvnet projection (``+``) and the receptive-field centre of its arg-max
-       unit (``o``) drawn over them;
+    1. its top-activating faces (titled with the image's file name and its peak) with the
+       AU region(s) filled, the extremum point of the channel's deconvnet projection (``+``)
+       and the receptive-field centre of its arg-max unit (``o``) drawn over them;
     2. the projections themselves on those faces;
-    3. D per AU with its bootstrap confidence interval (from ``result.scores``), bars of
-       significant pairs (``q <= alpha``) dark, the channel's AU outlined;
-    4. when the dataset has expression labels, the mean peak response per expression
+    3. **response vs activity** (question 2 as a picture): on the report-half faces, the
+       activity of the channel's AU (its candidate AU when it is not a detector) against the
+       channel's peak response inside that AU's region, Spearman's rho (AUC for 0/1
+       activity) in the title (:func:`activity_responses`);
+    4. the partial association per tested AU (report half, ``result.scores``), the channel's
+       AU outlined, and the random-weights control's bar for each AU (the largest value a
+       random channel of the layer reached: a detector must clear it) as a black tick;
+    5. when the dataset has expression labels, the mean peak response per expression
        (+- standard error) from a forward pass over a bounded sample of labelled faces
        (:func:`expression_responses`), not from the top faces, which would be biased.
 
@@ -215,8 +318,8 @@ def plot_channel_dossier(
     faces
         Top faces to show.
     aus
-        AU regions drawn on the faces; default the channel's AU (its best AU when it is not
-        significantly mapped).
+        AU regions drawn on the faces; default the channel's AU (its candidate AU when it is
+        not a detector).
     responses
         Precomputed :func:`expression_responses` of ``layer`` (saves the forward pass when
         drawing many channels of one layer).
@@ -233,16 +336,16 @@ def plot_channel_dossier(
 
     regions = regions or load_au_regions()
     row = _mapping_row(result, layer, channel)
-    au, significant = _channel_au(row)
+    au, detected = _channel_au(row)
     drawn = [int(a) for a in (aus if aus is not None else [au])]
     if responses is None and dataset.labelled:
         responses = expression_responses(model, result, dataset, layer, max_images=max_images)
     top = top_faces(result, model, dataset, layer, channel, faces)
     cell = (width - 0.8) / faces  # inches per face; the projections' colour bar takes 0.8
+    lower_height = max(2.1, 0.3 * width)
     with matplotlib.rc_context(STYLE):
-        figure = new_figure(width, 2 * cell + 0.5 + max(1.9, 0.3 * width) + 0.3)
-        upper, lower = figure.subfigures(2, 1, height_ratios=[2 * cell + 0.5,
-                                                              max(1.9, 0.3 * width)])
+        figure = new_figure(width, 2 * cell + 0.5 + lower_height + 0.3)
+        upper, lower = figure.subfigures(2, 1, height_ratios=[2 * cell + 0.5, lower_height])
         face_axes = upper.subplots(2, faces, squeeze=False)
         for ax in face_axes.ravel():
             ax.set_axis_off()
@@ -250,13 +353,15 @@ def plot_channel_dossier(
         if image is not None:
             upper.colorbar(image, ax=face_axes[1, :], shrink=0.8, ticks=[-1, 0, 1],
                            label="projection\n(per-face scale)")
-        d_ax, e_ax = lower.subplots(1, 2, width_ratios=[1.7, 1])
-        _plot_au_distances(d_ax, result, layer, channel, au)
+        a_ax, p_ax, e_ax = lower.subplots(1, 3, width_ratios=[1.1, 1.4, 1])
+        _plot_activity_response(a_ax, result, layer, channel, au)
+        _plot_partials(p_ax, result, layer, channel, au, detected)
         _plot_expression_responses(e_ax, responses, channel)
         name = _au_title(regions, au)
-        verdict = f"mapped to {name}" if significant else f"not mapped (best: {name})"
-        figure.suptitle(f"{layer} channel {int(channel)}: {verdict}, D = {row['distance']:.2f} "
-                        f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}], q = {row['q_value']:.2g}")
+        numbers = f"AUC {_number(row['auc'])}, q {_number(row['q_value'], 3)}"
+        verdict = f"detects {name} ({numbers})" if detected else \
+            f"not a detector (candidate {name}: {numbers})"
+        figure.suptitle(f"{layer} channel {int(channel)}: {verdict}")
     return figure
 
 
@@ -281,7 +386,8 @@ def _dossier_faces(axes, model: FERModel, result: MappingResult, top: MappedFace
                          mew=0.8, path_effects=_point_effects())
         _draw_point(face_ax, points[i])
         _image_limits(face_ax, gray[i])
-        face_ax.set_title(f"image {int(top.indices[i])}\npeak {values[i]:.2g}", fontsize=6.5)
+        face_ax.set_title(f"{_image_name(result, int(top.indices[i]))}\npeak {values[i]:.2g}",
+                          fontsize=6.5)
         image = _draw_projection(map_ax, gray[i], maps[i], points[i]) if active[i] else image
     axes[0, 0].set_axis_on()
     _bare(axes[0, 0])
@@ -292,30 +398,75 @@ def _dossier_faces(axes, model: FERModel, result: MappingResult, top: MappedFace
     return image
 
 
-def _plot_au_distances(ax, result: MappingResult, layer: str, channel: int, au: int) -> None:
-    """Bar chart of D per AU with its bootstrap interval; significant bars dark."""
+def _image_name(result: MappingResult, index: int) -> str:
+    """A face's title: its file name (shortened to fit a cell) and dataset index."""
+    keys = result.faces.set_index("index")["key"] if result.faces is not None else {}
+    name = _file_name(keys[index]) if index in keys else "?"
+    if len(name) > 15:
+        name = name[:14] + "\u2026"
+    return f"{name} ({index})"
+
+
+def _plot_activity_response(ax, result: MappingResult, layer: str, channel: int,
+                            au: int) -> None:
+    """Scatter of the AU's activity against the channel's in-region peak, report half."""
+    try:
+        points = activity_responses(result, layer, channel, au)
+    except ValueError as error:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"response vs activity\nnot available:\n{error}", ha="center",
+                va="center", transform=ax.transAxes, fontsize=6, wrap=True)
+        return
+    x = points.activity
+    if points.binary:  # 0/1 codes: spread the two columns so the points can be seen
+        x = x + np.random.default_rng(0).uniform(-0.08, 0.08, len(x))
+    ax.plot(x, points.response, "o", ms=2.5, mfc=OKABE_ITO[4], mec="none", alpha=0.7)
+    statistic = (f"AUC {_number(points.auc)}" if points.binary
+                 else f"Spearman \u03c1 {_number(points.effect)}")
+    ax.set_title(f"response vs activity, report half\n(n = {len(x)}): {statistic}",
+                 fontsize=7)
+    ax.set_xlabel(f"AU{points.au} activity ({points.source})")
+    ax.set_ylabel(f"peak in AU{points.au} region")
+    if len(x) < 3:
+        ax.text(0.5, 0.05, "too few faces: not evidence", ha="center", va="bottom",
+                transform=ax.transAxes, fontsize=6, color=OKABE_ITO[5])
+
+
+def _plot_partials(ax, result: MappingResult, layer: str, channel: int, au: int,
+                   detected: bool) -> None:
+    """Bars of ``partial`` per tested AU (report half), the control's bar as a tick."""
     scores = result.scores
+    if "partial" not in scores:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no detector test in this run", ha="center", va="center",
+                transform=ax.transAxes, fontsize=7)
+        return
     part = scores[(scores["layer"] == layer) & (scores["channel"] == int(channel))]
-    order = [int(a) for a in result.run.get("aus", part["au"])]
-    part = part.set_index("au").reindex(order)
+    tested = [int(a) for a in result.run.get("detector", {}).get("tested_aus", [])] or \
+        sorted(int(a) for a in part.loc[part["partial_select"].notna(), "au"])
+    part = part.set_index("au").reindex(tested)
     x = np.arange(len(part))
-    distance = part["distance"].to_numpy(dtype=float)
-    significant = part["q_value"].to_numpy(dtype=float) <= _alpha(result)
-    colours = np.where(significant, OKABE_ITO[4], "0.78")
-    bars = ax.bar(x, np.nan_to_num(distance), color=colours, width=0.7)
-    chosen = order.index(au) if au in order else None
+    partial = part["partial"].to_numpy(dtype=float)
+    colours = ["0.7"] * len(part)
+    chosen = tested.index(au) if au in tested else None
+    if chosen is not None:
+        colours[chosen] = OKABE_ITO[4] if detected else "0.45"
+    bars = ax.bar(x, np.nan_to_num(partial), color=colours, width=0.7)
     if chosen is not None:
         bars[chosen].set_edgecolor("black")
         bars[chosen].set_linewidth(1.0)
-    # The percentile interval need not contain D, so it is drawn as a segment, not as errors.
-    ax.vlines(x, part["ci_low"], part["ci_high"], color="black", lw=0.8)
+    bar = part["control_bar"].to_numpy(dtype=float)
+    ax.hlines(bar, x - 0.4, x + 0.4, color="black", lw=1.2, label="random-weights bar")
     ax.axhline(0, color="black", lw=0.5)
-    ax.set_xticks(x, [str(a) for a in order])
+    ax.set_xticks(x, [str(a) for a in tested], fontsize=6)
     ax.set_xlabel("AU")
-    ax.set_ylabel("D")
-    level = result.run.get("options", {}).get("confidence", 0.95)
-    ax.set_title(f"D per AU, {100 * level:g} % bootstrap CI "
-                 f"(dark: q \u2264 {_alpha(result):g})", fontsize=7)
+    ax.set_ylabel("partial association")
+    ax.set_title("partial association per AU, report half\n"
+                 "(\u2014: random-weights control's bar)", fontsize=7)
+    if not np.isfinite(partial).any():
+        n = result.run.get("detector", {}).get("n_report")
+        ax.text(0.5, 0.5, f"no report-half values (n = {n})", ha="center", va="center",
+                transform=ax.transAxes, fontsize=7, backgroundcolor="white")
 
 
 def _plot_expression_responses(ax, responses: ExpressionResponses | None, channel: int) -> None:

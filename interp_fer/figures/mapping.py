@@ -1,5 +1,7 @@
-"""Figures of a mapping run (:mod:`interp_fer.mapping`): the faces it saw, the AU x channel
-heatmap and the deconvnet projections of mapped channels."""
+"""Figures of a mapping run (:mod:`interp_fer.mapping`): the faces it saw, the heatmaps of
+its two questions (where channels look: D per region, :func:`plot_distance_heatmap`; which
+channel detects which AU: the partial association, :func:`plot_detector_heatmap`) and the
+deconvnet projections of the detectors of each AU."""
 
 from __future__ import annotations
 
@@ -159,6 +161,11 @@ def _alpha(result: MappingResult) -> float:
     return float(result.run.get("alpha", 0.05))
 
 
+def _number(value: float, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, or "n/a" when it is missing."""
+    return f"{value:.{digits}f}" if value is not None and np.isfinite(value) else "n/a"
+
+
 def _au_title(regions: AURegions, au: int) -> str:
     try:
         return f"AU{au} {regions[au].name.lower()}"
@@ -180,20 +187,52 @@ def _tick_step(count: int, most: int) -> int:
     return step
 
 
+def _region_order(names) -> list[str]:
+    """AU regions by number (``AU2`` before ``AU12``), then shams by name."""
+    def key(name: str):
+        name = str(name)
+        return (0, int(name[2:]), "") if name.startswith("AU") and name[2:].isdigit() \
+            else (1, 0, name)
+    return sorted({str(n) for n in names}, key=key)
+
+
+def _symmetric_bound(values: np.ndarray, limit: float | None) -> tuple[float, bool]:
+    """Colour limit (``limit`` or the largest finite |value|, 1 if none) and whether values
+    go beyond it (the colour bar then shows arrows)."""
+    finite = np.abs(values[np.isfinite(values)])
+    bound = float(limit) if limit is not None else float(finite.max()) if finite.size else 0.0
+    bound = bound if bound > 0 else 1.0
+    return bound, bool(finite.size and finite.max() > bound)
+
+
+def _layer_rows(frame: pd.DataFrame, layer: str, what: str) -> pd.DataFrame:
+    part = frame[frame["layer"] == layer]
+    if part.empty:
+        known = ", ".join(map(str, frame["layer"].unique())) or "none"
+        raise ValueError(f"no {what} for layer {layer!r} (layers: {known})")
+    return part
+
+
 def plot_distance_heatmap(
     scores: pd.DataFrame,
     layer: str,
     *,
+    mapping: pd.DataFrame | None = None,
+    looks: pd.DataFrame | None = None,
     alpha: float = 0.05,
     width: float = TWO_COLUMNS,
     limit: float | None = None,
 ) -> Figure:
-    """AU x channel heatmap of the distance D for one layer, significant pairs marked.
+    """Question 1, *where channels look*: region x channel heatmap of the distance D.
 
-    Each cell is D(channel, AU) in a diverging map centred on zero (red: the channel responds
-    more inside the AU region than elsewhere on the face). A dot marks a significant pair
-    (``q_value <= alpha``); an open circle marks the channel's mapped AU, as
-    :func:`interp_fer.mapping.mapping_table` assigns it. Pairs without a value are grey.
+    Each cell is D(channel, region) (the paper's distance function: the channel's peak
+    response inside the region against its peak on the rest of the face, over images) in a
+    diverging map centred on zero (red: the channel responds more inside the region). A dot
+    marks a pair whose D beats the random placement of the region on the same face
+    (``q_value <= alpha``); an open circle marks the channel's ``looks_at`` (its region of
+    largest D), when ``mapping`` is given. D says where a channel looks, not what it detects:
+    a network with random weights "looks" at eyes and mouth as well (the detector test,
+    :func:`plot_detector_heatmap`, answers that). Pairs without a value are grey.
 
     Parameters
     ----------
@@ -202,8 +241,14 @@ def plot_distance_heatmap(
         (:attr:`interp_fer.mapping.MappingResult.scores`); other columns are ignored.
     layer
         Which layer to draw.
+    mapping
+        :attr:`~interp_fer.mapping.MappingResult.mapping` (``looks_at``), for the circles.
+    looks
+        :attr:`~interp_fer.mapping.MappingResult.looks` (one row per layer, channel and
+        region, AU and sham regions): when given, the cells are its D (the values
+        ``looks_at`` is chosen from) and the sham regions get rows below the AUs.
     alpha
-        False discovery rate of the marks (use the run's, ``result.run["alpha"]``).
+        False discovery rate of the dots (use the run's, ``result.run["alpha"]``).
     width
         Figure width in inches.
     limit
@@ -213,28 +258,25 @@ def plot_distance_heatmap(
     Raises
     ------
     ValueError
-        When ``scores`` has no row for ``layer``.
+        When ``scores`` (or ``looks``) has no row for ``layer``.
     """
     import matplotlib
     from matplotlib.lines import Line2D
 
-    from ..mapping import mapping_table
-
-    part = scores[scores["layer"] == layer]
-    if part.empty:
-        known = ", ".join(map(str, scores["layer"].unique())) or "none"
-        raise ValueError(f"no scores for layer {layer!r} (layers: {known})")
-    grid = part.pivot(index="au", columns="channel", values="distance").sort_index()
-    q = part.pivot(index="au", columns="channel", values="q_value").reindex_like(grid)
+    part = _layer_rows(scores, layer, "scores")
+    regions = part.assign(region=[f"AU{int(a)}" for a in part["au"]])
+    q = regions.pivot(index="region", columns="channel", values="q_value")
+    if looks is not None:
+        grid = _layer_rows(looks, layer, "looks_at rows").pivot(
+            index="region", columns="channel", values="distance")
+    else:
+        grid = regions.pivot(index="region", columns="channel", values="distance")
+    grid = grid.reindex(_region_order(grid.index))
+    q = q.reindex(index=grid.index, columns=grid.columns)
     values = grid.to_numpy(dtype=float)
-    finite = np.abs(values[np.isfinite(values)])
-    bound = float(limit) if limit is not None else float(finite.max()) if finite.size else 0.0
-    bound = bound if bound > 0 else 1.0
+    bound, over = _symmetric_bound(values, limit)
     significant = q.to_numpy(dtype=float) <= alpha
-    # The circles come from the mapping itself, so they cannot drift from its rule.
-    mapped = mapping_table(part, alpha).dropna(subset=["au"])
-    mapped_cols = grid.columns.get_indexer(mapped["channel"])
-    mapped_rows = grid.index.get_indexer(mapped["au"].astype(int))
+    looked_cols, looked_rows = _marks(mapping, layer, "looks_at", grid)
     with matplotlib.rc_context(STYLE):
         height = max(1.8, 0.14 * len(grid) + 1.1)
         figure = new_figure(width, height)
@@ -244,18 +286,132 @@ def plot_distance_heatmap(
                           interpolation="nearest")
         rows, cols = np.nonzero(significant)
         ax.plot(cols, rows, ".", color="black", ms=2.5)
-        ax.plot(mapped_cols, mapped_rows, "o", mfc="none", mec="black", ms=5, mew=0.7)
-        ax.set_yticks(np.arange(len(grid)), [f"AU{int(a)}" for a in grid.index])
+        handles = [Line2D([], [], ls="", marker=".", color="black", ms=4)]
+        labels = [f"q \u2264 {alpha:g} (D vs the region placed at random)"]
+        if mapping is not None:
+            ax.plot(looked_cols, looked_rows, "o", mfc="none", mec="black", ms=5, mew=0.7)
+            handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=5,
+                                  mew=0.7))
+            labels.append("looks_at (largest D)")
+        ax.set_yticks(np.arange(len(grid)), [str(r).replace("_", " ") for r in grid.index])
+        shams = [i for i, r in enumerate(grid.index) if not str(r).startswith("AU")]
+        if shams:
+            ax.axhline(shams[0] - 0.5, color="black", lw=0.6)
         step = _tick_step(len(grid.columns), most=int(width * 5))
         ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
         ax.set_xlabel(f"channel of {layer}")
-        ax.set_title(f"{layer}: distance D per AU and channel")
-        over = finite.size and finite.max() > bound
+        ax.set_title(f"{layer}: where channels look (question 1), distance D per region")
         figure.colorbar(image, ax=ax, label="D", shrink=0.9, extend="both" if over else "neither")
-        handles = [Line2D([], [], ls="", marker=".", color="black", ms=4),
-                   Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=5, mew=0.7)]
-        figure.legend(handles, [f"q \u2264 {alpha:g}", "mapped AU of the channel"],
-                      loc="outside lower center", ncol=2, frameon=False)
+        figure.legend(handles, labels, loc="outside lower center", ncol=len(handles),
+                      frameon=False)
+    return figure
+
+
+def _marks(mapping: pd.DataFrame | None, layer: str, column: str, grid: pd.DataFrame,
+           where: pd.Series | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grid (column, row) positions of ``mapping[column]`` (region names or AU numbers) for
+    the channels of ``layer`` (rows of ``where`` only, when given); values not in the grid's
+    rows are left out."""
+    if mapping is None:
+        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
+    chosen = mapping["layer"] == layer
+    if where is not None:
+        chosen &= where.fillna(False).astype(bool)
+    rows = mapping.loc[chosen & mapping[column].notna(), ["channel", column]]
+    names = [f"AU{int(v)}" if not isinstance(v, str) else v for v in rows[column]]
+    cols = grid.columns.get_indexer(rows["channel"])
+    found = grid.index.get_indexer(names)
+    keep = (cols >= 0) & (found >= 0)
+    return cols[keep], found[keep]
+
+
+def plot_detector_heatmap(
+    scores: pd.DataFrame,
+    layer: str,
+    mapping: pd.DataFrame | None = None,
+    *,
+    column: str = "partial",
+    width: float = TWO_COLUMNS,
+    limit: float | None = None,
+) -> Figure:
+    """Question 2, *does channel k detect AU a*: AU x channel heatmap of ``partial``.
+
+    Each cell is the partial rank association on the report half between the channel's
+    in-minus-out contrast at AU a's region and AU a's activity, given the other AUs
+    (:mod:`interp_fer.detectors`), in a diverging map centred on zero. With ``mapping``, an
+    open circle marks each detected pair (``au``: every criterion of the detector test
+    holds) and a small dot each channel's candidate AU (chosen on the selection half) that
+    was not detected. Only the AUs the test ran on (with an activity source) get a row;
+    cells without a value (e.g. a report half of fewer than 3 images) are grey.
+
+    Parameters
+    ----------
+    scores
+        One row per (layer, channel, AU) with ``column``
+        (:attr:`interp_fer.mapping.MappingResult.scores`).
+    layer
+        Which layer to draw.
+    mapping
+        :attr:`~interp_fer.mapping.MappingResult.mapping` (``au``, ``candidate_au``), for
+        the marks.
+    column
+        The measure drawn: ``partial`` (report half) or ``partial_select`` (selection half).
+    width
+        Figure width in inches.
+    limit
+        Symmetric colour limit; default the largest finite |value| of the layer (1 when none).
+
+    Raises
+    ------
+    ValueError
+        When ``scores`` has no row for ``layer`` or no column ``column``.
+    """
+    import matplotlib
+    from matplotlib.lines import Line2D
+
+    if column not in scores:
+        raise ValueError(f"scores have no column {column!r}: run the detector test "
+                         "(interp_fer.mapping.map_dataset with an activity source)")
+    part = _layer_rows(scores, layer, "scores")
+    tested = part.groupby("au")[[c for c in ("partial", "partial_select") if c in part]] \
+        .apply(lambda p: np.isfinite(p.to_numpy(dtype=float)).any())
+    aus = sorted(int(a) for a in tested.index[tested.to_numpy(dtype=bool)]) or \
+        sorted(int(a) for a in part["au"].unique())
+    grid = part.assign(region=[f"AU{int(a)}" for a in part["au"]]).pivot(
+        index="region", columns="channel", values=column).reindex([f"AU{a}" for a in aus])
+    values = grid.to_numpy(dtype=float)
+    bound, over = _symmetric_bound(values, limit)
+    detected = None if mapping is None else mapping["au"].notna()
+    with matplotlib.rc_context(STYLE):
+        height = max(1.8, 0.14 * len(grid) + 1.1)
+        figure = new_figure(width, height)
+        ax = figure.add_subplot()
+        cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad="0.85")
+        image = ax.imshow(values, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto",
+                          interpolation="nearest")
+        if mapping is not None:
+            cols, rows = _marks(mapping, layer, "au", grid)
+            ax.plot(cols, rows, "o", mfc="none", mec="black", ms=5, mew=0.9)
+            cols, rows = _marks(mapping, layer, "candidate_au", grid, where=~detected)
+            ax.plot(cols, rows, ".", color="black", ms=2.5)
+            handles = [Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=5,
+                              mew=0.9),
+                       Line2D([], [], ls="", marker=".", color="black", ms=4)]
+            figure.legend(handles, ["detected (the channel detects the AU)",
+                                    "candidate AU, not detected"],
+                          loc="outside lower center", ncol=2, frameon=False)
+        if not np.isfinite(values).any():
+            ax.text(0.5, 0.5, f"no {column} values (report half too small?)",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=7)
+        ax.set_yticks(np.arange(len(grid)), list(grid.index))
+        step = _tick_step(len(grid.columns), most=int(width * 5))
+        ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
+        ax.set_xlabel(f"channel of {layer}")
+        half = "report" if column == "partial" else "selection"
+        ax.set_title(f"{layer}: does the channel detect the AU? (question 2), partial "
+                     f"association, {half} half")
+        figure.colorbar(image, ax=ax, label=column, shrink=0.9,
+                        extend="both" if over else "neither")
     return figure
 
 
@@ -328,13 +484,14 @@ def grid_channels(mapping: pd.DataFrame, au: int, count: int,
                   layers: Sequence[str] | None = None) -> pd.DataFrame:
     """The channels a projection grid shows for one AU.
 
-    First the channels mapped to ``au`` (significant), largest D first; then, to fill the
-    row, channels whose best but not significant AU is ``au`` (column ``fallback`` True).
+    First the channels that detect ``au`` (the detector test's ``au``), largest report-half
+    ``auc`` first; then, to fill the row, channels whose candidate AU it is although the test
+    did not pass (column ``fallback`` True: "not a detector"), also by ``auc``.
 
     Parameters
     ----------
     mapping
-        :attr:`interp_fer.mapping.MappingResult.mapping` (``au``, ``best_au``, ``distance``).
+        :attr:`interp_fer.mapping.MappingResult.mapping` (``au``, ``candidate_au``, ``auc``).
     au
         AU number.
     count
@@ -350,20 +507,23 @@ def grid_channels(mapping: pd.DataFrame, au: int, count: int,
     import pandas as pd
 
     table = mapping if layers is None else mapping[mapping["layer"].isin(list(layers))]
-    mapped = table[(table["au"] == au).fillna(False).astype(bool)]
-    unmapped = table[table["au"].isna() & (table["best_au"] == au)]
-    ranked = [part.sort_values("distance", ascending=False, kind="stable").assign(fallback=flag)
-              for part, flag in ((mapped, False), (unmapped, True)) if len(part)]
+    detected = table[(table["au"] == au).fillna(False).astype(bool)]
+    candidates = table[table["au"].isna() & (table["candidate_au"] == au)]
+    ranked = [part.sort_values("auc", ascending=False, kind="stable", na_position="last")
+              .assign(fallback=flag)
+              for part, flag in ((detected, False), (candidates, True)) if len(part)]
     if not ranked:
         return table.head(0).assign(fallback=pd.Series(dtype=bool))
     return pd.concat(ranked).head(count)
 
 
 def _grid_aus(result: MappingResult, layers: Sequence[str] | None) -> list[int]:
-    """Default rows of the projection grid: AUs that are some channel's best AU."""
+    """Default rows of the projection grid: AUs with a detector, else AUs that are some
+    channel's candidate."""
     mapping = result.mapping if layers is None else \
         result.mapping[result.mapping["layer"].isin(list(layers))]
-    present = {int(a) for a in mapping["best_au"].dropna()}
+    present = {int(a) for a in mapping["au"].dropna()} or \
+        {int(a) for a in mapping["candidate_au"].dropna()}
     order = [int(a) for a in result.run.get("aus", sorted(present))]
     return [a for a in order if a in present]
 
@@ -384,8 +544,9 @@ def plot_au_projection_grid(
     """Deconvolution projections of the top channels of each AU (the paper's figure).
 
     One block per AU (titled with its FACS name), holding its top channels: the channels
-    mapped to it, largest D first, then, when fewer are significant, channels whose best AU
-    it is although not significantly (titled "n.s."; :func:`grid_channels`). Each cell is the
+    that detect it (the detector test), largest report-half AUC first, then, when fewer are
+    detectors, channels whose candidate AU it is although the test did not pass (titled "not a
+    detector"; :func:`grid_channels`). Each cell is the
     channel's deconvnet projection on one of its top-activating faces, over the face, with the
     extremum point (``+``) and the AU's region (dashed outline). Blocks are laid out several
     per row when they fit the width.
@@ -395,7 +556,8 @@ def plot_au_projection_grid(
     model, result, dataset
         The mapping run (:func:`interp_fer.mapping.map_dataset`) and what it was made with.
     aus
-        AU numbers, one block each; default every AU that is some channel's best AU, in the
+        AU numbers, one block each; default every AU with a detector (else every AU that is
+        some channel's candidate), in the
         run's order.
     channels_per_au
         Channels per AU (cells are left empty when an AU has fewer).
@@ -422,12 +584,11 @@ def plot_au_projection_grid(
     regions = regions or load_au_regions()
     aus = [int(a) for a in (aus if aus is not None else _grid_aus(result, layers))]
     if not aus:
-        raise ValueError("no AU to show: no channel of these layers has a best AU")
+        raise ValueError("no AU to show: no channel of these layers has a candidate AU")
     cells = channels_per_au * faces_per_channel
     cell = min(1.1, width / cells)  # inches: a 64 px face stays legible at about an inch
     per_row = max(1, int(width // (cells * cell + 0.2)))
     rows = -(-len(aus) // per_row)
-    alpha = _alpha(result)
     any_fallback = False
     with matplotlib.rc_context(STYLE):
         figure = new_figure(width, rows * (cell + 0.55) + (0.35 if caption else 0))
@@ -449,7 +610,8 @@ def plot_au_projection_grid(
             note = ("+ extremum point of the deconvnet projection (red/blue: positive/negative, "
                     "scaled per cell); dashed: the AU's region")
             if any_fallback:
-                note += f"; n.s.: best AU of the channel but q > {alpha:g}"
+                note += ("; not a detector: the channel's candidate AU (chosen on the "
+                         "selection half), but the detector test did not pass")
             figure.supxlabel(note, fontsize=6)
     return figure
 
@@ -458,8 +620,8 @@ def _grid_cells(axes, model: FERModel, result: MappingResult, dataset: ImageData
                 au: int, regions: AURegions) -> None:
     """Draw one channel's projections on its top faces into ``axes`` (one face each)."""
     faces = top_faces(result, model, dataset, row.layer, int(row.channel), len(axes))
-    mark = " n.s." if row.fallback else ""
-    axes[0].set_title(f"{row.layer} #{int(row.channel)}\nD = {row.distance:.2f}{mark}",
+    mark = "\nnot a detector" if row.fallback else ""
+    axes[0].set_title(f"{row.layer} #{int(row.channel)}\nAUC {_number(row.auc)}{mark}",
                       fontsize=6.5, style="italic" if row.fallback else "normal")
     if not len(faces):
         axes[0].text(0.5, 0.5, "faces not\nreadable", ha="center", va="center",
