@@ -17,6 +17,8 @@ from torch import nn
 from interp_fer.models import ModelLoadError, load_model
 from interp_fer.onnx_import import OnnxImportError, onnx_to_torch
 
+pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'interp_fer[onnx]')")
+
 DATA = Path(__file__).resolve().parent / "data"
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 
