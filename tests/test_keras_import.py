@@ -234,3 +234,26 @@ def test_same_average_pool_leaves_padding_out_of_the_mean():
     assert out[0, 0, 1, 1].item() == pytest.approx(x[0, 0, 2:, 2:].mean().item())
     assert out[0, 0, 0, 0].item() == pytest.approx(x[0, 0, :3, :3].mean().item())
     assert out[0, 0, 0, 1].item() == pytest.approx(x[0, 0, :3, 2:].mean().item())
+
+
+def test_keras2_style_sequential_without_input_layer(tmp_path):
+    # Keras 2 Sequential configs have no InputLayer: the first layer carries
+    # batch_input_shape, and weights are named 'layer/kernel:0'.
+    import shutil
+
+    path = tmp_path / "keras2_sequential.h5"
+    shutil.copy(DATA / "keras_sequential.h5", path)
+    with h5py.File(path, "r+") as handle:
+        config = json.loads(handle.attrs["model_config"])
+        layers = config["config"]["layers"]
+        shape = layers[0]["config"]["batch_shape"]
+        layers.pop(0)
+        layers[0]["config"]["batch_input_shape"] = shape
+        handle.attrs["model_config"] = json.dumps(config)
+        handle.attrs["keras_version"] = "2.0.5"
+    keras_file = read_keras_file(path)
+    assert keras_file.layout == "keras2-h5" and keras_file.input_shape == (16, 16, 1)
+    reference = np.load(DATA / "keras_sequential.npz")
+    with torch.no_grad():
+        outputs = keras_to_torch(keras_file)(_nchw(reference["inputs"])).numpy()
+    np.testing.assert_allclose(outputs, reference["outputs"], atol=1e-6, rtol=0)
