@@ -2,13 +2,17 @@
 
 :class:`HookSet` registers forward (pre-)hooks, can switch a network to eval mode, and on exit
 removes every hook and restores each submodule's ``training`` flag, also when the body raises.
-:func:`relu_rule` makes every ``nn.ReLU`` module of a network apply the deconvnet or guided
-backprop rule in the backward pass; :func:`check_module_relus` finds ReLUs applied
-functionally (``torch.relu``, ``F.relu``, ``Tensor.relu_``), which no module hook can reach.
+:func:`relu_rule` makes every ``nn.ReLU`` (and ``nn.ReLU6``) module of a network apply the
+deconvnet or guided backprop rule in the backward pass; :func:`check_module_relus` finds ReLUs
+applied functionally (``torch.relu``, ``F.relu``, ``Tensor.relu_``), which no module hook can
+reach. :func:`check_rules` goes through every operation between the input and a layer: each
+one has a defined backward rule (:func:`rule_of`) or is refused with :class:`RuleError`, so no
+nonlinearity silently turns a projection into a plain gradient.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -24,6 +28,10 @@ RELU_NODES = frozenset({"ReluBackward0", "ReluBackward1"})
 
 class FunctionalReLUError(RuntimeError):
     """The network applies ReLU without an ``nn.ReLU`` module, so the rule cannot be applied."""
+
+
+class RuleError(ValueError):
+    """An operation between the input and a layer has no deconvnet / guided-backprop rule."""
 
 
 class HookSet:
@@ -84,28 +92,38 @@ class _RuleReLU(torch.autograd.Function):
 
     deconvnet: ``relu(grad)`` (independent of the forward input);
     guided backprop: ``relu(grad) * (input > 0)``. Same rules as Captum's ReLU hooks.
+    With ``upper`` (``nn.ReLU6``: 6) the forward clamps at ``upper`` too and guided backprop
+    masks with ``0 < input < upper`` (where ReLU6's own gradient is 1); deconvnet's rule is
+    the same as for ReLU.
     """
 
     generate_vmap_rule = True  # lets seeds go backward batched (is_grads_batched)
 
     @staticmethod
-    def forward(x: torch.Tensor, guided: bool) -> torch.Tensor:
-        return torch.relu(x)
+    def forward(x: torch.Tensor, guided: bool, upper: float | None = None) -> torch.Tensor:
+        return torch.relu(x) if upper is None else x.clamp(0, upper)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, bool], output: torch.Tensor) -> None:
-        x, guided = inputs
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, guided, upper = inputs
         ctx.guided = guided
+        ctx.upper = upper
         if guided:
             ctx.save_for_backward(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         grad = torch.relu(grad)
         if ctx.guided:
             (x,) = ctx.saved_tensors
-            grad = grad * (x > 0)
-        return grad, None
+            grad = grad * guided_mask(x, ctx.upper)
+        return grad, None, None
+
+
+def guided_mask(x: torch.Tensor, upper: float | None) -> torch.Tensor:
+    """Guided backprop's forward mask: ``x > 0`` (and ``x < upper`` for a capped ReLU)."""
+    mask = x > 0
+    return mask if upper is None else mask & (x < upper)
 
 
 def is_rule_node(node: object) -> bool:
@@ -114,7 +132,7 @@ def is_rule_node(node: object) -> bool:
 
 
 def relu_rule(hooks: HookSet, root: nn.Module, rule: Rule) -> int:
-    """Make every ``nn.ReLU`` in ``root`` use ``rule`` in the backward pass.
+    """Make every ``nn.ReLU`` (and ``nn.ReLU6``) in ``root`` use ``rule`` in the backward pass.
 
     The module's own output is replaced by :class:`_RuleReLU` applied to its *input*; an
     in-place ReLU works on a clone so that the input keeps its value and history (as in
@@ -130,11 +148,12 @@ def relu_rule(hooks: HookSet, root: nn.Module, rule: Rule) -> int:
         return None
 
     def post(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        return _RuleReLU.apply(stash[id(module)].pop(), guided)
+        upper = 6.0 if isinstance(module, nn.ReLU6) else None
+        return _RuleReLU.apply(stash[id(module)].pop(), guided, upper)
 
     count = 0
     for module in root.modules():
-        if isinstance(module, nn.ReLU):  # as Captum: subclasses too
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):  # as Captum: subclasses too
             hooks.forward_pre(module, pre)
             hooks.forward(module, post)
             count += 1
@@ -218,3 +237,174 @@ def check_module_relus(module: nn.Module, inputs: torch.Tensor, rule: str = "thi
     if output is not None:
         result = output(result)
     raise_functional_relus(count_relu_nodes(result.grad_fn, x, hooked), "the output", rule)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules per operation: what deconvnet and guided backprop do at each node of the graph.
+
+# Operations whose backward pass does not depend on the forward values (linear maps), or only
+# through max-pool switches, which deconvnet and guided backprop take from the forward pass.
+LINEAR_NODES = frozenset({
+    "ConvolutionBackward0", "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1",
+    "RsubBackward1", "MulBackward1", "DivBackward1", "NegBackward0", "CloneBackward0",
+    "AliasBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+    "PermuteBackward0", "TransposeBackward0", "TBackward0", "ExpandBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3",
+    "UnsqueezeBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
+    "NarrowBackward0", "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
+    "StackBackward0", "CatBackward0", "ConstantPadNdBackward0", "ReflectionPad1DBackward0",
+    "ReflectionPad2DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0",
+    "MaxPool2DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0", "AvgPool2DBackward0",
+    "AdaptiveAvgPool2DBackward0", "MeanBackward0", "MeanBackward1", "SumBackward0",
+    "SumBackward1", "UpsampleNearest2DBackward0", "UpsampleNearest2DBackward1",
+    "UpsampleBilinear2DBackward0", "UpsampleBilinear2DBackward1", "ToCopyBackward0",
+    "AddmmBackward0", "MmBackward0", "LinearBackward0", "PixelShuffleBackward0",
+    "PixelUnshuffleBackward0", "RollBackward0", "FlipBackward0", "RepeatBackward0",
+    "AsStridedBackward0", "CopySlices", "NativeDropoutBackward0", "ConvolutionBackwardBackward0",
+})
+# Normalisations with statistics of each image (and channel group): the plain gradient,
+# which keeps the images of a batch apart.
+PER_IMAGE_NODES = frozenset({"NativeGroupNormBackward0", "NativeLayerNormBackward0"})
+BATCHNORM_NODES = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0"})
+# Nonlinearities deconvnet and guided backprop are not defined for: names for the message.
+NONLINEAR_NAMES = {
+    "TanhBackward0": "tanh", "SigmoidBackward0": "sigmoid", "LeakyReluBackward0": "LeakyReLU",
+    "LeakyReluBackward1": "LeakyReLU", "EluBackward0": "ELU", "EluBackward1": "ELU",
+    "GeluBackward0": "GELU", "SiluBackward0": "SiLU", "MishBackward0": "Mish",
+    "HardtanhBackward0": "hardtanh (F.relu6, clamp-like)", "HardswishBackward0": "hardswish",
+    "HardsigmoidBackward0": "hardsigmoid", "ClampBackward1": "clamp",
+    "ClampMinBackward0": "clamp(min=...)", "ClampMaxBackward0": "clamp(max=...)",
+    "MaximumBackward0": "torch.maximum", "MinimumBackward0": "torch.minimum",
+    "PreluKernelBackward0": "PReLU", "PreluBackward0": "PReLU", "SoftplusBackward0": "softplus",
+    "ThresholdBackward0": "threshold", "ThresholdBackward1": "threshold",
+    "MulBackward0": "a multiplication by a value of the data (e.g. x * (x > 0))",
+    "DivBackward0": "a division by a value of the data", "SoftmaxBackward0": "softmax",
+    "LogSoftmaxBackward0": "log-softmax", "ExpBackward0": "exp", "LogBackward0": "log",
+    "PowBackward0": "pow", "SqrtBackward0": "sqrt", "AbsBackward0": "abs",
+    "WhereBackward0": "torch.where",
+}
+
+_RULE_TEXT = {
+    ("ReLU", "deconvnet"): "deconvnet ReLU rule: relu of the backward signal",
+    ("ReLU", "guided_backprop"): "guided backprop: relu of the backward signal x (input > 0)",
+    ("ReLU6", "deconvnet"): "deconvnet ReLU rule: relu of the backward signal (as nn.ReLU)",
+    ("ReLU6", "guided_backprop"):
+        "guided backprop: relu of the backward signal x (0 < input < 6)",
+}
+
+
+def _multiplies_data(node: Any) -> bool:
+    """Whether a MulBackward0/DivBackward0 scales by data-dependent values.
+
+    Both factors carrying gradient, or a constant factor of the output's full shape (nothing
+    broadcast: a mask computed from the data, like ``x * (x > 0)``), count as data; a
+    broadcast constant (per-channel scale, a scalar tensor) is linear.
+    """
+    grads = sum(1 for child, _ in node.next_functions if child is not None)
+    if grads > 1:
+        return True
+    out = node._input_metadata[0].shape
+    for name in ("_saved_other", "_saved_self"):
+        value = getattr(node, name, None)
+        if isinstance(value, torch.Tensor) and value.numel() == math.prod(out) > 1:
+            return True
+    return False
+
+
+def rule_of(node: Any, rule: str, module: nn.Module | None = None) -> str | None:
+    """What ``rule`` ("deconvnet" / "guided_backprop") does at an autograd node, in words.
+
+    None when the node is a nonlinearity (or an operation) the rule is not defined for.
+    ``module``: the module whose output the node is, for the ReLU kind.
+    """
+    kind = type(node).__name__
+    if is_rule_node(node):
+        relu = "ReLU6" if getattr(node, "upper", None) is not None else "ReLU"
+        return _RULE_TEXT[(relu, rule)]
+    if kind in ("MulBackward0", "DivBackward0"):
+        return None if _multiplies_data(node) else "gradient (scaling by a constant)"
+    if kind == "ConvolutionBackward0":
+        return "transposed convolution"
+    if kind in ("MaxPool2DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0"):
+        return "max-pool switches of the forward pass"
+    if kind in BATCHNORM_NODES:
+        if bool(getattr(node, "_saved_training", False)):
+            return "gradient through batch statistics (each image projected on its own)"
+        return "BatchNorm scale (running statistics)"
+    if "Pad" in kind:
+        return "padding: gradient of padded positions folded back (reflect/replicate) or dropped"
+    if kind in PER_IMAGE_NODES:
+        return "gradient (per-image normalisation statistics)"
+    if kind in LINEAR_NODES:
+        return "gradient (linear)"
+    return None
+
+
+def check_rules(nodes: list[Any], rule: str, names: dict[Any, str],
+                modules: dict[str, nn.Module], where: str) -> dict[str, str]:
+    """The rule applied at each named layer on the path, or :class:`RuleError`.
+
+    Parameters
+    ----------
+    nodes
+        Autograd nodes between the input and the layer (``graph_nodes(root, x)``).
+    rule
+        ``"deconvnet"`` or ``"guided_backprop"``.
+    names
+        Autograd node -> name of the module whose output it is (leaf modules).
+    modules
+        Layer name -> module, for the messages.
+    where
+        The layer, for the messages (e.g. ``"layer 'block4'"``).
+
+    Returns
+    -------
+    dict
+        Layer name -> rule in words, for the modules whose output lies on the path.
+
+    Raises
+    ------
+    FunctionalReLUError
+        ReLUs applied functionally (``F.relu``): their rule cannot be applied.
+    RuleError
+        Any other operation without a rule: the message names the layer (or says that the
+        operation is functional) and the user's choices.
+    """
+    relus = sum(1 for node in nodes if type(node).__name__ in RELU_NODES)
+    raise_functional_relus(relus, where, rule)
+    rules: dict[str, str] = {}
+    refused: list[str] = []
+    for node in nodes:
+        if getattr(node, "variable", None) is not None:
+            continue
+        text = rule_of(node, rule)
+        name = names.get(node)
+        if text is None:
+            kind = type(node).__name__
+            what = NONLINEAR_NAMES.get(kind, f"an operation without a rule ({kind})")
+            if name is not None:
+                refused.append(f"layer {name!r} is {type(modules[name]).__name__} ({what})")
+            else:
+                refused.append(f"{what} is applied functionally in forward() ({kind})")
+        elif name is not None:
+            rules.setdefault(name, text)
+    if refused:
+        method = "deconvnet" if rule == "deconvnet" else "guided backprop"
+        raise RuleError(
+            f"{method} is defined for ReLU networks (nn.ReLU / nn.ReLU6 modules); between the "
+            f"input and {where}: " + "; ".join(dict.fromkeys(refused)) + ". Choices: project "
+            "a layer below it, use the plain gradient (interp_fer.attributions.attribute(..., "
+            "method='saliency')), locate units by receptive field (`interp-fer map --locate "
+            "rf-center`), or replace the activation with nn.ReLU and retrain.")
+    return dict(reversed(list(rules.items())))  # input first
+
+
+def refuse_torchscript(module: nn.Module, what: str) -> None:
+    """Raise a clear ``TypeError`` for TorchScript modules, which run no Python hooks."""
+    if any(isinstance(sub, torch.jit.ScriptModule) for sub in module.modules()):
+        raise TypeError(
+            f"{what} needs forward hooks, which TorchScript modules do not run: "
+            f"{type(module).__name__} is (or contains) a TorchScript module. Load the eager "
+            "nn.Module instead: its state_dict with the architecture's class "
+            "(interp_fer.load_model(weights, architecture='module:Class'), or "
+            "`--model weights.pt --architecture module:Class`).")

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .hooks import refuse_torchscript
+
 if TYPE_CHECKING:  # pragma: no cover
     from .models import FERModel
 
@@ -224,6 +226,7 @@ def layer_outputs(module: nn.Module, names: Iterable[str], inputs: torch.Tensor,
     dict
         Layer name -> its output tensor (layers whose output is not a tensor are left out).
     """
+    refuse_torchscript(module, "layer_outputs")
     outputs: dict[str, torch.Tensor] = {}
     handles = []
     # Each submodule's own flag: a network may be partly in training mode on purpose.
@@ -321,7 +324,10 @@ def _module_and_shape(model, input_shape):
     return model, input_shape
 
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.GELU, nn.SiLU)
+# Activation modules whose outputs are the default stages (projections then refuse the ones
+# without a deconvnet rule, with a message, rather than analyse pre-activation convolutions).
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.GELU, nn.SiLU, nn.Tanh,
+                nn.Sigmoid, nn.Hardtanh, nn.Mish, nn.Hardswish, nn.Softplus, nn.CELU, nn.SELU)
 
 
 def default_stages(model: FERModel) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -46,12 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import (
-    RELU_NODES,
+    BATCHNORM_NODES,
     HookSet,
     Rule,
+    check_rules,
     graph_nodes,
+    guided_mask,
     is_rule_node,
-    raise_functional_relus,
+    refuse_torchscript,
     relu_rule,
 )
 from .layers import ReceptiveField, receptive_field, resolve_layer, trace_from_node
@@ -105,6 +107,10 @@ class Projections:
         :data:`ILL_CONDITIONED_MARGIN` means that float32 arithmetic (a float32 reference,
         another CPU, another batch) may pick a different switch and a visibly different
         map. The cone is rectangular and spans all channels, so this is a lower bound.
+    rules
+        Layer name -> the rule applied at that module's output, in words, for every module
+        between the input and the layer (input first), e.g. ``{"conv1": "transposed
+        convolution", "act1": "deconvnet ReLU rule: relu of the backward signal", ...}``.
     """
 
     maps: torch.Tensor
@@ -116,6 +122,7 @@ class Projections:
     method: str
     receptive_field: ReceptiveField | None = None
     switch_margins: torch.Tensor | None = None
+    rules: dict[str, str] = field(default_factory=dict)
 
 
 def deconvnet(
@@ -166,6 +173,19 @@ def deconvnet(
     ------
     interp_fer.hooks.FunctionalReLUError
         When a ReLU between the input and the layer is not an ``nn.ReLU`` module.
+    interp_fer.hooks.RuleError
+        When another operation between the input and the layer has no rule (Tanh,
+        LeakyReLU, ELU, GELU, PReLU, clamp, ``torch.maximum``, ``x * (x > 0)`` ...): the
+        message names the layer and the choices. ``nn.ReLU6`` modules get the ReLU rule
+        (guided backprop masks with ``0 < input < 6``); BatchNorm without running statistics
+        projects each image on its own; GroupNorm and LayerNorm pass the plain gradient.
+    TypeError
+        For TorchScript modules (they run no Python hooks).
+
+    Notes
+    -----
+    When the windowed engine does not know an operation of the graph, ``engine="auto"``
+    runs the autograd engine and says so once per network and layer (``RuntimeWarning``).
     """
     return project(module, inputs, layer, channels, method="deconvnet", image_batch=image_batch,
                    max_memory=max_memory, engine=engine, forward_dtype=forward_dtype)
@@ -211,6 +231,7 @@ def project(
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
         raise ValueError("inputs must be a preprocessed (N, c, H, W) tensor; use "
                          "FERModel.preprocess(images) to make one")
+    refuse_torchscript(module, method.replace("_", " "))
     layer_module = resolve_layer(module, layer)
     name = _layer_name(module, layer_module, layer)
     parameter = next(module.parameters(), None)
@@ -228,7 +249,7 @@ def project(
     result = Projections(
         *(torch.cat([part[i] for part in parts]).to(inputs.device) for i in range(4)),
         channels=parts[0][4], layer=name, method=method, receptive_field=field,
-        switch_margins=torch.cat([part[5] for part in parts]).cpu(),
+        switch_margins=torch.cat([part[5] for part in parts]).cpu(), rules=parts[0][6],
     )
     return result
 
@@ -324,7 +345,8 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
     dtype = images.dtype  # of the module: the windowed backward and the results
     if state is not None:
         try:
-            x, activation, nodes = _forward_graph(module, layer, name, images, rule, state)
+            x, activation, nodes, names = _forward_graph(module, layer, name, images, rule,
+                                                         state)
         except RuntimeError as error:
             if not any(word in str(error) for word in ("Double", "dtype", "scalar type")):
                 raise
@@ -334,9 +356,16 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
                           "depend on the CPU and the batch", RuntimeWarning, stacklevel=4)
             state = None
     if state is None:
-        x, activation, nodes = _forward_graph(module, layer, name, images, rule, None)
-    functional = sum(1 for node in nodes if type(node).__name__ in RELU_NODES)
-    raise_functional_relus(functional, f"layer {name!r}", rule)
+        x, activation, nodes, names = _forward_graph(module, layer, name, images, rule, None)
+    rules = check_rules(nodes, rule, names, dict(module.named_modules()), f"layer {name!r}")
+    if len(images) > 1 and any(type(node).__name__ in BATCHNORM_NODES
+                               and bool(node._saved_training) for node in nodes):
+        # Batch statistics (BatchNorm without running statistics) would mix the images:
+        # each image goes on its own, as a per-image reference computes it.
+        parts = [_project_chunk(module, layer, name, images[i:i + 1], channels, rule,
+                                max_memory, engine, state) for i in range(len(images))]
+        return (*(torch.cat([part[i] for part in parts]) for i in range(4)), parts[0][4],
+                torch.cat([part[5] for part in parts]), parts[0][6])
     n, n_channels, h, w = activation.shape
     index = _channel_index(channels, n_channels).to(activation.device)
     flat = activation.detach()[:, index].flatten(2)
@@ -346,15 +375,19 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
     active = values > 0
     margins = _switch_margins(nodes, activation.grad_fn, (h, w), units, active)
     maps = x.new_zeros(n, len(index), *x.shape[1:], dtype=dtype).detach()
-    plan = None if engine == "autograd" else _compile(nodes, x, dtype)
+    missing: list[str] = []
+    plan = None if engine == "autograd" else _compile(nodes, x, dtype, missing)
     if plan is None and engine == "windowed":
         raise ValueError(f"layer {name!r}: the graph has operations the windowed engine does "
-                         "not support; use engine='auto' or 'autograd'")
-    if plan is None and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+                         f"not support ({', '.join(missing)}); use engine='auto' or "
+                         "'autograd'")
+    if plan is None and engine == "auto":
+        _say_fallback(module, name, missing)
+    if plan is None and x.stride(1) < x.stride(2):  # channels-last strides, even for c = 1
         # Batched autograd (vmap) cannot query the layout of some operations' saved tensors
         # (GroupNorm): run the graph again from a contiguous input.
-        x, activation, nodes = _forward_graph(module, layer, name, images, rule, state,
-                                              channels_last=False)
+        x, activation, nodes, names = _forward_graph(module, layer, name, images, rule, state,
+                                                     channels_last=False)
     image, slot = active.nonzero(as_tuple=True)
     with torch.inference_mode(False), torch.no_grad():
         if plan is not None:
@@ -362,13 +395,29 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
             maps[image, slot] = _run_windowed(plan, seeds, x.shape, max_memory, dtype)
         else:
             _run_autograd(activation, x, index, units, active, maps, max_memory)
-    return maps.detach(), units, values.detach().to(dtype), active, index.cpu(), margins
+    return maps.detach(), units, values.detach().to(dtype), active, index.cpu(), margins, rules
+
+
+# Networks (and their layers) already told that they run on the autograd engine.
+_FALLBACKS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _say_fallback(module: nn.Module, name: str, missing: list[str]) -> None:
+    """Warn once per network and layer that the slower autograd engine runs."""
+    told = _FALLBACKS.setdefault(module, set())
+    if name in told:
+        return
+    told.add(name)
+    warnings.warn(f"{type(module).__name__}, layer {name!r}: the windowed engine does not "
+                  f"support {', '.join(missing) or 'this graph'}; projecting with the autograd "
+                  "engine (whole maps, typically 3-10x slower). Pass engine='autograd' to "
+                  "silence this.", RuntimeWarning, stacklevel=5)
 
 
 def _forward_graph(module: nn.Module, layer: nn.Module, name: str, images: torch.Tensor,
                    rule: Rule, state: dict[str, torch.Tensor] | None, *,
                    channels_last: bool | None = None):
-    """(x, layer output, graph nodes from the output to x) of one recorded forward pass.
+    """(x, layer output, graph nodes from the output to x, {node: module name}) of a pass.
 
     ``state``: parameters and buffers in the forward dtype (None: the module's own).
     """
@@ -380,13 +429,24 @@ def _forward_graph(module: nn.Module, layer: nn.Module, name: str, images: torch
         # faster in the default layout.
         channels_last = dtype in (torch.float32, torch.bfloat16, torch.float16)
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    names: dict[Any, str] = {}
+
+    def remember(sub_name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                names.setdefault(output.grad_fn, sub_name)  # innermost module first
+        return hook
+
     with HookSet(module) as hooks:
         hooks.eval()
         relu_rule(hooks, module, rule)
+        for sub_name, sub in module.named_modules():
+            if sub_name:
+                hooks.forward(sub, remember(sub_name))  # after the ReLU rule's hooks
         with torch.inference_mode(False):
             x = images.detach().to(dtype).clone(memory_format=layout).requires_grad_(True)
         activation = _forward_to_layer(module, layer, hooks, x, name, state)
-    return x, activation, graph_nodes(activation.grad_fn, x)
+    return x, activation, graph_nodes(activation.grad_fn, x), names
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,18 +504,29 @@ def _pool_window_margins(node: Any, budget: int = 32 * 2**20) -> torch.Tensor:
     after = [max(0, (size - 1) * stride[a] + span[a] - padding[a] - length)
              for a, (size, length) in enumerate(((ho, h), (wo, w)))]
     out = []
-    per_image = c * ho * wo * kernel[0] * kernel[1] * 8
-    step = max(1, budget // max(1, per_image))
+    step = max(1, budget // max(1, c * ho * wo * 8 * 4))
     for part in x.split(step):
         part = part.double()
         # Scale of the finite values: a max-pool's own -inf padding (Keras 'same') is no value.
         finite = torch.where(part.isfinite(), part.abs(), 0.0)
         scale = finite.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(part.dtype).tiny)
         padded = F.pad(part, (padding[1], after[1], padding[0], after[0]), value=-math.inf)
-        windows = padded.unfold(2, span[0], stride[0]).unfold(3, span[1], stride[1])
-        windows = windows[:, :, :ho, :wo, ::dilation[0], ::dilation[1]].flatten(4)
-        top = windows.topk(2, dim=4).values
-        gap = top[..., 0] - top[..., 1]
+        # Running largest and second largest over the window's k*k strided views: max and
+        # min are exact, and an exact tie leaves a gap of 0.
+        top = second = None
+        for i in range(kernel[0]):
+            for j in range(kernel[1]):
+                rows = slice(i * dilation[0], i * dilation[0] + (ho - 1) * stride[0] + 1,
+                             stride[0])
+                cols = slice(j * dilation[1], j * dilation[1] + (wo - 1) * stride[1] + 1,
+                             stride[1])
+                value = padded[:, :, rows, cols]
+                if top is None:
+                    top, second = value, torch.full_like(value, -math.inf)
+                else:
+                    second = torch.maximum(second, torch.minimum(top, value))
+                    top = torch.maximum(top, value)
+        gap = top - second
         relative = torch.where(gap == 0, math.inf, gap / scale)  # inf - inf: nan
         out.append(relative.nan_to_num(nan=math.inf).amin(dim=1))
     return torch.cat(out)
@@ -570,10 +641,12 @@ def _meta_shape(node: Any, index: int) -> tuple[int, ...]:
     return tuple(node._input_metadata[index].shape)
 
 
-def _compile(nodes: list[Any], x: torch.Tensor, dtype: torch.dtype) -> list[_Step] | None:
+def _compile(nodes: list[Any], x: torch.Tensor, dtype: torch.dtype,
+             missing: list[str] | None = None) -> list[_Step] | None:
     """Translate the graph into windowed steps, or None if some node is not supported.
 
-    The steps compute in ``dtype`` whatever the dtype of the recorded forward pass.
+    The steps compute in ``dtype`` whatever the dtype of the recorded forward pass; the
+    kinds of unsupported nodes are appended to ``missing``.
     """
     relevant = set(nodes)
     try:
@@ -590,9 +663,13 @@ def _compile(nodes: list[Any], x: torch.Tensor, dtype: torch.dtype) -> list[_Ste
             else:
                 apply = _handler(node, shapes, dtype, folded.get(node))
             if apply is None:
+                if missing is not None:
+                    missing.append(type(node).__name__)
                 return None
             steps.append(_Step(node, apply, [c for c, _ in edges[node]]))
-    except (AttributeError, RuntimeError, TypeError, IndexError):  # private API changed
+    except (AttributeError, RuntimeError, TypeError, IndexError) as error:  # private API
+        if missing is not None:
+            missing.append(f"{type(error).__name__}: {error}")
         return None
     return steps
 
@@ -670,7 +747,7 @@ def _relu_handler(node: Any):
     if not node.guided:
         return lambda win, img: [replace(win, data=_relu(win), shared=False)]
     (saved,) = node.saved_tensors
-    positive = _channels_last_source(saved > 0)
+    positive = _channels_last_source(guided_mask(saved, node.upper))
 
     def guided(win: _Win, img: torch.Tensor) -> list[_Win | None]:
         mask = _gather_window(positive, img, win).permute(0, 3, 1, 2)

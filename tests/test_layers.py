@@ -99,3 +99,36 @@ def test_table_lists_shapes_and_restores_training_flag(pyemotion):
     assert shapes["conv_3"] == (128, 12, 12) and shapes["linear"] == (7,)
     text = format_layer_table(table)
     assert "conv_4" in text and "RF size" in text
+
+
+def test_negative_constant_padding_offsets_by_hand():
+    # A crop of one pixel per side, then a 3x3 convolution: unit 0 sees input pixels 1..3,
+    # centre 2 (the unsigned-integer pad once gave -1.8e19).
+    net = nn.Sequential(nn.ConstantPad2d(-1, 0.0), nn.Conv2d(1, 1, 3), nn.ReLU()).eval()
+    field = receptive_field(net, "1", (1, 12, 12))
+    assert (field.rows.size, field.rows.stride, field.rows.offset) == (3, 1, 2)
+    assert field.cols == field.rows
+    mixed = nn.Sequential(nn.ConstantPad2d((2, -1, -3, 0), 0.0), nn.Conv2d(1, 1, 3)).eval()
+    field = receptive_field(mixed, "1", (1, 12, 12))
+    assert (field.rows.offset, field.cols.offset) == (4, -1)  # top crop 3, left pad 2
+
+
+def test_layer_outputs_restores_each_modules_own_training_flag():
+    from interp_fer.layers import layer_outputs
+
+    net = _plain_net().train()
+    net[2].eval()  # a frozen layer in a network being trained
+    flags = [m.training for m in net.modules()]
+    outputs = layer_outputs(net, ["1", "4"], torch.randn(1, 1, 64, 64))
+    assert set(outputs) == {"1", "4"}
+    assert [m.training for m in net.modules()] == flags
+
+
+def test_torchscript_modules_refused_with_one_message():
+    from interp_fer.layers import layer_outputs
+
+    scripted = torch.jit.script(_plain_net())
+    with pytest.raises(TypeError, match="TorchScript.*eager nn.Module"):
+        layer_outputs(scripted, ["1"], torch.randn(1, 1, 64, 64))
+    with pytest.raises(TypeError, match="TorchScript"):
+        receptive_field(scripted, "1", (1, 64, 64))

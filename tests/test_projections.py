@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
 from torch import nn
 
-from interp_fer.hooks import FunctionalReLUError, HookSet
+from interp_fer.hooks import FunctionalReLUError, HookSet, RuleError
 from interp_fer.layers import resolve_layer
 from interp_fer.projections import (
     ILL_CONDITIONED_MARGIN,
@@ -682,3 +683,145 @@ def test_project_figure_grid(zoo, tmp_path):
     figure.savefig(tmp_path / "projections.pdf")
     default = project_figure(model, sample_face("happy"), "conv_1", max_channels=4)
     assert sum(1 for ax in default.axes if ax.images) == 5
+
+
+# ------------------------------------------------------------------------ rules, never silent
+
+
+class Activated(nn.Module):
+    """conv - activation - conv; the activation a module or a functional operation."""
+
+    def __init__(self, act: nn.Module | None = None, functional=None) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv1 = nn.Conv2d(1, 3, 3)
+        self.act = act if act is not None else nn.Identity()
+        self.functional = functional
+        self.conv2 = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv1(x))
+        if self.functional is not None:
+            y = self.functional(y)
+        return self.conv2(y)
+
+
+MODULE_ACTIVATIONS = {"Tanh": nn.Tanh(), "LeakyReLU": nn.LeakyReLU(0.1), "ELU": nn.ELU(),
+                      "GELU": nn.GELU(), "PReLU": nn.PReLU(), "SiLU": nn.SiLU(),
+                      "Sigmoid": nn.Sigmoid()}
+FUNCTIONAL_ACTIVATIONS = {
+    "clamp": lambda y: y.clamp(min=0),
+    "torch.maximum": lambda y: torch.maximum(y, torch.zeros_like(y)),
+    "multiplication by a value of the data": lambda y: y * (y > 0),
+    "tanh": torch.tanh,
+}
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+@pytest.mark.parametrize("kind", sorted(MODULE_ACTIVATIONS))
+def test_module_nonlinearities_are_refused_by_name(kind, method):
+    net = Activated(MODULE_ACTIVATIONS[kind]).eval()
+    x = torch.randn(2, 1, 9, 9, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(RuleError, match=f"layer 'act' is {kind}.*method='saliency'"):
+        project(net, x, "conv2", method=method)
+    assert all_hooks(net) == 0
+    below = project(net, x, "conv1", method=method)  # nothing nonlinear below conv1
+    assert below.rules == {"conv1": "transposed convolution"}
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+@pytest.mark.parametrize("kind", sorted(FUNCTIONAL_ACTIVATIONS))
+def test_functional_nonlinearities_are_refused(kind, method):
+    net = Activated(functional=FUNCTIONAL_ACTIVATIONS[kind]).eval()
+    x = torch.randn(1, 1, 9, 9, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(RuleError, match=f"{re.escape(kind)}.*applied functionally"):
+        project(net, x, "conv2", method=method)
+
+
+def test_constant_scaling_is_linear_not_refused():
+    net = Activated(functional=lambda y: y * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+                    - 0.5).eval()
+    x = torch.randn(2, 1, 9, 9, generator=torch.Generator().manual_seed(8))
+    result = deconvnet(net, x, "conv2")
+    assert_matches_captum(net, x, result)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_relu6_rule_known_answer(engine):
+    # x = [-1, 3, 8] -> 1x1 conv (weight 1) -> ReLU6 -> [0, 3, 6] -> (1, 3) conv of ones: 9.
+    net = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.ReLU6(),
+                        nn.Conv2d(1, 1, (1, 3), bias=False)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[2].weight.fill_(1.0)
+    x = torch.tensor([-1.0, 3.0, 8.0]).view(1, 1, 1, 3)
+    deconv = project(net, x, "2", method="deconvnet", engine=engine)
+    guided = project(net, x, "2", method="guided_backprop", engine=engine)
+    assert deconv.values.tolist() == [[9.0]]
+    assert deconv.maps.flatten().tolist() == [1.0, 1.0, 1.0]  # relu of the signal only
+    assert guided.maps.flatten().tolist() == [0.0, 1.0, 0.0]  # and 0 < input < 6
+    assert deconv.rules["1"].startswith("deconvnet ReLU rule")
+    assert "0 < input < 6" in guided.rules["1"]
+    assert list(guided.rules) == ["0", "1", "2"]
+
+
+def test_rules_recorded_for_zoo_layers(zoo):
+    model, x = zoo["pyemotion"]
+    result = deconvnet(model.module, x, "conv_2", channels=[0])
+    assert list(result.rules) == ["conv_1.0", "conv_1.1", "conv_1.2", "conv_1.3", "conv_2.0",
+                                  "conv_2.1", "conv_2.2", "conv_2.3"]  # input first
+    assert result.rules["conv_2.0"].startswith("padding")  # ReflectionPad2d
+    assert result.rules["conv_2.1"] == "transposed convolution"
+    assert result.rules["conv_2.2"] == "BatchNorm scale (running statistics)"
+    assert result.rules["conv_2.3"] == "deconvnet ReLU rule: relu of the backward signal"
+    model, x = zoo["mini-xception"]
+    guided = project(model.module, x, "block1", [0], method="guided_backprop")
+    kinds = set(guided.rules.values())
+    assert "max-pool switches of the forward pass" in kinds
+    assert "guided backprop: relu of the backward signal x (input > 0)" in kinds
+
+
+def group_norm_net() -> nn.Sequential:
+    torch.manual_seed(9)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("forward_dtype", [torch.float64, None])
+def test_group_norm_projects_and_fallback_is_said_once(forward_dtype):
+    net = group_norm_net()
+    x = torch.randn(3, 1, 14, 14, generator=torch.Generator().manual_seed(10))
+    with pytest.warns(RuntimeWarning, match="autograd engine") as told:
+        result = deconvnet(net, x, "5", forward_dtype=forward_dtype)
+    assert len(told) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call says nothing
+        deconvnet(net, x, "5", forward_dtype=forward_dtype)
+    assert result.rules["1"] == "gradient (per-image normalisation statistics)"
+    assert_matches_captum(net, x, result)
+    alone = deconvnet(net, x[2:], "5", engine="autograd", forward_dtype=forward_dtype)
+    torch.testing.assert_close(alone.maps[0], result.maps[2], rtol=0,
+                               atol=1e-6 * float(result.maps[2].abs().max()))
+
+
+def test_batchnorm_without_running_statistics_projects_each_image_alone():
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                        nn.ReLU(), nn.Conv2d(4, 3, 3), nn.ReLU()).eval()
+    x = torch.randn(3, 1, 12, 12, generator=torch.Generator().manual_seed(12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the autograd engine runs
+        together = deconvnet(net, x, "4")
+        for image in range(3):
+            alone = deconvnet(net, x[image:image + 1], "4")
+            assert torch.equal(alone.units[0], together.units[image])
+            torch.testing.assert_close(alone.maps[0], together.maps[image], rtol=0,
+                                       atol=1e-6 * float(alone.maps.abs().max()))
+    assert "each image projected on its own" in together.rules["1"]
+    assert_matches_captum(net, x, together)  # Captum also sees one image at a time
+
+
+def test_torchscript_models_are_refused_clearly():
+    scripted = torch.jit.script(hand_net())
+    with pytest.raises(TypeError, match="TorchScript.*eager nn.Module"):
+        deconvnet(scripted, HAND_X, "relu2")
