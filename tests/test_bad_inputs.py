@@ -58,11 +58,10 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def error_line(err: str, command: str) -> str:
     """The one error line of a failed command (warnings may precede it)."""
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(f"interp-fer {command}: ")
-              and ": warning:" not in line]
-    assert len(errors) == 1, err
-    return errors[0]
+    lines = [line for line in err.splitlines()
+             if line.strip() and not line.startswith(f"interp-fer {command}: warning:")]
+    assert len(lines) == 1 and lines[0].startswith(f"interp-fer {command}: "), err
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
