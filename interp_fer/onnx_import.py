@@ -5,6 +5,8 @@ torchvision does not import beside this project's torch; so this module converts
 CNN operator set itself: Conv, BatchNormalization, Relu, LeakyRelu, Sigmoid, Tanh, MaxPool,
 AveragePool, GlobalAveragePool, GlobalMaxPool, Gemm, MatMul (with a constant matrix), Add,
 Concat, Flatten, Reshape (to (N, -1)-like shapes), Pad, Dropout, Identity, Softmax, Constant.
+Constant subgraphs (padding arithmetic, ``Shape``-based ``view(N, -1)`` targets) are folded at
+conversion with onnx's reference evaluator.
 
 Every operator becomes a module (``Relu`` an ``nn.ReLU``, never a functional call), so the
 projection rules of :mod:`interp_fer.projections` see each activation. Module names come from
@@ -351,8 +353,8 @@ def onnx_to_torch(source: str | os.PathLike | bytes, *, drop_final_softmax: bool
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     folded = _constant_nodes(graph.node, set(constants))
-    unsupported = [f"{node.name or '?'} ({node.op_type})" for node in graph.node
-                   if node.op_type not in SUPPORTED_OPS and node.name not in folded]
+    unsupported = [f"{node.name or '?'} ({node.op_type})" for index, node in enumerate(graph.node)
+                   if node.op_type not in SUPPORTED_OPS and index not in folded]
     if unsupported:
         raise OnnxImportError(f"{label}: {len(unsupported)} unsupported ONNX node(s): "
                               f"{', '.join(unsupported)}. Supported: {', '.join(SUPPORTED_OPS)}")
@@ -381,7 +383,12 @@ def onnx_to_torch(source: str | os.PathLike | bytes, *, drop_final_softmax: bool
             if node.op_type == "Constant":
                 constants[node.output[0]] = numpy_helper.to_array(_attributes(node)["value"])
                 continue
-            if node.name in folded:
+            if index in folded and node.op_type == "Shape":
+                # The batch entry is the example's (1): only a Reshape's leading (batch)
+                # entry may use it, and Reshape keeps the real batch there.
+                constants[node.output[0]] = _shape(node, values, label)
+                continue
+            if index in folded:
                 constants.update(_evaluate(node, constants, model))
                 continue
             dynamic = [name for name in node.input if name and name not in constants]
@@ -407,24 +414,33 @@ def onnx_to_torch(source: str | os.PathLike | bytes, *, drop_final_softmax: bool
     return network.eval()
 
 
-def _constant_nodes(nodes: Any, known: set[str]) -> set[str]:
-    """Names of the nodes whose inputs are all constants (computed once, at conversion).
+def _constant_nodes(nodes: Any, known: set[str]) -> set[int]:
+    """Indices of the nodes computed once, at conversion: those whose inputs are all constants,
+    and ``Shape`` nodes (their input's shape is known from the example batch).
 
     Exporters compute padding amounts and shapes with small constant subgraphs
-    (ConstantOfShape, Slice, Transpose, Cast ...); folding them leaves only the network.
+    (ConstantOfShape, Slice, Transpose, Cast ...), and ``x.view(x.size(0), -1)`` with
+    Shape -> Gather -> Unsqueeze -> Concat -> Reshape; folding them leaves only the network.
     """
     known = set(known)
     folded = set()
-    for node in nodes:
-        if node.op_type != "Constant" and all(name in known for name in node.input if name):
-            if node.input and node.name:
-                folded.add(node.name)
-            else:
-                continue
+    for index, node in enumerate(nodes):
+        if node.op_type == "Shape" or (node.op_type != "Constant" and node.input
+                                       and all(name in known for name in node.input if name)):
+            folded.add(index)
         elif node.op_type != "Constant":
             continue
         known.update(node.output)
     return folded
+
+
+def _shape(node: Any, values: Mapping[str, torch.Tensor], label: str) -> np.ndarray:
+    if node.input[0] not in values:
+        raise OnnxImportError(f"{label}: node {node.name!r} (Shape) reads {node.input[0]!r}, "
+                              "which is not computed before it")
+    shape = np.asarray(values[node.input[0]].shape, np.int64)
+    attrs = _attributes(node)
+    return shape[attrs.get("start", 0):attrs.get("end", len(shape))]
 
 
 def _evaluate(node: Any, constants: Mapping[str, np.ndarray], model: Any) -> dict[str, np.ndarray]:

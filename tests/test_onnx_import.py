@@ -152,3 +152,34 @@ def test_unsupported_operators_are_listed_together(tmp_path):
     garbage.write_bytes(b"\x00not a protobuf at all")
     with pytest.raises(OnnxImportError, match="garbage.onnx"):
         onnx_to_torch(garbage)
+
+
+def test_view_by_batch_size_exports_fold_to_a_flatten(tmp_path):
+    # `x.view(x.size(0), -1)` with a dynamic batch axis exports as Shape -> Gather ->
+    # Unsqueeze -> Concat -> Reshape; the converter folds that chain into a Flatten.
+    import onnx
+
+    class ViewNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, stride=2)
+            self.fc = nn.Linear(4 * 7 * 7, 7)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.conv(x))
+            return self.fc(x.view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    network = ViewNet().eval()
+    path = tmp_path / "view.onnx"
+    path.write_bytes(_export(network, torch.zeros(1, 1, 16, 16)))
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Shape" in ops and "Reshape" in ops
+    converted = onnx_to_torch(path)
+    assert any(isinstance(m, nn.Flatten) for m in converted.modules())
+    x = torch.rand(5, 1, 16, 16)                  # another batch size than the example's
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), network(x), rtol=0, atol=1e-5)
+    if HAS_ORT:
+        np.testing.assert_allclose(converted(x).detach().numpy(), _runtime(str(path), x.numpy()),
+                                   atol=1e-5, rtol=0)
