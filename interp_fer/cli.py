@@ -573,7 +573,11 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 def _epilog() -> str:
-    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+    import textwrap
+
+    codes = "\n".join(textwrap.fill(meaning, 88, initial_indent=f"  {code:>3}  ",
+                                    subsequent_indent=" " * 7)
+                      for code, meaning in EXIT_CODES.items())
     return f"exit status:\n{codes}"
 
 
