@@ -441,9 +441,12 @@ def _same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int
 
 
 def _activation(spec: Any, layer: KerasLayer, source: str) -> nn.Module | None:
-    name = spec if isinstance(spec, str) else (spec or {}).get("config", {}).get("name", spec)
-    if isinstance(spec, dict) and spec.get("class_name") not in (None, "function"):
-        name = spec.get("config", {}).get("name") or spec.get("class_name")
+    # Built-in activations are strings ("relu"); some Keras 3 files serialise them as
+    # {"class_name": "function", "config": "relu", ...}.
+    name = spec
+    if isinstance(spec, dict):
+        config = spec.get("config")
+        name = config if isinstance(config, str) else spec.get("registered_name") or spec.get("class_name")
     name = str(name).lower()
     if name not in _ACTIVATIONS:
         raise KerasImportError(
