@@ -531,40 +531,44 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
         dataset = dataset.subset(limit=args.limit, stratify=args.stratify)
 
     from .controls import randomized_copy
+    from .detectors import DetectorOptions
     from .layer_mapping import MappingOptions
-    from .mapping import compare_with_control, map_dataset, mapping_table
+    from .mapping import compare_with_control, headline, map_dataset
     from .report import write_report
 
     options = MappingOptions(distance=args.distance, n_boot=args.n_boot, n_null=args.n_null,
                              seed=args.seed)
-    checkpoint = f"{out}/.checkpoint.npz"
-    # INTERP_FER_CHECKPOINT_EVERY: batches between checkpoints (tests set it to 1).
-    every = int(os.environ.get("INTERP_FER_CHECKPOINT_EVERY", "10"))
-    common = dict(aus=args.aus, locate=args.locate, options=options, crop=args.crop,
-                  batch_size=args.batch_size, alpha=args.alpha, progress=not args.quiet,
-                  checkpoint_every=every)
-    result = map_dataset(model, dataset, layers, checkpoint=checkpoint, **common)
+    detector = DetectorOptions(alpha=args.alpha, n_perm=args.n_perm, seed=args.seed)
+    # INTERP_FER_CHECKPOINT_INTERVAL: seconds between checkpoints (tests set it small).
+    interval = float(os.environ.get("INTERP_FER_CHECKPOINT_INTERVAL", "60"))
+    common = dict(aus=args.aus, locate=args.locate, options=options, detector=detector,
+                  activity=args.activity, crop=args.crop, batch_size=args.batch_size,
+                  progress=not args.quiet, checkpoint_interval=interval)
+    result = map_dataset(model, dataset, layers, controls=args.controls,
+                         checkpoint=f"{out}/.checkpoint.npz", **common)
     result.save(out)
     control_result = None
     if args.control == "randomized":
+        # A whole second run on a randomised copy, for question 1 (where channels look):
+        # control_percentile places each pair's excess among the random channels'.
         control = randomized_copy(model, seed=args.seed)
-        control_result = map_dataset(control, dataset, layers,
+        control_result = map_dataset(control, dataset, layers, controls=1,
                                      checkpoint=f"{out}/.checkpoint-control.npz", **common)
         control_result.save(f"{out}/control_randomized")
         result.scores = compare_with_control(result.scores, control_result.scores)
-        result.mapping = mapping_table(result.scores, args.alpha)
         result.save(out)
     write_report(result, model, dataset, f"{out}/report.html", control=control_result,
                  max_channels=args.dossiers)
-    mapped = result.mapping["au"].notna().sum()
     extra = ", expressions.csv" if result.expressions is not None else ""
     data = result.run["data"]
     skipped = Counter(_reason(item["reason"]) for item in result.run.get("skipped", []))
     skipped += Counter(dataset.rejected_counts())
     print(_inputs_line(len(dataset) + len(dataset.rejected), data["n_mapped"], skipped))
-    print(f"mapped {mapped} of {len(result.mapping)} channels of {', '.join(result.run['layers'])} "
-          f"on {data['n_mapped']} faces; wrote {out}/mapping.csv, scores.csv, "
-          f"run.json{extra}, report.html")
+    sources = Counter(result.run["activity"]["sources"].values())
+    print("AU activity from "
+          + (", ".join(f"{k} ({v} AUs)" for k, v in sources.items()) or "nowhere"))
+    print(f"{headline(result)}; on {data['n_mapped']} faces; wrote {out}/mapping.csv, "
+          f"scores.csv, activity.csv, looks_at.csv, run.json{extra}, report.html")
     return EXIT_OK
 
 
@@ -712,6 +716,20 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--seed", type=_int_at_least(0), default=0,
                          help="seed of every random draw (null, bootstrap, control), >= 0 "
                               "(default: %(default)s)")
+    mapping.add_argument("--activity", choices=("auto", "landmarks", "labels", "expressions"),
+                         default="auto",
+                         help="where AU activity comes from for the detector test: auto (the "
+                         "--labels AU columns coded on every face, landmark proxies for the "
+                         "other AUs), landmarks, labels, or expressions (EMFACS prototypes of "
+                         "the expression labels, a weak source) (default: %(default)s)")
+    mapping.add_argument("--controls", type=int, choices=(0, 1, 2), default=2,
+                         help="random-weights copies run beside the network: the first sets "
+                         "the bar a detector must clear (per layer and AU), the second is "
+                         "tested against it to show what chance gives (default: %(default)s)")
+    mapping.add_argument("--n-perm", type=positive, default=None,
+                         help="permutations of the detector test (default: enough that the "
+                         "smallest p-value is below half the smallest Benjamini-Hochberg "
+                         "threshold, at least 1000)")
     mapping.add_argument("--control", choices=("randomized",),
                          help="also map a weight-randomised copy of the model")
     mapping.add_argument("--dossiers", type=_int_at_least(0), default=24, metavar="N",

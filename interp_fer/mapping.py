@@ -912,9 +912,10 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
     }
     mapping = detectors.merge(looking, on=["layer", "channel"], how="left")
     measures = scores.assign(looks_at=[f"AU{a}" for a in scores["au"]])
-    keep = ["hit_rate", "chance_rate", "iou", "n_images"]
+    keep = ["hit_rate", "chance_rate", "iou"]
     mapping = mapping.merge(measures[["layer", "channel", "looks_at", *keep]],
                             on=["layer", "channel", "looks_at"], how="left")
+    mapping["n_images"] = len(faceset.faces)
     if "label_auc" in scores:
         label = scores[["layer", "channel", "au", "label_auc"]].rename(
             columns={"au": "candidate_au"})
