@@ -14,8 +14,8 @@ One module per kind of figure, everything importable from here:
   channels look, :func:`plot_distance_heatmap`; which channel detects which AU,
   :func:`plot_detector_heatmap`; :func:`plot_channel_faces`, :func:`plot_au_projection_grid`);
 * :mod:`~interp_fer.figures.dossier`: one channel's dossier (:func:`plot_channel_dossier`,
-  with :func:`activity_responses`, the response-vs-activity points, and
-  :func:`expression_responses`);
+  with :func:`activity_responses` and :func:`plot_activity_response`, the response against
+  the AU's activity, and :func:`expression_responses`);
 * :mod:`~interp_fer.figures.attributions`: attribution methods side by side
   (:func:`plot_attribution_comparison`).
 
@@ -59,6 +59,7 @@ from .dossier import (
     ExpressionResponses,
     activity_responses,
     expression_responses,
+    plot_activity_response,
     plot_channel_dossier,
 )
 from .evaluation import plot_confusion_matrix, plot_dataset_comparison
@@ -93,6 +94,7 @@ __all__ = [
     "mapped_faces",
     "new_figure",
     "plot_activity",
+    "plot_activity_response",
     "plot_attribution_comparison",
     "plot_au_projection_grid",
     "plot_au_regions",

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from ._style import (
     OKABE_ITO,
+    ONE_COLUMN,
     STYLE,
     TWO_COLUMNS,
     _draw_point,
@@ -204,9 +205,11 @@ class ActivityResponses:
     binary
         Whether the activity takes two values only (present / absent).
     effect
-        Spearman's rho (rank-biserial 2 AUC - 1 for binary activity) of these points, as the
-        detector test computes it (:func:`interp_fer.detectors.rank_effect`); NaN when
-        undefined.
+        Spearman's rho (rank-biserial 2 AUC - 1 for binary activity) over the half's faces,
+        as the detector test computes it (:func:`interp_fer.detectors.rank_effect`; faces
+        without a cell in the region ranked lowest); NaN when undefined.
+    missing
+        Faces of the half left out of the points because the region had no cell there.
     """
 
     au: int
@@ -216,6 +219,7 @@ class ActivityResponses:
     source: str
     binary: bool
     effect: float
+    missing: int = 0
 
     @property
     def auc(self) -> float:
@@ -258,14 +262,20 @@ def activity_responses(result: MappingResult, layer: str, channel: int, au: int,
                          f"(layers: {', '.join(result.responses)})")
     rows = (result.faces["half"] == half).to_numpy()
     x = result.activity[column].to_numpy(dtype=float)[rows]
-    y = np.asarray(result.responses[layer], dtype=float)[rows, int(channel), tested.index(au)]
+    every = np.asarray(result.responses[layer], dtype=float)[:, int(channel)]  # (N, A)
+    y = every[rows, tested.index(au)]
     keys = result.activity["key"].to_numpy(dtype=object)[rows]
-    finite = np.isfinite(x) & np.isfinite(y)
-    x, y, keys = x[finite], y[finite], keys[finite]
+    missing = ~np.isfinite(y)
+    effect = float("nan")
+    if len(x) >= 2:
+        # As the detector test ranks them (interp_fer.detectors): a face where the region
+        # has no cell (clipped off the image) counts below the channel's lowest response.
+        low = np.nanmin(every) if np.isfinite(every).any() else 0.0
+        effect = float(rank_effect(np.where(missing, low - 1.0, y)[:, None], x[:, None])[0])
     binary = len(np.unique(x)) == 2 and len(x) > 2  # two faces are not a 0/1 code
-    effect = float(rank_effect(y[:, None], x[:, None])[0]) if len(x) >= 2 else float("nan")
     source = result.run.get("activity", {}).get("sources", {}).get(column, "unknown")
-    return ActivityResponses(int(au), x, y, keys, source, binary, effect)
+    return ActivityResponses(int(au), x[~missing], y[~missing], keys[~missing], source, binary,
+                             effect, int(missing.sum()))
 
 
 def _bare(ax) -> None:
@@ -398,13 +408,54 @@ def _dossier_faces(axes, model: FERModel, result: MappingResult, top: MappedFace
     return image
 
 
+def plot_activity_response(
+    result: MappingResult,
+    layer: str,
+    channel: int,
+    au: int | None = None,
+    *,
+    width: float = ONE_COLUMN,
+) -> Figure:
+    """One channel's response against an AU's activity on the report half (question 2).
+
+    The dossier's panel on its own: x is the AU's activity on each report-half face
+    (``result.activity``; its source in the axis label), y the channel's peak response inside
+    the AU's region (``result.responses``); the title gives n and Spearman's rho (the AUC for
+    0/1 activity), the number the detector test reports as ``effect``/``auc``.
+
+    Parameters
+    ----------
+    result
+        The mapping run (:func:`interp_fer.mapping.map_dataset`).
+    layer, channel
+        The channel.
+    au
+        The AU; default the channel's AU (its candidate AU when it is not a detector).
+    width
+        Figure width in inches.
+    """
+    import matplotlib
+
+    row = _mapping_row(result, layer, channel)
+    own, detected = _channel_au(row)
+    au = own if au is None else int(au)
+    verdict = "detects" if detected and au == own else "is not a detector of"
+    with matplotlib.rc_context(STYLE):
+        figure = new_figure(width, 0.8 * width)
+        ax = figure.add_subplot()
+        _plot_activity_response(ax, result, layer, channel, au)
+        figure.suptitle(f"{layer} channel {int(channel)} {verdict} AU{au}", fontsize=8)
+    return figure
+
+
 def _image_name(result: MappingResult, index: int) -> str:
     """A face's title: its file name (shortened to fit a cell) and dataset index."""
     keys = result.faces.set_index("index")["key"] if result.faces is not None else {}
     name = _file_name(keys[index]) if index in keys else "?"
-    if len(name) > 15:
-        name = name[:14] + "\u2026"
-    return f"{name} ({index})"
+    stem = name.rsplit(".", 1)[0] or name
+    if len(stem) > 20:  # keep both ends: datasets often number their files at the end
+        stem = stem[:9] + "\u2026" + stem[-10:]
+    return f"{stem} ({index})"
 
 
 def _plot_activity_response(ax, result: MappingResult, layer: str, channel: int,
@@ -423,7 +474,8 @@ def _plot_activity_response(ax, result: MappingResult, layer: str, channel: int,
     ax.plot(x, points.response, "o", ms=2.5, mfc=OKABE_ITO[4], mec="none", alpha=0.7)
     statistic = (f"AUC {_number(points.auc)}" if points.binary
                  else f"Spearman \u03c1 {_number(points.effect)}")
-    ax.set_title(f"response vs activity, report half\n(n = {len(x)}): {statistic}",
+    left_out = f", {points.missing} without a cell" if points.missing else ""
+    ax.set_title(f"response vs activity, report half\n(n = {len(x)}{left_out}): {statistic}",
                  fontsize=7)
     ax.set_xlabel(f"AU{points.au} activity ({points.source})")
     ax.set_ylabel(f"peak in AU{points.au} region")
@@ -487,5 +539,5 @@ def _plot_expression_responses(ax, responses: ExpressionResponses | None, channe
                                                                strict=True)],
                   rotation=35, ha="right", fontsize=6)
     ax.set_ylabel("mean peak activation")
-    ax.set_title(f"response per expression (\u00b1 SE)\nforward pass over "
+    ax.set_title(f"response per expression (\u00b1 SE)\nforward pass, "
                  f"{len(responses.labels)} labelled faces", fontsize=7)

@@ -589,28 +589,30 @@ def plot_au_projection_grid(
     cell = min(1.1, width / cells)  # inches: a 64 px face stays legible at about an inch
     per_row = max(1, int(width // (cells * cell + 0.2)))
     rows = -(-len(aus) // per_row)
-    any_fallback = False
+    chosen = {au: grid_channels(result.mapping, au, channels_per_au, layers) for au in aus}
+    any_fallback = any(bool(part["fallback"].any()) for part in chosen.values())
+    lines = (2 if any_fallback else 1) if caption else 0
     with matplotlib.rc_context(STYLE):
-        figure = new_figure(width, rows * (cell + 0.55) + (0.35 if caption else 0))
+        figure = new_figure(width, rows * (cell + 0.55) + 0.05 + 0.15 * lines)
         blocks = figure.subfigures(rows, per_row, squeeze=False).ravel()
         for block, au in zip(blocks, aus, strict=False):
-            block.suptitle(_au_title(regions, au), fontsize=8)
+            detectors = chosen[au][~chosen[au]["fallback"].astype(bool)]
+            none = "" if len(detectors) or chosen[au].empty else " (no detector)"
+            block.suptitle(_au_title(regions, au) + none, fontsize=8)
             axes = block.subplots(1, cells, squeeze=False).ravel()
             for ax in axes:
                 ax.set_axis_off()
-            chosen = grid_channels(result.mapping, au, channels_per_au, layers)
-            for slot, row in enumerate(chosen.itertuples(index=False)):
-                any_fallback |= bool(row.fallback)
+            for slot, row in enumerate(chosen[au].itertuples(index=False)):
                 _grid_cells(axes[slot * faces_per_channel:(slot + 1) * faces_per_channel],
                             model, result, dataset, row, au, regions)
-            if chosen.empty:
+            if chosen[au].empty:
                 axes[0].text(0.5, 0.5, "no channel", ha="center", va="center",
                              transform=axes[0].transAxes, fontsize=7)
         if caption:
             note = ("+ extremum point of the deconvnet projection (red/blue: positive/negative, "
                     "scaled per cell); dashed: the AU's region")
             if any_fallback:
-                note += ("; not a detector: the channel's candidate AU (chosen on the "
+                note += ("\nnot a detector: the channel's candidate AU (chosen on the "
                          "selection half), but the detector test did not pass")
             figure.supxlabel(note, fontsize=6)
     return figure
