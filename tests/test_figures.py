@@ -476,6 +476,7 @@ def test_channel_dossier(mini_xception, mapped, sample_faces, tmp_path):
     assert f"n = {len(points.activity)}" in activity_ax.get_title()
     assert f"Spearman \u03c1 {points.effect:.2f}" in activity_ax.get_title()
     assert activity_ax.get_xlabel() == f"AU{au} activity (landmarks)"
+    assert "fewer than 30 faces: not evidence" in [t.get_text() for t in activity_ax.texts]
     tested = mapped.run["detector"]["tested_aus"]
     scores = mapped.scores[(mapped.scores["layer"] == layer)
                            & (mapped.scores["channel"] == channel)].set_index("au")

@@ -479,9 +479,10 @@ def _plot_activity_response(ax, result: MappingResult, layer: str, channel: int,
                  fontsize=7)
     ax.set_xlabel(f"AU{points.au} activity ({points.source})")
     ax.set_ylabel(f"peak in AU{points.au} region")
-    if len(x) < 3:
-        ax.text(0.5, 0.05, "too few faces: not evidence", ha="center", va="bottom",
-                transform=ax.transAxes, fontsize=6, color=OKABE_ITO[5])
+    least = int(result.run.get("detector_options", {}).get("min_report", 30))
+    if len(points.activity) + points.missing < least:  # the run's small_sample flag
+        ax.text(0.5, 0.05, f"fewer than {least} faces: not evidence", ha="center",
+                va="bottom", transform=ax.transAxes, fontsize=6, color=OKABE_ITO[5])
 
 
 def _plot_partials(ax, result: MappingResult, layer: str, channel: int, au: int,
