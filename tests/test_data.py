@@ -204,3 +204,18 @@ def test_batches_report_progress_per_image(tmp_path):
     assert sizes == [(4, 4), (6, 1)]  # 4 images read before the first batch of 4
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         next(dataset.batches(0))
+
+
+def test_class_folders_named_by_alias(tmp_path):
+    # datasets as they come (issue 12): anger/happiness/surprised are the model's classes,
+    # contempt (absent from a 7-class model) is kept by name, without an index
+    from interp_fer.zoo import FER2013_CLASSES
+
+    for name in ("anger", "happiness", "surprised", "Sadness", "contempt"):
+        _save(tmp_path / name / "1.png", np.zeros((8, 8), np.uint8))
+    dataset = open_dataset(tmp_path, class_names=FER2013_CLASSES)
+    got = {r.path.parent.name: (r.label, r.label_name) for r in dataset.records}
+    index = {name: i for i, name in enumerate(FER2013_CLASSES)}
+    assert got == {"anger": (index["angry"], "angry"), "happiness": (index["happy"], "happy"),
+                   "surprised": (index["surprise"], "surprise"),
+                   "Sadness": (index["sad"], "sad"), "contempt": (None, "contempt")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -178,3 +179,19 @@ def test_cli_evaluates_several_datasets(tmp_path, capsys, fer2013_optional):
     text = capsys.readouterr().out
     assert "per-class accuracy (%) by dataset" in text and "crop: none" in text
     assert main(["evaluate", "--data", "samples", "--data", "samples", "--quiet"]) == 2
+
+
+def test_dataset_comparison_figure_leaves_missing_classes_blank():
+    from interp_fer.figures import plot_dataset_comparison
+
+    per_class = {"A": {"happy": {"accuracy": 0.5, "n": 2}, "sad": {"accuracy": 1.0, "n": 1}},
+                 "B": {"happy": {"accuracy": 1.0, "n": 3}, "sad": {"accuracy": None, "n": 0}}}
+    figure = plot_dataset_comparison(per_class, title="t")
+    ax = figure.axes[0]
+    heights = [round(p.get_height(), 3) for p in ax.patches]
+    assert heights == [0.5, 1.0, 1.0, 0.0]  # A: happy, sad; B: happy, sad (no bar)
+    assert [t.get_text() for t in ax.texts] == ["n=0"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A (3 images)",
+                                                                  "B (3 images)"]
+    with pytest.raises(ValueError, match="at least one dataset"):
+        plot_dataset_comparison({})
