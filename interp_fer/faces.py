@@ -35,7 +35,13 @@ alone can lose a clear 86 px face in a 1,024 px portrait that the plain pass fin
 When HOG finds nothing, the CNN detector runs on the photo shrunk to at most
 :data:`CNN_MAX_SIDE` px (upsample 1 below 400 px). Its boxes frame faces differently from the
 HOG boxes the landmark model was trained on, so they are re-estimated from the landmarks
-(:func:`box_from_landmarks`, ``refine_fallback`` times), as the fallback box is.
+(:func:`box_from_landmarks`, ``refine_fallback`` times), as the fallback box is. The fallback
+costs about 0.5-3 s per photo where it runs (one core), and nothing elsewhere.
+
+Faces the image border cuts (tight crops, a chin below a 128 px CK+-style crop) are landmarked
+on a copy with the border pixels repeated outwards (``pad_edges``), not on dlib's black, and
+the table counts the points that still fall outside the image (``n_outside``,
+:func:`landmarks_outside`) so that regions built on them can be treated with care.
 
 *Registered face crops* (``precropped=True``; ``"auto"`` picks it for images whose smaller side
 is at most :data:`AUTO_PRECROPPED_MAX_SIDE` px, e.g. FER2013's 48 x 48): the crop is enlarged
@@ -535,7 +541,7 @@ class LandmarkSettings:
         (module docstring).
     cnn_fallback
         Photos: when the HOG detector finds nothing, run dlib's MMOD CNN detector (on the
-        photo shrunk to at most :data:`CNN_MAX_SIDE` px).
+        photo shrunk to at most :data:`CNN_MAX_SIDE` px; 0.5-3 s per such photo).
     several_min_score
         Faces other than the chosen one count (``n_faces``, status ``several_faces``) when
         their detector score reaches this, or when their box is at least as large as the chosen
