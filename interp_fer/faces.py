@@ -1069,7 +1069,7 @@ def landmark_columns() -> list[str]:
 
 
 def _rows_to_frame(keys: list[str], faces: list[FaceLandmarks],
-                   sizes: list[tuple[int, int] | None]) -> Any:
+                   sizes: list[tuple[int, int] | None], choose: str = "largest") -> Any:
     import pandas as pd
 
     n = len(faces)
@@ -1087,6 +1087,8 @@ def _rows_to_frame(keys: list[str], faces: list[FaceLandmarks],
         "scale": np.array([f.scale for f in faces], dtype=float),
         "face_index": np.array([f.face_index for f in faces], dtype=int),
         "n_faces": np.array([f.n_faces for f in faces], dtype=int),
+        "chosen_by": [choose if f.status in ("detected", "several_faces") else ""
+                      for f in faces],
         "score": np.array([f.score for f in faces], dtype=float),
         "box_left": box[:, 0], "box_top": box[:, 1],
         "box_right": box[:, 2], "box_bottom": box[:, 3],
@@ -1149,7 +1151,8 @@ def landmarks_table(
         One row per image (per face with ``faces="all"``), in input order: ``key``,
         ``status`` (:data:`STATUSES`; ``several_faces`` when the detector found more than one
         face and one was chosen), ``path`` (``hog``/``cnn``/``fallback_box``/``none``),
-        ``scale``, ``face_index``, ``n_faces`` (faces found in the image), ``score``,
+        ``scale``, ``face_index``, ``n_faces`` (faces found in the image), ``chosen_by`` (the
+        ``choose`` rule that ordered the faces; empty without a detection), ``score``,
         ``box_left``, ``box_top``, ``box_right``, ``box_bottom``, ``iod`` (pixels, between the
         eye centres), ``n_outside`` (landmarks outside the image, :func:`landmarks_outside`),
         ``message``, then ``x0..x67``, ``y0..y67`` (pixels of the given image; NaN without a
@@ -1226,7 +1229,9 @@ def landmarks_table(
             pool.shutdown()
         if store is not None:
             store.close()
-    return _rows_to_frame(keys, faces, sizes)
+    table = _rows_to_frame(keys, faces, sizes, settings.choose)
+    table.attrs["landmark_settings"] = asdict(settings)
+    return table
 
 
 def _make_pool(workers: int, settings: LandmarkSettings) -> Any:
@@ -1277,6 +1282,8 @@ def read_landmarks(path: str | os.PathLike) -> Any:
     """Read a CSV written by :func:`write_landmarks` back into a table."""
     import pandas as pd
 
-    table = pd.read_csv(path, dtype={"key": str, "message": str})
-    table["message"] = table["message"].fillna("")
+    table = pd.read_csv(path, dtype={"key": str, "message": str, "chosen_by": str})
+    for column in ("message", "chosen_by"):
+        if column in table:  # tables written before chosen_by existed lack it
+            table[column] = table[column].fillna("")
     return table

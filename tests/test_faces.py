@@ -286,8 +286,11 @@ def test_largest_face_by_default(two_faces):
     # never a silent choice: the status says several faces were found
     assert f.status == "several_faces" and f.n_faces == 2 and f.face_index == 0
     assert bx0 < f.landmarks[:, 0].mean() < bx1
-    table = landmarks_table([("two", canvas)], cache=False, progress=False)
-    assert list(table["status"]) == ["several_faces"] and list(table["n_faces"]) == [2]
+    table = landmarks_table([("two", canvas), ("none", None)], cache=False, progress=False,
+                            choose="central")
+    assert list(table["status"]) == ["several_faces", "unreadable"]
+    assert list(table["n_faces"]) == [2, 0] and list(table["chosen_by"]) == ["central", ""]
+    assert table.attrs["landmark_settings"]["choose"] == "central"
 
 
 def test_all_faces_on_request(two_faces):
@@ -323,6 +326,7 @@ def test_table_rows_columns_and_csv(tmp_path, astronaut):
     path = write_landmarks(table, tmp_path / "out" / "landmarks.csv")
     back = read_landmarks(path)
     assert list(back["status"]) == list(table["status"])
+    assert list(back["chosen_by"]) == ["largest", "", ""]
     np.testing.assert_allclose(landmarks_array(back)[0], lm[0], atol=1e-3)
 
 
