@@ -7,7 +7,8 @@ deconvnet rules (Zeiler & Fergus 2014): transposed convolutions, max-pool switch
 forward pass, and ``relu`` applied to the backward signal at every ``nn.ReLU``. Guided backprop
 also multiplies by the forward ReLU mask. Each map equals what Captum's
 ``NeuronDeconvolution(module, layer).attribute(x, neuron_selector=(k, row, col))`` (or
-``NeuronGuidedBackprop``) returns for that image, computed in eval mode.
+``NeuronGuidedBackprop``) returns for that image, computed in eval mode on a float64 copy of
+the network and image (to ~1e-6 of the map's maximum: the backward pass runs in float32).
 
 Why it is fast: the deconvnet rule ``relu(grad)`` does not depend on the forward pass, so every
 (image, channel) seed of a batch can go backward *together* after one forward pass, sharing
@@ -18,9 +19,21 @@ maps once the cone covers them. Graphs with operations it does not know run thro
 ``torch.autograd.grad(..., is_grads_batched=True)`` instead: same maps, full-size.
 
 The network runs in eval mode (BatchNorm running statistics, no dropout, each image on its
-own); every submodule's ``training`` flag is restored afterwards. ReLUs must be ``nn.ReLU``
-modules (in-place is fine): a ReLU applied functionally raises
-:class:`~interp_fer.hooks.FunctionalReLUError` rather than silently becoming a plain gradient.
+own); every submodule's ``training`` flag is restored afterwards. Rules are never silent:
+every operation between the input and the layer has a defined rule (recorded per layer in
+:attr:`Projections.rules`) or the call is refused. ReLUs must be ``nn.ReLU`` (or ``nn.ReLU6``)
+modules, in-place is fine: a ReLU applied functionally raises
+:class:`~interp_fer.hooks.FunctionalReLUError`, and other nonlinearities (Tanh, LeakyReLU, ELU,
+GELU, PReLU, clamp, ``torch.maximum``, ``x * (x > 0)`` ...) raise
+:class:`~interp_fer.hooks.RuleError` naming the layer, rather than silently becoming a plain
+gradient. BatchNorm without running statistics projects each image on its own; TorchScript
+models are refused (they run no hooks).
+
+Precision: the forward pass that picks the arg-max units, max-pool switches and guided-backprop
+masks runs in float64 (``forward_dtype``), so that near-tied switches do not depend on the
+CPU's float32 kernels nor on the other images of the batch; the windowed backward pass runs in
+the module's dtype. :attr:`Projections.switch_margins` says how near each map came to a
+different switch.
 One known difference from Captum: Captum rewrites the gradient of a ReLU's *input tensor*, so
 where that tensor also feeds another operation (``y = conv(x); out = relu(y) + y``) Captum
 applies the rule to the summed gradient of both uses, whereas here it applies to the ReLU's
@@ -59,13 +72,13 @@ from .hooks import (
 from .layers import ReceptiveField, receptive_field, resolve_layer, trace_from_node
 
 Engine = Literal["auto", "windowed", "autograd"]
-# Relative max-pool switch margin under which float32 arithmetic has been seen to flip a
-# switch (see Projections.switch_margins). Rounding is ~1e-7 per operation, but a BatchNorm
-# that subtracts a large running mean before the pool amplifies it relative to the pooled
-# values: on mini-Xception every map that float32 Captum got visibly wrong (1e-3 to 1e-1 of
-# its maximum) had a margin between 1e-5 and 1e-3. A conservative flag: most maps of deep
-# layers fall below it and are still right.
-ILL_CONDITIONED_MARGIN = 1e-3
+# Relative max-pool switch margin under which float32 arithmetic may flip a switch (see
+# Projections.switch_margins). Measured on the zoo and the sample faces: float32 activations
+# differ from float64 ones by 2e-7 to 3e-6 of their channel's maximum, and the switch that
+# float32 Captum flipped (mini-Xception block2's pool, "surprise" face: wrong maps, up to
+# 1e-1 of their maximum, for block3 and block4 units) had a margin of 8e-8. A conservative flag:
+# a deep unit's cone holds thousands of windows, so most deep maps fall below it.
+ILL_CONDITIONED_MARGIN = 1e-5
 _CPU_TILE = 16 * 2**20  # bytes of the widest gradient of a CPU batch
 ExtremumMethod = Literal["centroid", "argmax", "rf"]
 
@@ -98,7 +111,8 @@ class Projections:
         (N, K) float64: how close the map came to a different max-pool switch. For every
         max-pool window whose output lies in the seed unit's receptive-field cone (all
         channels), the gap between the largest and the second-largest value of the window,
-        divided by the largest |value| of that image's channel map at the pool input; the
+        divided by the largest |window maximum| of that image's channel (the pool's output
+        map); the
         smallest such gap over every max-pool between the input and the layer. Windows whose
         two largest values are exactly equal (e.g. zeros after a ReLU) are left out: the
         first-index rule breaks them alike in every precision. ``inf`` when the path has no
@@ -492,7 +506,8 @@ def _pool_window_margins(node: Any, budget: int = 32 * 2**20) -> torch.Tensor:
     """(N, ho, wo) float64: per output position, the smallest relative gap over channels.
 
     The gap of a window is its largest minus its second-largest value, over the largest
-    |value| of the (image, channel) map; inf for exact ties and windows with one value.
+    |window maximum| of the (image, channel) map; inf for exact ties and windows with one
+    value.
     """
     x = node._saved_self.detach()
     kernel, stride, padding, dilation = _pool_params(node)
@@ -506,11 +521,11 @@ def _pool_window_margins(node: Any, budget: int = 32 * 2**20) -> torch.Tensor:
     out = []
     step = max(1, budget // max(1, c * ho * wo * 8 * 4))
     for part in x.split(step):
-        part = part.double()
-        # Scale of the finite values: a max-pool's own -inf padding (Keras 'same') is no value.
-        finite = torch.where(part.isfinite(), part.abs(), 0.0)
-        scale = finite.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(part.dtype).tiny)
-        padded = F.pad(part, (padding[1], after[1], padding[0], after[0]), value=-math.inf)
+        # max and min are exact: the gaps of a float32 pass need no float64 copy.
+        part = part if part.dtype in (torch.float64, torch.float32) else part.float()
+        padded = part
+        if any(padding) or any(after):
+            padded = F.pad(part, (padding[1], after[1], padding[0], after[0]), value=-math.inf)
         # Running largest and second largest over the window's k*k strided views: max and
         # min are exact, and an exact tie leaves a gap of 0.
         top = second = None
@@ -526,9 +541,13 @@ def _pool_window_margins(node: Any, budget: int = 32 * 2**20) -> torch.Tensor:
                 else:
                     second = torch.maximum(second, torch.minimum(top, value))
                     top = torch.maximum(top, value)
+        # The scale: the largest |window maximum| of the (image, channel) map; a max-pool's
+        # own -inf padding (Keras 'same') is no value.
+        scale = top.abs().nan_to_num(posinf=0.0).amax(dim=(2, 3), keepdim=True)
         gap = top - second
-        relative = torch.where(gap == 0, math.inf, gap / scale)  # inf - inf: nan
-        out.append(relative.nan_to_num(nan=math.inf).amin(dim=1))
+        relative = torch.where(gap == 0, math.inf,
+                               gap / scale.clamp_min(torch.finfo(part.dtype).tiny))  # inf-inf: nan
+        out.append(relative.nan_to_num(nan=math.inf).amin(dim=1).double())
     return torch.cat(out)
 
 
