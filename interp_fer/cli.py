@@ -344,14 +344,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for data in sources:
         results[data] = _evaluate_one(args, model, data)
     several = len(results) > 1
+    # short dataset names for the table and the figure's legend (the JSON keeps --data as given)
+    short = {d: "/".join(Path(d).parts[-2:]) if d != SAMPLES else d for d in results}
+    if len(set(short.values())) < len(short):
+        short = {d: d for d in results}
     if several:
         table = comparison(results)
         width = max(len(c) for c in table)
+        cell = max(8, *(len(name) for name in short.values()))
         print("per-class accuracy (%) by dataset:")
-        print(" " * (width + 2) + "  ".join(f"{d[-14:]:>14}" for d in results))
+        print(" " * (width + 2) + "  ".join(f"{short[d]:>{cell}}" for d in results))
         for name, row in table.items():
             cells = ["n/a" if v is None else f"{100 * v:.1f}" for v in row.values()]
-            print(f"  {name:<{width}}" + "  ".join(f"{c:>14}" for c in cells))
+            print(f"  {name:<{width}}" + "  ".join(f"{c:>{cell}}" for c in cells))
     if args.json:
         if several:
             first = next(iter(results.values()))
@@ -367,7 +372,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.figure:
         if several:
             figure = plot_dataset_comparison(
-                {d: r.per_class for d, r in results.items()},
+                {short[d]: r.per_class for d, r in results.items()},
                 title=f"{model.name}: per-class accuracy by dataset")
         else:
             result = next(iter(results.values()))
@@ -722,10 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "--labels AU columns coded on every face, landmark proxies for the "
                          "other AUs), landmarks, labels, or expressions (EMFACS prototypes of "
                          "the expression labels, a weak source) (default: %(default)s)")
-    mapping.add_argument("--controls", type=int, choices=(0, 1, 2), default=2,
-                         help="random-weights copies run beside the network: the first sets "
-                         "the bar a detector must clear (per layer and AU), the second is "
-                         "tested against it to show what chance gives (default: %(default)s)")
+    mapping.add_argument("--controls", type=int, choices=range(0, 17), default=4,
+                         metavar="N",
+                         help="random-weights copies run beside the network, 0-16: all but the "
+                         "last set the bar a detector must clear (per layer and AU), the last "
+                         "is tested against it to show what chance gives (default: "
+                         "%(default)s)")
     mapping.add_argument("--n-perm", type=positive, default=None,
                          help="permutations of the detector test (default: enough that the "
                          "smallest p-value is below half the smallest Benjamini-Hochberg "

@@ -60,7 +60,7 @@ MAPPING_COLUMNS = [
 ]
 #: Measures of ``scores.csv`` (long format, one row per layer, channel, AU and measure).
 MEASURES = [
-    "partial_select", "partial", "control_bar", "distance", "excess", "ci_low", "ci_high",
+    "effect_select", "effect", "out_effect", "partial", "control_bar", "distance", "excess", "ci_low", "ci_high",
     "p_value", "q_value", "stability", "hit_rate", "chance_rate", "mean_distance_iod", "iou",
     "ks", "cohen_d", "label_auc", "control_percentile", "n_images",
 ]
@@ -501,7 +501,8 @@ def prepare_faces(model: FERModel, dataset: ImageDataset, *, aus: Sequence[int] 
     for face in faces:
         for name, share in region_clipping(regions, face.landmarks, model.input_size).items():
             if share > 0:
-                clipped[name] = clipped.get(name, 0) + 1
+                key = f"AU{regions[name].number}"
+                clipped[key] = clipped.get(key, 0) + 1
     return FaceSet(faces, skipped, table, records, aus, tested, values, sources, clipped)
 
 
@@ -618,7 +619,8 @@ class Stream:
         Per layer, the corroborating measures of the network (:class:`LayerMapping`).
     store
         Per-image responses: ``"{network}/{layer}/{in|out|sham_in|sham_out}"`` for networks
-        ``model``, ``control`` and ``control2`` (:class:`ResponseStore`).
+        ``model`` and the random-weights copies ``control1``, ``control2``, ...
+        (:class:`ResponseStore`).
     containment
         Per layer, (R, R) face counts of region i's cells inside region j's (AUs, then shams).
     agreement
@@ -679,8 +681,8 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
     layers
         Layer names.
     controls
-        Random-weights copies (:func:`interp_fer.controls.randomized_copy`): the first is the
-        detector test's control, the second the "control of the control".
+        Random-weights copies (:func:`interp_fer.controls.randomized_copy`), stored as
+        ``control1``, ``control2``, ... (:func:`decide` says which is used for what).
     locate, options, batch_size
         As in :func:`map_dataset`.
     labelled
@@ -728,8 +730,7 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
         stream.restore(resumed[1])
 
     batches = [faces[i:i + batch_size] for i in range(0, len(faces), batch_size)]
-    networks = [("model", model)] + [(f"control{'' if i == 0 else i + 1}", c)
-                                     for i, c in enumerate(controls)]
+    networks = [("model", model)] + [(f"control{i + 1}", c) for i, c in enumerate(controls)]
     bar = tqdm(total=len(faces), desc=f"map {model.name}", unit="face", disable=not progress,
                initial=sum(len(b) for b in batches[:start]))
     for number, batch in enumerate(batches):
@@ -848,7 +849,7 @@ def _looks_at(looks: pd.DataFrame, containment: dict[str, np.ndarray], n_faces: 
 
 
 def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
-           detector: DetectorOptions, distance: str = "wasserstein", controls: int = 2
+           detector: DetectorOptions, distance: str = "wasserstein", controls: int = 4
            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame | None,
                       dict[str, Any]]:
     """Stage 3 of :func:`map_dataset`: the detector test, ``looks_at`` and the tables.
@@ -866,14 +867,16 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
     ids = faceset.indices
     summary: dict[str, Any] = {}
     if tested:
+        # With two or more copies, all but the last set the bar; the last is tested against
+        # it like the network, to show what the test finds in a network that learned nothing.
         model = _responses(stream, "model", layers, columns)
-        control = _responses(stream, "control", layers, columns) if controls >= 1 else None
-        detectors, pairs = detector_test(model, faceset.activity, ids, tested, control, detector)
+        copies = [_responses(stream, f"control{i + 1}", layers, columns) for i in range(controls)]
+        bar, check = (copies[:-1], copies[-1]) if controls >= 2 else (copies, None)
+        detectors, pairs = detector_test(model, faceset.activity, ids, tested, bar, detector)
         control_detectors = None
-        if controls >= 2:
-            control2 = _responses(stream, "control2", layers, columns)
-            control_detectors, _ = detector_test(control, faceset.activity, ids, tested,
-                                                 control2, detector)
+        if check is not None:
+            control_detectors, _ = detector_test(check, faceset.activity, ids, tested, bar,
+                                                 detector)
         summary["detector"] = {
             "tested_aus": list(tested), "n_perm": detectors.attrs["n_perm"],
             "n_select": int(detectors["n_select"].iloc[0]),
@@ -882,7 +885,9 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
             "detectors": int(detectors["au"].notna().sum()),
             "control_detectors": None if control_detectors is None
             else int(control_detectors["au"].notna().sum()),
-            "channels": len(detectors), "control": "randomized copy, every parameter re-drawn"
+            "channels": len(detectors),
+            "control": f"{len(bar)} randomized copies (every parameter re-drawn) set the bar"
+            + ("; one more is tested against it" if check is not None else "")
             if controls else "none (no control bar applied)",
         }
     else:
@@ -998,7 +1003,7 @@ def map_dataset(
     options: MappingOptions | None = None,
     detector: DetectorOptions | None = None,
     activity: str = "auto",
-    controls: int | Sequence[FERModel] = 2,
+    controls: int | Sequence[FERModel] = 4,
     crop: str = "auto",
     batch_size: int = 64,
     alpha: float | None = None,
@@ -1035,10 +1040,11 @@ def map_dataset(
         ``"expressions"`` (EMFACS prototypes; :func:`face_activity`).
     controls
         Random-weights copies to run beside the network (:func:`interp_fer.controls.
-        randomized_copy`, seeds ``seed + 1`` and ``seed + 2``): 2 (default) gives the control
-        bar of the decision and the control's own detector count; 1 the bar only; 0 none
-        (the decision then has no control bar: not recommended). Or the control networks
-        themselves (one or two, with the same layer names).
+        randomized_copy`, seeds ``seed + 1``, ``seed + 2``, ...). With n >= 2 (default 4),
+        the first n - 1 pooled set the bar a detector must clear (per layer and AU) and the
+        last is tested against that bar like the network (its detector count is what chance
+        and the architecture give); 1 sets the bar only; 0 none (the decision then has no
+        control bar: not recommended). Or the control networks themselves (same layer names).
     crop
         ``"auto"`` (whole image for registered crops, a square around the face in photos),
         ``"face"`` or ``"none"``.
@@ -1072,11 +1078,8 @@ def map_dataset(
         raise ValueError(f"locate must be 'deconv' or 'rf-center', not {locate!r}")
     if crop not in ("auto", "face", "none"):
         raise ValueError(f"crop must be 'auto', 'face' or 'none', not {crop!r}")
-    if isinstance(controls, int):
-        if controls not in (0, 1, 2):
-            raise ValueError(f"controls must be 0, 1 or 2, not {controls!r}")
-    elif not 1 <= len(controls) <= 2:
-        raise ValueError(f"give one or two control networks, not {len(controls)}")
+    if isinstance(controls, int) and not 0 <= controls <= 16:
+        raise ValueError(f"controls must be between 0 and 16, not {controls!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     options = options or MappingOptions()
@@ -1119,7 +1122,7 @@ def map_dataset(
             controls=len(control_models))
         scores = add_q_values(scores)
     statuses = faceset.table["status"].value_counts().to_dict()
-    half = np.where(_select_half(faceset, detector), "select", "report")
+    half = ["select" if h else "report" for h in _select_half(faceset, detector)]
     run = {
         "model": {"name": model.name, "source": model.source, "input_size": list(model.input_size),
                   "class_names": list(model.class_names)},

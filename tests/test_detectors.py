@@ -10,11 +10,11 @@ from interp_fer.detectors import (
     DetectorOptions,
     LayerResponses,
     detector_test,
+    effects,
     partial_association,
     permutation_p_values,
     rank_effect,
     selection_half,
-    standard_ranks,
 )
 
 
@@ -60,22 +60,24 @@ def test_co_occurring_au_is_not_credited():
 
 
 def test_global_response_is_not_specific():
-    # The channel brightens everywhere with AU0: in-region and out-of-region responses carry
-    # the same information, so it is not a detector of AU0's region.
+    # The channel brightens everywhere with AU0, more so outside the region: it is not a
+    # detector of AU0's region.
     rng = np.random.default_rng(2)
     n = 1200
     activity = rng.normal(size=(n, 2))
-    common = activity[:, :1, None] + 0.3 * rng.normal(size=(n, 1, 1))
-    x_in = common + 0.3 * rng.normal(size=(n, 1, 2))
+    common = activity[:, :1, None]
+    x_in = common + 0.6 * rng.normal(size=(n, 1, 2))
     x_out = common + 0.3 * rng.normal(size=(n, 1, 2))
     table, _ = detector_test([LayerResponses("l", x_in, x_out)], activity, np.arange(n), (1, 2),
                              options=DetectorOptions(n_boot=0, n_perm=200))
+    assert table["q_value"].iloc[0] < 0.01 and not table["specific"].iloc[0]
     assert table["au"].isna().all()
 
 
 def test_null_p_values_are_calibrated():
     # No association at all: over 60 simulated layers the one-sided permutation p-values of
-    # the selected pairs are uniform (Kolmogorov-Smirnov, and the share below 0.05).
+    # the selected pairs (chosen on the other half) are uniform (Kolmogorov-Smirnov, and the
+    # share below 0.05).
     rng = np.random.default_rng(3)
     activity = rng.normal(size=(240, 4))
     activity[:, 1] += activity[:, 0]
@@ -96,9 +98,13 @@ def test_permutation_p_value_floor_and_strong_effect():
     rng = np.random.default_rng(4)
     n = 400
     activity = rng.normal(size=(n, 3))
-    e = standard_ranks(activity[:, :1] + 0.2 * rng.normal(size=(n, 1)))
-    observed = np.array([0.9])
-    p = permutation_p_values(e, np.array([0]), activity, observed, 99, seed=0)
+    e = np.column_stack([activity[:, 0] + 0.2 * rng.normal(size=n), rng.normal(size=n)])
+    p = permutation_p_values(e, np.array([0, 1]), activity, 99, seed=0)
+    assert p[0] == pytest.approx(1 / 100)
+    assert p[1] > 0.02
+    # The same statistic for 0/1 activity: its order is the AUC's.
+    binary = (activity > 0).astype(float)
+    p = permutation_p_values(e, np.array([0, 1]), binary, 99, seed=0)
     assert p[0] == pytest.approx(1 / 100)
 
 
@@ -115,27 +121,51 @@ def test_planted_detectors_found_and_null_channels_not():
     assert table["au"].iloc[3:].isna().all()
     assert (table["auc_low"].iloc[:3] > 0.6).all()
     assert len(pairs) == k * a
+    np.testing.assert_allclose(table["effect"], pairs.set_index(["channel", "au"]).loc[
+        list(zip(table["channel"], table["candidate_au"], strict=True)), "effect"])
 
 
 def test_control_bar_blocks_what_random_channels_also_show():
-    # Every channel of the "control" follows AU0 as strongly as the network's channel 0: it is
-    # then no evidence that training made channel 0 a detector.
+    # Every channel of the "controls" follows AU0 as strongly as the network's channels: it
+    # is then no evidence that training made them detectors.
     rng = np.random.default_rng(6)
     n, k, a = 800, 4, 3
     activity = rng.normal(size=(n, a))
 
-    def responses(strength):
+    def responses(strength, au=0):
         x_in, x_out = rng.normal(size=(n, k, a)), rng.normal(size=(n, k, a))
-        x_in[:, :, 0] += strength * activity[:, :1]
+        x_in[:, :, au] += strength * activity[:, au:au + 1]
         return LayerResponses("l", x_in, x_out)
 
     network = responses(0.6)
     alone, _ = detector_test([network], activity, np.arange(n), (1, 2, 4),
                              options=DetectorOptions(n_boot=0))
     controlled, _ = detector_test([network], activity, np.arange(n), (1, 2, 4),
-                                  control=[responses(0.8)], options=DetectorOptions(n_boot=0))
+                                  controls=[[responses(0.8)], [responses(0.7)]],
+                                  options=DetectorOptions(n_boot=0))
     assert (alone["au"] == 1).sum() >= 3
-    assert controlled["au"].isna().all() and (~controlled["beats_control"]).all()
+    assert controlled["au"].isna().all()
+    followed = controlled[controlled["candidate_au"] == 1]
+    assert not followed["beats_control"].any()
+
+
+def test_candidate_is_the_au_followed_beyond_what_random_filters_follow():
+    # Every random filter follows AU0 (an "easy" AU, like an open mouth) at 0.6; the channel
+    # follows AU0 at 0.7 and AU1 at 0.5, where random filters follow nothing. Its AU is AU1.
+    rng = np.random.default_rng(8)
+    n, a = 1600, 3
+    activity = rng.normal(size=(n, a))
+
+    def layer(strengths, k):
+        x_in, x_out = rng.normal(size=(n, k, a)), rng.normal(size=(n, k, a))
+        for au, strength in strengths.items():
+            x_in[:, :, au] += strength * activity[:, au:au + 1]
+        return [LayerResponses("l", x_in, x_out)]
+
+    table, _ = detector_test(layer({0: 0.7, 1: 0.5}, 1), activity, np.arange(n), (25, 12, 4),
+                             controls=[layer({0: 0.6}, 8), layer({0: 0.6}, 8)],
+                             options=DetectorOptions(n_boot=0))
+    assert table["candidate_au"].iloc[0] == 12 and table["au"].iloc[0] == 12
 
 
 def test_halves_do_not_depend_on_order_or_company():
@@ -146,6 +176,17 @@ def test_halves_do_not_depend_on_order_or_company():
     assert np.array_equal(selection_half(order, 3), half[order])
     assert np.array_equal(selection_half(ids[100:200], 3), half[100:200])
     assert not np.array_equal(selection_half(ids, 4), half)
+
+
+def test_effects_match_scipy():
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(300, 2, 2)), rng.normal(size=(300, 2))
+    y[:, 1] = y[:, 1] > 0
+    got = effects(x, y)
+    assert got[1, 0] == pytest.approx(stats.spearmanr(x[:, 1, 0], y[:, 0]).statistic, abs=1e-12)
+    auc = stats.mannwhitneyu(x[y[:, 1] == 1, 0, 1], x[y[:, 1] == 0, 0, 1]).statistic / \
+        ((y[:, 1] == 1).sum() * (y[:, 1] == 0).sum())
+    assert got[0, 1] == pytest.approx(2 * auc - 1, abs=1e-12)
 
 
 def test_effect_is_rank_biserial_for_binary_activity():

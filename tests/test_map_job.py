@@ -42,21 +42,31 @@ def test_outputs(reference_run):
     assert len(mapping) == 8 + 32
     scores = pd.read_csv(reference_run / "scores.csv")
     assert list(scores.columns) == ["layer", "channel", "au", "measure", "value"]
-    assert {"distance", "p_value", "q_value", "hit_rate", "iou", "ks", "cohen_d"} <= \
-        set(scores["measure"])
+    assert {"distance", "p_value", "q_value", "hit_rate", "iou", "ks", "cohen_d", "partial",
+            "partial_select", "control_bar"} <= set(scores["measure"])
+    activity = pd.read_csv(reference_run / "activity.csv")
+    assert len(activity) == 7 and {"AU1", "AU12", "AU25"} <= set(activity.columns)
+    assert (reference_run / "looks_at.csv").is_file()
+    assert (reference_run / "control_mapping.csv").is_file()
     run = json.loads((reference_run / "run.json").read_text())
     assert run["seed"] == 3 and run["layers"] == ["conv2", "block2"]
     assert sum(run["landmark_status"].values()) == run["data"]["n_images"] == 7
     assert "torch" in run["versions"]
+    assert run["activity"]["sources"]["AU12"] == "landmarks"
+    assert run["detector"]["small_sample"] and run["detector"]["control_detectors"] == 0
     report = (reference_run / "report.html").read_text()
     assert report.startswith("<!DOCTYPE html>") and "data:image/png;base64," in report
     assert 'id="mapping"' in report
 
 
-def test_resume_after_kill_gives_identical_files(reference_run, tmp_path):
+@pytest.mark.parametrize("interval", ["0.001", "60"])
+def test_resume_after_kill_gives_identical_files(reference_run, tmp_path, interval):
+    # 0.001 s: a checkpoint after every batch, killed mid-pass; 60 s (the default): a run
+    # shorter than one interval still checkpoints at the end of its pass, before the
+    # decision and the report, and resumes from there.
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS]
-    env = dict(os.environ, INTERP_FER_CHECKPOINT_EVERY="1")
+    env = dict(os.environ, INTERP_FER_CHECKPOINT_INTERVAL=interval)
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, cwd=tmp_path)
     checkpoint = out / ".checkpoint.npz"
