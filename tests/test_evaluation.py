@@ -190,7 +190,7 @@ def test_dataset_comparison_figure_leaves_missing_classes_blank():
     ax = figure.axes[0]
     heights = [round(p.get_height(), 3) for p in ax.patches]
     assert heights == [0.5, 1.0, 1.0, 0.0]  # A: happy, sad; B: happy, sad (no bar)
-    assert [t.get_text() for t in ax.texts] == ["n=0"]
+    assert [t.get_text() for t in ax.texts] == ["n=2", "n=1", "n=3", "n=0"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A (3 images)",
                                                                   "B (3 images)"]
     with pytest.raises(ValueError, match="at least one dataset"):

@@ -80,8 +80,8 @@ def plot_dataset_comparison(
     per_class
         Dataset name -> class name -> {"accuracy", "n"}
         (:attr:`interp_fer.evaluation.Evaluation.per_class` of each dataset). Classes are
-        shown in the order first met; a class a dataset lacks (n = 0) has no bar, and a
-        small "n=0" mark says so instead of a bar at 0.
+        shown in the order first met; each bar carries its number of images, and a class a
+        dataset lacks (n = 0) has no bar, only its "n=0" mark, so it is not mistaken for 0 %.
     title
         Axes title.
     width
@@ -109,12 +109,14 @@ def plot_dataset_comparison(
             colour = OKABE_ITO[j % len(OKABE_ITO)]
             ax.bar(x + offset, np.nan_to_num(acc), bar, color=colour,
                    label=f"{data} ({sum(counts)} images)")
-            for xi, value in zip(x + offset, acc, strict=True):
-                if np.isnan(value):
-                    ax.text(xi, 0.01, "n=0", ha="center", va="bottom", fontsize=5,
-                            rotation=90, color="0.4")
+            for xi, value, count in zip(x + offset, acc, counts, strict=True):
+                # the number of images over each bar: a real 0 % differs from no image
+                ax.text(xi, 0.01 if np.isnan(value) else value + 0.01, f"n={count}",
+                        ha="center", va="bottom", fontsize=5, rotation=90,
+                        color="0.4" if np.isnan(value) else "black")
         ax.set_xticks(x, classes, rotation=30, ha="right")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.12)  # room for the counts over 100 % bars
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel("accuracy (recall)")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         if title:
