@@ -272,11 +272,13 @@ class ImageDataset:
                                 rejected=list(self.rejected))
         if limit is None:
             raise ValueError("stratify needs a limit (the number of records to keep)")
-        unlabelled = sum(r.label is None for r in records)
+        unlabelled = sum(r.label is None and not r.label_name for r in records)
         if unlabelled:
             raise ValueError(f"{self.source}: {unlabelled} of {len(records)} records have no "
                              "expression label; a stratified subset needs one on every record")
-        groups = [(r.usage or "", r.label) for r in records]
+        # a class the model lacks (contempt) has a name and no index: its own group
+        groups = [(r.usage or "", -1 if r.label is None else r.label, r.label_name or "")
+                  for r in records]
         quota = stratified_counts(groups, limit)
         kept = []
         for record, group in zip(records, groups, strict=True):

@@ -219,3 +219,14 @@ def test_class_folders_named_by_alias(tmp_path):
     assert got == {"anger": (index["angry"], "angry"), "happiness": (index["happy"], "happy"),
                    "surprised": (index["surprise"], "surprise"),
                    "Sadness": (index["sad"], "sad"), "contempt": (None, "contempt")}
+
+
+def test_stratified_subset_keeps_a_class_the_model_lacks(tmp_path):
+    # contempt has a name but no index for a 7-class model: its own share, not "unlabelled"
+    from interp_fer.zoo import FER2013_CLASSES
+
+    for name, n in (("happiness", 4), ("contempt", 4)):
+        for i in range(n):
+            _save(tmp_path / name / f"{i}.png", np.full((8, 8), i, np.uint8))
+    kept = open_dataset(tmp_path, class_names=FER2013_CLASSES).subset(limit=4, stratify=True)
+    assert sorted(r.label_name for r in kept.records) == ["contempt"] * 2 + ["happy"] * 2
