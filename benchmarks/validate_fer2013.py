@@ -7,8 +7,8 @@ so FER2013's expression labels are never seen by it. Then, on the *report* half 
    respond more on "happy" faces, and AU25/26/27 detectors on "surprise" faces (EMFACS
    prototypes). Its one-vs-rest AUC (the channel's in-region response at its AU) is printed
    beside the same AUC for every channel of its layer (median; the share of channels the
-   detector beats) and for the random-weights copy's channels of the layer at the same AU
-   (median and maximum).
+   detector beats) and for the channels of a random-weights copy that did not set the control
+   bar, at the same layer and AU (median and maximum).
 2. **Proxies separate expressions.** For each landmark proxy, the AUC separating faces whose
    expression's EMFACS prototype contains the AU from the others.
 
@@ -71,12 +71,13 @@ def main() -> None:
     layers = args.layers.split(",") if args.layers else list(model.stages)
     start = time.perf_counter()
     faceset = prepare_faces(model, dataset, activity="landmarks", progress=False)
-    controls = [randomized_copy(model, seed=args.seed + 1), randomized_copy(model, seed=args.seed + 2)]
+    copies = 4  # as `interp-fer map`: three set the control bar, the fourth is tested against it
+    controls = [randomized_copy(model, seed=args.seed + 1 + i) for i in range(copies)]
     stream = stream_layers(model, dataset, faceset, layers, controls=controls, locate="rf-center",
                            options=MappingOptions(n_null=2, n_boot=2, seed=args.seed),
                            labelled=False, progress=True)
     mapping, _, _, control_mapping, summary = decide(
-        stream, faceset, layers, detector=DetectorOptions(seed=args.seed))
+        stream, faceset, layers, detector=DetectorOptions(seed=args.seed), controls=copies)
     wall = time.perf_counter() - start
 
     expressions = np.array([r.label_name for r in faceset.records], dtype=object)
@@ -97,7 +98,9 @@ def main() -> None:
         positive = np.isin(expressions[report], targets)
         for layer in layers:
             x = stream.store.array(f"model/{layer}/in")[report][:, :, faceset.aus.index(au)]
-            c = stream.store.array(f"control/{layer}/in")[report][:, :, faceset.aus.index(au)]
+            # The copy that did not set the bar: an independent random network.
+            c = stream.store.array(f"control{copies}/{layer}/in")[report][
+                :, :, faceset.aus.index(au)]
             auc_all = one_vs_rest_auc(np.nan_to_num(x, nan=-np.inf), positive)
             auc_random = one_vs_rest_auc(np.nan_to_num(c, nan=-np.inf), positive)
             detected = mapping[(mapping["layer"] == layer) & (mapping["au"] == au)]

@@ -3,7 +3,9 @@
 The pipeline, one module per stage:
 
 ``models`` (load_model, FERModel) -> ``data`` (open_dataset) -> ``faces`` (dlib landmarks)
--> ``au_regions`` -> ``projections`` -> mapping statistics -> ``figures`` / reports -> ``cli``.
+-> ``au_regions`` / ``au_activity`` -> ``projections`` -> mapping statistics (``detectors``:
+does a channel detect an AU; ``layer_mapping``: where it looks) -> ``figures`` / reports ->
+``cli``.
 
 Heavy modules are imported lazily, so ``import interp_fer`` is cheap.
 """
@@ -33,9 +35,13 @@ _EXPORTS = {
     "extremum_points": "projections",
     "attribute": "attributions",
     "load_au_regions": "au_regions",
+    "load_sham_regions": "au_regions",
+    "au_activity": "au_activity",
+    "detector_test": "detectors",
     "LandmarkDetector": "faces",
     "landmarks_table": "faces",
     "map_dataset": "mapping",
+    "headline": "mapping",
 }
 
 

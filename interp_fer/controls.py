@@ -120,7 +120,8 @@ class PlantedActivityDetectors(nn.Module):
     nest (AU25's cells inside AU23's), which the test must still tell apart by activity.
 
     The network recognises a face by a digest of its (preprocessed) input, so it answers
-    only for the faces it was built for; any other input raises.
+    only for the faces it was built for; any other input (e.g. the probes that measure layer
+    shapes and receptive fields) gets all-zero maps.
 
     Parameters
     ----------
@@ -156,13 +157,12 @@ class PlantedActivityDetectors(nn.Module):
         return hashlib.sha256(values.tobytes()).hexdigest()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for face in x:
-            key = self.digest(face)
-            if key not in self._rows:
-                raise KeyError("PlantedActivityDetectors got a face it was not built for")
-            rows.append(self._rows[key])
-        maps = self.detector(self.gate(x) + self.maps[rows])
+        planted = torch.zeros((len(x), *self.maps.shape[1:]), dtype=x.dtype, device=x.device)
+        for i, face in enumerate(x):
+            row = self._rows.get(self.digest(face))
+            if row is not None:
+                planted[i] = self.maps[row]
+        maps = self.detector(self.gate(x) + planted)
         return self.head(self.coarse(maps).amax(dim=(2, 3)))
 
 
