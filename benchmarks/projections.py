@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import os
 import sys
@@ -54,7 +55,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from interp_fer.layers import resolve_layer
 from interp_fer.memory import keep_freed_memory, malloc_in_use
 from interp_fer.models import load_model
-from interp_fer.projections import ILL_CONDITIONED_MARGIN, deconvnet
+from interp_fer.projections import ILL_CONDITIONED_MARGIN
+from interp_fer.projections import deconvnet as deconvnet_engine
 from interp_fer.samples import SAMPLE_FACES, sample_face
 
 TARGET_RATIO = 50.0
@@ -127,12 +129,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+FORWARD_DTYPES = {"float64": torch.float64, "none": None}
+
+
 def bench_stage(model, inputs: torch.Tensor, stage: str, captum_pairs: int,
-                repeats: int) -> dict[str, float]:
+                repeats: int, forward_dtype: torch.dtype | None = torch.float64
+                ) -> dict[str, float]:
     """Engine and Captum timings for one stage (see the module docstring)."""
     from captum.attr import NeuronDeconvolution
 
     module, device = model.module, model.device
+    deconvnet = functools.partial(deconvnet_engine, forward_dtype=forward_dtype)
     deconvnet(module, inputs[:2], stage)  # warm-up (allocator, kernels)
     times = []
     for _ in range(repeats):
@@ -185,11 +192,13 @@ def bench_stage(model, inputs: torch.Tensor, stage: str, captum_pairs: int,
         "captum": captum_rate, "ratio": engine_rate / captum_rate,
         "memory": memory.peak / 2**20, "error": worst, "checked": len(pairs),
         "mflop": mflop, "gflops": engine_rate * mflop / 1e3,
-        "conv_bound": len(active) / convolution_seconds(module, inputs, stage, device),
+        "conv_bound": len(active) / convolution_seconds(module, inputs, stage, device,
+                                                              deconvnet),
     }
 
 
-def convolution_seconds(module, inputs: torch.Tensor, stage: str, device: torch.device) -> float:
+def convolution_seconds(module, inputs: torch.Tensor, stage: str, device: torch.device,
+                        deconvnet=deconvnet_engine) -> float:
     """Seconds one engine call spends inside convolution kernels (CPU profiler; NaN on GPU).
 
     ``active / seconds`` bounds the engine's rate were every other cost (scatters, ReLUs,
@@ -241,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--models", nargs="+", default=["mini-xception", "pyemotion"])
+    parser.add_argument("--forward-dtype", choices=("float64", "none"), default="float64",
+                        help="forward_dtype of the engine (none: the module's own float32, "
+                             "the engine before switches were decided in float64)")
     parser.add_argument("--no-keep-memory", action="store_true",
                         help="leave glibc's malloc settings alone (see interp_fer.memory)")
     args = parser.parse_args(argv)
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU, {torch.get_num_threads()} threads"
     ceiling = dense_convolution_rate(device)
     print(f"device: {name}; torch {torch.__version__}; {args.images} images per stage; "
-          f"freed memory kept: {'yes' if kept else 'no'}")
+          f"freed memory kept: {'yes' if kept else 'no'}; forward_dtype: {args.forward_dtype}")
     print(f"dense 3x3 convolution (64x16x60x60, 16->16, channels-last): {ceiling:.0f} GFLOP/s")
     header = (f"{'model':<14}{'stage':<8}{'K':>5}{'active':>8}{'engine/s':>11}{'captum/s':>10}"
               f"{'ratio':>8}{'peak MiB':>10}{'max err':>10}{'MFLOP/proj':>12}{'GFLOP/s':>9}"
@@ -264,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(model_name, device=device)
         inputs = model.preprocess(faces(args.images)).to(device)
         for stage in model.stages:
-            row = bench_stage(model, inputs, stage, args.captum_pairs, args.repeats)
+            row = bench_stage(model, inputs, stage, args.captum_pairs, args.repeats,
+                              FORWARD_DTYPES[args.forward_dtype])
             failures += row["error"] > TOLERANCE
             if row["ratio"] < TARGET_RATIO:
                 short.append((model_name, stage, row))

@@ -29,10 +29,10 @@ GELU, PReLU, clamp, ``torch.maximum``, ``x * (x > 0)`` ...) raise
 gradient. BatchNorm without running statistics projects each image on its own; TorchScript
 models are refused (they run no hooks).
 
-Precision: the forward pass that picks the arg-max units, max-pool switches and guided-backprop
-masks runs in float64 (``forward_dtype``), so that near-tied switches do not depend on the
-CPU's float32 kernels nor on the other images of the batch; the windowed backward pass runs in
-the module's dtype. :attr:`Projections.switch_margins` says how near each map came to a
+Precision: the arg-max units, max-pool switches and guided-backprop masks are decided by a
+float64 forward pass (``forward_dtype``) wherever float32 could decide otherwise, so that
+near-ties do not depend on the CPU's float32 kernels nor on the other images of the batch; the
+windowed backward pass runs in the module's dtype. :attr:`Projections.switch_margins` says how near each map came to a
 different switch.
 One known difference from Captum: Captum rewrites the gradient of a ReLU's *input tensor*, so
 where that tensor also feeds another operation (``y = conv(x); out = relu(y) + y``) Captum
@@ -176,8 +176,13 @@ def deconvnet(
         Precision of the forward pass that picks each channel's arg-max unit, the max-pool
         switches and the guided-backprop ReLU masks (default float64: near-tied switches
         then do not depend on the CPU's float32 kernels, nor on which other images share
-        the batch). The windowed engine's backward pass runs in the module's dtype; the
-        autograd engine runs entirely in ``forward_dtype``. None: the module's dtype.
+        the batch). Deconvnet first runs the module's own dtype and keeps the decisions of
+        each image whose arg-max units and switches all win by more than 1e-4 (relative;
+        float32 errors are ~1e-6), recomputing only the other images in ``forward_dtype``;
+        guided backprop (ReLU masks) always runs it. The windowed engine's backward pass runs
+        in the module's dtype; the autograd engine runs entirely in the forward pass's dtype.
+        None: the module's dtype only (faster on shallow layers; near-ties then depend on the
+        CPU and the batch).
 
     Returns
     -------
@@ -256,7 +261,7 @@ def project(
     parts = []
     # Work outside a caller's inference mode: the backward pass needs a recorded graph.
     with torch.inference_mode(False):
-        state = _forward_state(module, dtype, forward_dtype)
+        state = _lazy_forward_state(module, dtype, forward_dtype)
         for chunk in inputs.split(max(1, image_batch)):
             parts.append(_project_chunk(module, layer_module, name, chunk.to(device, dtype),
                                         channels, method, max_memory, engine, state))
@@ -268,13 +273,32 @@ def project(
     return result
 
 
+def _lazy_forward_state(module: nn.Module, dtype: torch.dtype, forward_dtype: torch.dtype | None
+                        ) -> Callable[[], dict[str, torch.Tensor] | None] | None:
+    """A function returning :func:`_forward_state` (made on first call), or None if unneeded.
+
+    Deconvnet often needs no pass in forward_dtype at all (see :func:`_project_chunk`).
+    """
+    if forward_dtype is not None and not (isinstance(forward_dtype, torch.dtype)
+                                          and forward_dtype.is_floating_point):
+        raise ValueError(f"forward_dtype must be a floating dtype or None, not {forward_dtype}")
+    if forward_dtype is None or forward_dtype == dtype:
+        return None
+    made: list[dict[str, torch.Tensor] | None] = []
+
+    def state() -> dict[str, torch.Tensor] | None:
+        if not made:
+            made.append(_forward_state(module, dtype, forward_dtype))
+        return made[0]
+
+    return state
+
+
 def _forward_state(module: nn.Module, dtype: torch.dtype,
                    forward_dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
     """The module's floating parameters and buffers in ``forward_dtype`` (None: as they are)."""
     if forward_dtype is None or forward_dtype == dtype:
         return None
-    if not forward_dtype.is_floating_point:
-        raise ValueError(f"forward_dtype must be a floating dtype or None, not {forward_dtype}")
     named = [*module.named_parameters(remove_duplicate=False),
              *module.named_buffers(remove_duplicate=False)]
     return {name: value.detach().to(forward_dtype) if value.is_floating_point() else value
@@ -353,9 +377,53 @@ def _channel_index(channels: Any, n_channels: int) -> torch.Tensor:
     return index
 
 
+# Relative gap under which a decision of a pass in the module's float32 (arg-max unit, max-pool
+# switch) is recomputed in forward_dtype: 30x the largest float32 error of an activation seen on
+# the zoo (3e-6 of its channel's maximum), so a float32 decision above it is float64's too.
+_CLEAR_GAP = 1e-4
+
+
 def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch.Tensor,
                    channels: Any, rule: Rule, max_memory: int, engine: Engine,
-                   state: dict[str, torch.Tensor] | None):
+                   state: Callable[[], dict[str, torch.Tensor] | None] | None):
+    """(maps, units, values, active, channels, margins, rules) of a chunk of images.
+
+    With ``state`` (returns the parameters in forward_dtype), deconvnet first runs the module's own
+    (faster) float32 pass: an image whose arg-max units and max-pool switches all win by
+    more than :data:`_CLEAR_GAP` keeps that pass's decisions, which are then those of the
+    float64 pass; the other images are projected again from a pass in forward_dtype.
+    Guided backprop also depends on the sign of every ReLU input, so it always runs in
+    forward_dtype.
+    """
+    if state is None or rule != "deconvnet":
+        return _project_pass(module, layer, name, images, channels, rule, max_memory, engine,
+                             state() if state is not None else None)[:7]
+    first = _project_pass(module, layer, name, images, channels, rule, max_memory, engine,
+                          None, check=True)
+    clear = first[7]
+    if bool(clear.all()):
+        return first[:7]
+    redo = (~clear).nonzero()[:, 0]
+    second = _project_pass(module, layer, name, images[redo.to(images.device)], channels, rule,
+                           max_memory, engine, state())
+    merged = []
+    for mine, again in zip(first[:4], second[:4], strict=True):
+        mine = mine.clone()
+        mine[redo.to(mine.device)] = again.to(mine.dtype)
+        merged.append(mine)
+    margins = first[5].clone()
+    margins[redo.cpu()] = second[5]
+    return (*merged, first[4], margins, second[6])
+
+
+def _project_pass(module: nn.Module, layer: nn.Module, name: str, images: torch.Tensor,
+                  channels: Any, rule: Rule, max_memory: int, engine: Engine,
+                  state: dict[str, torch.Tensor] | None, check: bool = False):
+    """One forward pass and the projections of its active units.
+
+    With ``check``, also returns (N,) bool: the image's decisions are clear (see
+    :func:`_project_chunk`); only those images' maps are computed.
+    """
     dtype = images.dtype  # of the module: the windowed backward and the results
     if state is not None:
         try:
@@ -376,10 +444,11 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
                                and bool(node._saved_training) for node in nodes):
         # Batch statistics (BatchNorm without running statistics) would mix the images:
         # each image goes on its own, as a per-image reference computes it.
-        parts = [_project_chunk(module, layer, name, images[i:i + 1], channels, rule,
-                                max_memory, engine, state) for i in range(len(images))]
+        parts = [_project_pass(module, layer, name, images[i:i + 1], channels, rule,
+                               max_memory, engine, state, check) for i in range(len(images))]
         return (*(torch.cat([part[i] for part in parts]) for i in range(4)), parts[0][4],
-                torch.cat([part[5] for part in parts]), parts[0][6])
+                torch.cat([part[5] for part in parts]), parts[0][6],
+                torch.cat([part[7] for part in parts]))
     n, n_channels, h, w = activation.shape
     index = _channel_index(channels, n_channels).to(activation.device)
     flat = activation.detach()[:, index].flatten(2)
@@ -388,6 +457,10 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
     units = torch.stack([position // w, position % w], dim=-1)
     active = values > 0
     margins = _switch_margins(nodes, activation.grad_fn, (h, w), units, active)
+    clear = torch.ones(n, dtype=torch.bool)
+    if check:
+        clear = _clear_decisions(flat, active, margins)
+    todo = active & clear.to(active.device)[:, None]
     maps = x.new_zeros(n, len(index), *x.shape[1:], dtype=dtype).detach()
     missing: list[str] = []
     plan = None if engine == "autograd" else _compile(nodes, x, dtype, missing)
@@ -402,14 +475,37 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
         # (GroupNorm): run the graph again from a contiguous input.
         x, activation, nodes, names = _forward_graph(module, layer, name, images, rule, state,
                                                      channels_last=False)
-    image, slot = active.nonzero(as_tuple=True)
+    image, slot = todo.nonzero(as_tuple=True)
     with torch.inference_mode(False), torch.no_grad():
         if plan is not None:
             seeds = (image, index[slot], units[image, slot, 0], units[image, slot, 1])
             maps[image, slot] = _run_windowed(plan, seeds, x.shape, max_memory, dtype)
         else:
-            _run_autograd(activation, x, index, units, active, maps, max_memory)
-    return maps.detach(), units, values.detach().to(dtype), active, index.cpu(), margins, rules
+            _run_autograd(activation, x, index, units, todo, maps, max_memory)
+    return (maps.detach(), units, values.detach().to(dtype), active, index.cpu(), margins, rules,
+            clear)
+
+
+def _clear_decisions(flat: torch.Tensor, active: torch.Tensor,
+                     margins: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: every active map's arg-max and switches win by more than _CLEAR_GAP.
+
+    ``flat``: (N, K, h*w) activations of the chosen channels; ``margins``: (N, K) switch
+    margins. The arg-max gap is the largest minus the second-largest activation over the
+    largest; a tie, or a positive maximum that is tiny next to the image's others, is not
+    clear.
+    """
+    values = flat.float()
+    if values.shape[2] > 1:
+        top = values.topk(2, dim=2).values
+        gap = (top[..., 0] - top[..., 1]) / top[..., 0].abs().clamp_min(1e-30)
+    else:
+        top, gap = values, torch.full(values.shape[:2], math.inf, device=values.device)
+    largest = top[..., 0].amax(dim=1, keepdim=True)
+    faint = top[..., 0] <= _CLEAR_GAP * largest
+    unclear = active & ((gap <= _CLEAR_GAP) | faint)
+    unclear = unclear.cpu() | (active.cpu() & (margins <= _CLEAR_GAP))
+    return ~unclear.any(dim=1)
 
 
 # Networks (and their layers) already told that they run on the autograd engine.
