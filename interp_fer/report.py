@@ -7,9 +7,9 @@ Derived from the run's tables (CSV first, HTML from it, as in dissect):
    came from, the sham rate against its chance share, clipped regions, and a warning when
    the sample is too small for any test to pass;
 2. the mapping table (sortable; detectors highlighted, each linking to its section);
-3. per layer, question 2: an AU x channel heatmap of the partial association (detected pairs
-   circled, candidates dotted); question 1: the heatmap of D per region (``looks_at``
-   circled, sham regions included);
+3. per layer, question 1: an AU x channel heatmap of the detector test's ``effect`` with each
+   AU's ``control_bar`` beside it (detected pairs circled, candidates dotted); question 2: the
+   heatmap of D per region (``looks_at`` circled, sham regions included);
 4. the projection grid: the detectors of each AU projected on their top faces (candidates,
    marked "not a detector", when there is none);
 5. one section per detector (the strongest ``max_channels`` by report-half AUC), anchored
@@ -17,7 +17,8 @@ Derived from the run's tables (CSV first, HTML from it, as in dissect):
 6. the built-in control per layer (detectors against the random-weights control, sham rate
    against its chance share) and, when given, a full run on a weight-randomised copy.
 
-Figures are embedded as PNG data URIs, so the file can be mailed or archived alone.
+Questions are numbered as in ``docs/method.md`` (1: does channel k detect AU a? 2: where does
+it look?), which the report names for the method. Figures are embedded as PNG data URIs, so the file can be mailed or archived alone.
 """
 
 from __future__ import annotations
@@ -92,37 +93,46 @@ _QUESTIONS = (
     "<ol><li><b>Does channel k detect AU a?</b> (column <code>au</code>) The channel's "
     "response at the AU's place on the face must rise when the AU is active on that face "
     "(its activity: measured from the landmarks, or from your AU labels), more than with any "
-    "other AU, more than the channel's response elsewhere on the face, and more than any "
-    "channel of the same network with random weights. The AU is chosen on one half of the "
-    "images and tested on the other half. Only this question may be read as \u201cchannel k "
-    "detects AU a\u201d.</li>"
+    "other AU, more than the same layer of networks with random weights shows "
+    "(<code>control_bar</code>), and more than its response elsewhere on the face. The "
+    "statistic is <code>effect</code>, the rank correlation of the response with the AU's "
+    "activity. The AU is chosen on one half of the images (the one the channel follows most "
+    "beyond the random-weights bar) and tested on the other half (permutation p-value, "
+    "Benjamini-Hochberg). Only this question may be read as \u201cchannel k detects AU "
+    "a\u201d.</li>"
     "<li><b>Where does channel k look?</b> (column <code>looks_at</code>) The facial region "
     "(an AU's region, or a <i>sham</i> region at a place no AU occupies) where the channel "
     "responds most compared with the rest of the face: the paper's distance D. It is a "
     "description, not a finding about training: a network with random weights also looks "
     "at eyes, brows and mouth, and a sham region should win no more often than its share of "
     "the regions.</li></ol>"
+    '<p class="note">The method, step by step: see docs/method.md in the interp_fer '
+    "repository.</p>"
 )
 
 _LEGEND = (
-    "Question 2 (mapping.csv): au: the AU the channel detects (empty unless every criterion "
-    "holds); candidate_au: the AU chosen on the selection half, reported either way; auc "
-    "(auc_low, auc_high): on the report half, the AUC of the in-region response for the "
-    "AU's presence (0/1 activity) or the AUC-like (1 + Spearman rho) / 2 for continuous "
-    "activity, with a bootstrap interval; effect: that rho; partial: partial rank "
-    "correlation of the in-minus-out response contrast with the AU's activity given the "
-    "other AUs; out_effect: the association of the response outside the region (it must be "
-    "below effect: specific); p_value: permutation p-value of partial (activity rows "
-    "permuted together); q_value: Benjamini-Hochberg over every tested pair; control_bar: "
-    "the largest partial of any channel of the random-weights copy at that layer and AU "
-    "(beats_control: partial above it); small_sample: report half under 30 images; "
-    "n_report: images of the report half. Question 1: looks_at: the region of largest D "
-    "(AU or sham); looks_at_distance: that D (Wasserstein-1 / pooled SD between the peak "
-    "inside the region and on the rest of the face); looks_at_resolvable: false where the "
-    "region shares its cells with another at this layer (looks_at_shares_cells_with), so "
-    "the two cannot be told apart there; hit_rate (chance_rate): share of images whose "
-    "extremum point falls within that region; iou: dissection IoU; n_images: images "
-    "measured. Click a column to sort; click a detector's channel to open its section.")
+    "Question 1 (mapping.csv; the detector test, see docs/method.md in the interp_fer "
+    "repository). effect: on the report half, Spearman's rho between the channel's peak "
+    "response inside the AU's region and the AU's activity (2 AUC - 1 for 0/1 activity); auc "
+    "(auc_low, auc_high): (1 + effect) / 2, the AUC for 0/1 activity and AUC-like otherwise, "
+    "with a bootstrap interval; control_bar: the largest effect of any channel of that layer "
+    "at that AU in the random-weights copies (beats_control: effect above it); out_effect: "
+    "the effect of the channel's peak elsewhere on the face (specific: effect above it); "
+    "candidate_au: the AU with the largest effect - control_bar on the selection half, "
+    "reported either way; p_value: permutation p-value of effect (activity rows permuted "
+    "together, one-sided); q_value: Benjamini-Hochberg over every tested pair of the run; "
+    "au: the candidate when q_value <= alpha, beats_control and specific all hold, else "
+    "empty; partial: the association of the in-minus-out contrast with the AU's activity "
+    "given every other AU's activity, reported, not decided on (compare effect and partial "
+    "before claiming that a channel follows one AU rather than its usual companions); "
+    "small_sample: report half under 30 images; n_report: images of the report half. "
+    "Question 2: looks_at: the region of largest D (AU or sham); looks_at_distance: that D "
+    "(Wasserstein-1 / pooled SD between the peak inside the region and on the rest of the "
+    "face); looks_at_resolvable: false where the region shares its cells with another at "
+    "this layer (looks_at_shares_cells_with), so the two cannot be told apart there; "
+    "hit_rate (chance_rate): share of images whose extremum point falls within that region; "
+    "iou: dissection IoU; n_images: images measured. Click a column to sort; click a "
+    "detector's channel to open its section.")
 
 
 def figure_data_uri(figure: Figure, dpi: int = 150) -> str:
@@ -130,6 +140,11 @@ def figure_data_uri(figure: Figure, dpi: int = 150) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _fixed(value: float) -> str:
+    """Two decimals, or "n/a" for a missing number (e.g. ``partial`` of a constant response)."""
+    return "n/a" if value is None or pd.isna(value) else f"{value:.2f}"
 
 
 def _image(figure: Figure, alt: str) -> str:
@@ -283,15 +298,17 @@ def _mapping_section(result: MappingResult, shown: pd.DataFrame) -> str:
 
 
 def _heatmaps(result: MappingResult, label: str) -> list[str]:
-    """Per layer: question 2's heatmap of ``partial``, then question 1's heatmap of D."""
+    """Per layer: question 1's heatmap of ``effect`` (with each AU's ``control_bar``), then
+    question 2's heatmap of D."""
     from .figures import plot_detector_heatmap, plot_distance_heatmap
 
     parts = []
     for layer in result.run["layers"]:
         parts.append(f"<h3>{html.escape(label)}: {html.escape(str(layer))}</h3>")
-        if "partial" in result.scores:
+        if "effect" in result.scores:
             parts.append(_image(plot_detector_heatmap(result.scores, layer, result.mapping),
-                                f"{label}: partial association per AU and channel, {layer}"))
+                                f"{label}: detector test effect per AU and channel, with the "
+                                f"random-weights control_bar per AU, {layer}"))
         parts.append(_image(plot_distance_heatmap(result.scores, layer, mapping=result.mapping,
                                                   looks=result.looks,
                                                   alpha=result.run["alpha"]),
@@ -321,7 +338,8 @@ def _grid_section(result: MappingResult, model: FERModel, dataset: ImageDataset,
         rows = shown[shown["au"] == au]
         links = ", ".join(
             f'<a href="#{channel_anchor(r.layer, r.channel)}">{html.escape(str(r.layer))} '
-            f"#{int(r.channel)}</a> (AUC {r.auc:.2f})" for r in rows.itertuples(index=False))
+            f"#{int(r.channel)}</a> (effect {_fixed(r.effect)}, AUC {_fixed(r.auc)})"
+            for r in rows.itertuples(index=False))
         items.append(f'<li id="au{au}">AU{au}: {links or "sections omitted (see below)"}</li>')
     if items:
         parts.append(f"<ul>{''.join(items)}</ul>")
@@ -349,10 +367,11 @@ def _channel_sections(result: MappingResult, model: FERModel, dataset: ImageData
                 model, result, dataset, row.layer, max_images=max_images) \
                 if dataset.labelled else None
         caption = (f"{row.layer} channel {int(row.channel)} detects AU{int(row.au)}: "
-                   f"AUC {row.auc:.2f} [{row.auc_low:.2f}, {row.auc_high:.2f}] on "
-                   f"{int(row.n_report)} report images, partial {row.partial:.2f} "
-                   f"(random-weights bar {row.control_bar:.2f}), q = {row.q_value:.2g}; "
-                   f"looks at {row.looks_at}")
+                   f"effect {_fixed(row.effect)} (control_bar {_fixed(row.control_bar)}, "
+                   f"out_effect {_fixed(row.out_effect)}), AUC {_fixed(row.auc)} "
+                   f"[{_fixed(row.auc_low)}, {_fixed(row.auc_high)}] on "
+                   f"{int(row.n_report)} report images, q = {row.q_value:.2g}; partial "
+                   f"{_fixed(row.partial)} (reported, not decided on); looks at {row.looks_at}")
         figure = plot_channel_dossier(model, result, dataset, row.layer, int(row.channel),
                                       faces=faces, responses=responses[row.layer])
         parts.append(f'<section class="channel" id="{channel_anchor(row.layer, row.channel)}">'
@@ -366,18 +385,21 @@ def _control_section(result: MappingResult) -> list[str]:
     """The run's built-in random-weights control, per layer."""
     from .mapping import layer_summary
 
+    control = result.run.get("detector", {}).get("control", "none")
     parts = ['<h2 id="control">Control: the same network with random weights</h2>',
-             "<p>Every parameter of a copy of the network is re-drawn, and the detector test "
-             "is run on that copy against a second such copy: the detectors it finds are "
+             "<p>Copies of the network with every parameter re-drawn run on the same faces. "
+             "All but the last set each layer's <code>control_bar</code> per AU (the largest "
+             "effect of any of their channels); the last is tested against that bar like the "
+             "trained network (<code>control_detectors</code>): the detectors it finds are "
              "what chance, the images and the architecture give. The trained network's "
-             "detectors mean something only where they outnumber the control's. For "
-             "question 1, the sham rate (share of channels that look at a sham region) is set "
-             "beside the sham share (share of the regions that are shams: what a sham wins by "
-             "chance).</p>"]
+             "detectors mean something only where they outnumber the control's. This run: "
+             f"{html.escape(str(control))}. For question 2, the sham rate (share of channels "
+             "that look at a sham region) is set beside the sham share (share of the regions "
+             "that are shams: what a sham wins by chance).</p>"]
     if result.control_detectors is None:
-        control = result.run.get("detector", {}).get("control", "none")
-        parts.append(f'<p class="note">This run has no random-weights control '
-                     f"({html.escape(str(control))}).</p>")
+        parts.append('<p class="note">No random-weights copy of this run was tested against '
+                     "the bar, so there is no control count (map with two or more copies, "
+                     "--controls 2 or more, to get one).</p>")
     parts.append(html_table(layer_summary(result), "control-summary"))
     return parts
 
@@ -422,8 +444,8 @@ def write_report(
              f'<p class="note">{html.escape(_LEGEND)}</p>']
     shown, omitted = dossier_channels(result.mapping, max_channels)
     parts.append(_mapping_section(result, shown))
-    parts.append("<h2>Per layer: which channel detects which AU (question 2), where channels "
-                 "look (question 1)</h2>")
+    parts.append("<h2>Per layer: which channel detects which AU (question 1), where channels "
+                 "look (question 2)</h2>")
     parts.extend(_heatmaps(result, "trained"))
     if result.top_images and result.faces is not None:
         parts.extend(_grid_section(result, model, dataset, shown, channels_per_au))

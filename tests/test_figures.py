@@ -274,7 +274,7 @@ def test_heatmap_without_values_is_grey_not_an_error(result):
     assert image.get_clim() == (-1, 1) and np.ma.getmaskarray(image.get_array()).all()
 
 
-# -- heatmap of the detector test (question 2) ---------------------------------------------------
+# -- heatmap of the detector test (does channel k detect AU a?) -----------------------------------
 
 
 def test_detector_heatmap_values_and_marks(result):
@@ -287,9 +287,12 @@ def test_detector_heatmap_values_and_marks(result):
     figure = F.plot_detector_heatmap(scores, "conv2", mapping)
     ax = figure.axes[0]
     tested = result.run["detector"]["tested_aus"]
-    assert [t.get_text() for t in ax.get_yticklabels()] == [f"AU{a}" for a in tested]
     part = scores[scores["layer"] == "conv2"]
-    grid = part.pivot(index="au", columns="channel", values="partial").loc[tested]
+    # Tested AUs are those with an effect; AUs with a region but no activity get no row.
+    assert tested == sorted(part.loc[part["effect"].notna(), "au"].unique().tolist())
+    assert set(part["au"]) - set(tested)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"AU{a}" for a in tested]
+    grid = part.pivot(index="au", columns="channel", values="effect").loc[tested]
     np.testing.assert_allclose(ax.images[0].get_array().filled(np.nan), grid.to_numpy(),
                                equal_nan=True)
     bound = float(np.nanmax(np.abs(grid.to_numpy())))
@@ -303,21 +306,37 @@ def test_detector_heatmap_values_and_marks(result):
     assert sorted(zip(dots.get_xdata(), dots.get_ydata(), strict=True)) == \
         sorted((c, rows[int(a)]) for c, a in zip(others["channel"], others["candidate_au"],
                                                  strict=True))
-    assert "question 2" in ax.get_title() and "report half" in ax.get_title()
-    selection = F.plot_detector_heatmap(scores, "conv2", column="partial_select").axes[0]
+    assert "detect the AU? effect, report half" in ax.get_title()
+    # The bar each AU's effect must beat, one per row on the right-hand axis.
+    right = next(a for a in figure.axes if a is not ax and a.get_ylabel().startswith(
+        "control_bar"))
+    bars = part.groupby("au")["control_bar"].first().loc[tested]
+    assert [t.get_text() for t in right.get_yticklabels()] == [f"{b:.2f}" for b in bars]
+    assert right.get_ylim() == ax.get_ylim()
+    selection = F.plot_detector_heatmap(scores, "conv2", column="effect_select").axes[0]
     assert not [line for line in selection.lines if len(line.get_xdata())]  # no mapping
-    assert "selection half" in selection.get_title()
+    assert "effect, selection half" in selection.get_title()
+    np.testing.assert_allclose(
+        selection.images[0].get_array().filled(np.nan),
+        part.pivot(index="au", columns="channel", values="effect_select").loc[tested],
+        equal_nan=True)
+    partial = F.plot_detector_heatmap(scores, "conv2", column="partial")
+    assert "partial (reported, not decided on), report half" in partial.axes[0].get_title()
+    assert len(partial.axes) == 2  # heatmap and colour bar: no control_bar axis
     with pytest.raises(ValueError, match="no scores for layer 'nope'"):
         F.plot_detector_heatmap(scores, "nope")
-    with pytest.raises(ValueError, match="no column 'bogus'"):
+    with pytest.raises(ValueError, match="'bogus' is not a detector-test measure"):
         F.plot_detector_heatmap(scores, "conv2", column="bogus")
+    with pytest.raises(ValueError, match="no column 'effect_select'"):
+        F.plot_detector_heatmap(scores.drop(columns="effect_select"), "conv2",
+                                column="effect_select")
 
 
 def test_detector_heatmap_without_report_values_says_so(result):
-    scores = result.scores.assign(partial=np.nan)
+    scores = result.scores.assign(effect=np.nan)
     ax = F.plot_detector_heatmap(scores, "conv2", result.mapping).axes[0]
     assert np.ma.getmaskarray(ax.images[0].get_array()).all()
-    assert "no partial values" in ax.texts[0].get_text()
+    assert "no effect values" in ax.texts[0].get_text()
 
 
 # -- faces of a mapping run ----------------------------------------------------------------------
@@ -468,7 +487,7 @@ def test_channel_dossier(mini_xception, mapped, sample_faces, tmp_path):
     for ax, index in zip(upper.axes[:3], top, strict=True):
         stem = Path(keys[int(index)]).stem  # the sample faces' names are short
         assert ax.get_title().startswith(f"{stem} ({int(index)})\npeak")
-    activity_ax, partial_ax, expression_ax = lower.axes
+    activity_ax, effect_ax, expression_ax = lower.axes
     points = F.activity_responses(mapped, layer, channel, au)
     (scatter,) = activity_ax.lines
     np.testing.assert_array_equal(scatter.get_ydata(), points.response)
@@ -480,13 +499,22 @@ def test_channel_dossier(mini_xception, mapped, sample_faces, tmp_path):
     tested = mapped.run["detector"]["tested_aus"]
     scores = mapped.scores[(mapped.scores["layer"] == layer)
                            & (mapped.scores["channel"] == channel)].set_index("au")
-    heights = [bar.get_height() for bar in partial_ax.patches]
-    np.testing.assert_allclose(heights, np.nan_to_num(scores.loc[tested, "partial"]))
-    chosen = partial_ax.patches[tested.index(au)]
-    assert chosen.get_linewidth() == 1.0
-    (bars,) = [c for c in partial_ax.collections if isinstance(c, LineCollection)]
+    # Bars: effect per tested AU (the decision statistic); ticks: the bar per AU it must
+    # beat; diamonds: partial, reported beside it and labelled as not decided on.
+    heights = [bar.get_height() for bar in effect_ax.patches]
+    np.testing.assert_allclose(heights, np.nan_to_num(scores.loc[tested, "effect"]))
+    chosen = effect_ax.patches[tested.index(au)]
+    assert chosen.get_linewidth() == 1.0 and chosen.get_edgecolor() == (0, 0, 0, 1)
+    assert sum(p.get_edgecolor() == (0, 0, 0, 1) for p in effect_ax.patches) == 1
+    (bars,) = [c for c in effect_ax.collections if isinstance(c, LineCollection)]
     levels = np.array([s[0][1] for s in bars.get_segments()])
     np.testing.assert_allclose(levels, scores.loc[tested, "control_bar"].to_numpy())
+    (partial,) = [line for line in effect_ax.lines if line.get_marker() == "d"]
+    np.testing.assert_allclose(partial.get_ydata(), scores.loc[tested, "partial"])
+    assert partial.get_label() == "partial (reported, not decided on)"
+    assert "partial: reported, not decided on" in effect_ax.get_title()
+    assert effect_ax.get_ylabel().startswith("effect")
+    assert f"effect {row['effect']:.2f}, bar {row['control_bar']:.2f}" in figure.get_suptitle()
     assert "forward pass, 4 labelled faces" in expression_ax.get_title()
     assert [t.get_text() for t in expression_ax.get_xticklabels()] == \
         ["angry (1)", "disgust (1)", "happy (1)", "surprise (1)"]

@@ -128,6 +128,35 @@ def test_headline_says_the_two_questions_and_the_control(mini_xception, sample_f
     assert text.index("Two questions") < text.index('id="mapping"') < text.index('id="control"')
 
 
+def test_legend_describes_the_final_detector_rule(mini_xception, sample_faces, result,
+                                                  tmp_path):
+    path = write_report(remapped(result, 0), mini_xception, sample_faces,
+                        tmp_path / "report.html")
+    text = html.unescape(path.read_text(encoding="utf-8"))
+    assert "see docs/method.md in the interp_fer repository" in text
+    for rule in ("control_bar: the largest effect of any channel of that layer at that AU in "
+                 "the random-weights copies (beats_control: effect above it)",
+                 "specific: effect above it",
+                 "candidate_au: the AU with the largest effect - control_bar on the "
+                 "selection half",
+                 "p_value: permutation p-value of effect",
+                 "au: the candidate when q_value <= alpha, beats_control and specific all "
+                 "hold",
+                 "partial: the association of the in-minus-out contrast with the AU's "
+                 "activity given every other AU's activity, reported, not decided on"):
+        assert rule in text, rule
+    assert "largest partial" not in text and "p-value of partial" not in text
+    # The detector heatmap per layer draws effect with the control bar, for both layers.
+    for layer in ("conv2", "block2"):
+        assert (f'alt="trained: detector test effect per AU and channel, with the '
+                f'random-weights control_bar per AU, {layer}"') in text
+    # The control section says how many copies set the bar and that the last is tested.
+    assert result.run["detector"]["control"] == (
+        "3 randomized copies (every parameter re-drawn) set the bar; one more is tested "
+        "against it")
+    assert f"This run: {result.run['detector']['control']}." in text
+
+
 def test_detectors_get_linked_sections(mini_xception, sample_faces, result, tmp_path):
     mapped = remapped(result, 3)
     path = write_report(mapped, mini_xception, sample_faces, tmp_path / "report.html",
@@ -141,7 +170,16 @@ def test_detectors_get_linked_sections(mini_xception, sample_faces, result, tmp_
     text = path.read_text(encoding="utf-8")
     assert "1 other detector(s) omitted" in text
     assert text.count('<tr class="detected">') == 3
-    # Per layer two heatmaps (question 2, question 1), the grid, one dossier per section.
+    # Each section's caption quotes the decision's numbers: effect beside the bar it beat,
+    # out_effect, AUC and q; partial only as reported.
+    for r in shown.itertuples():
+        assert (f"{r.layer} channel {int(r.channel)} detects AU{int(r.au)}: effect "
+                f"{r.effect:.2f} (control_bar {r.control_bar:.2f}, out_effect "
+                f"{r.out_effect:.2f}), AUC {r.auc:.2f} [{r.auc_low:.2f}, {r.auc_high:.2f}] on "
+                f"4 report images, q = {r.q_value:.2g}; partial ") in html.unescape(text)
+    assert "(reported, not decided on); looks at" in text
+    assert f"(effect {shown.iloc[0]['effect']:.2f}, AUC {shown.iloc[0]['auc']:.2f})" in text
+    # Per layer two heatmaps (effect, then D), the grid, one dossier per section.
     assert text.count("data:image/png;base64,") == 2 * 2 + 1 + 2
     assert 'src="http' not in text and "<link" not in text  # self-contained
     assert not list(tmp_path.glob("*.tmp*")) and [p.name for p in tmp_path.iterdir()] == \

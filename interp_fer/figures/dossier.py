@@ -1,6 +1,6 @@
 """One channel's dossier (:func:`plot_channel_dossier`): its top faces and projections, its
-response against its AU's activity, the partial association per AU beside the random-weights
-control, and its response per expression."""
+response against its AU's activity, the detector test's ``effect`` per AU beside the bar set
+by the random-weights copies, and its response per expression."""
 
 from __future__ import annotations
 
@@ -308,13 +308,15 @@ def plot_channel_dossier(
        AU region(s) filled, the extremum point of the channel's deconvnet projection (``+``)
        and the receptive-field centre of its arg-max unit (``o``) drawn over them;
     2. the projections themselves on those faces;
-    3. **response vs activity** (question 2 as a picture): on the report-half faces, the
+    3. **response vs activity** (the detector test as a picture): on the report-half faces, the
        activity of the channel's AU (its candidate AU when it is not a detector) against the
        channel's peak response inside that AU's region, Spearman's rho (AUC for 0/1
        activity) in the title (:func:`activity_responses`);
-    4. the partial association per tested AU (report half, ``result.scores``), the channel's
-       AU outlined, and the random-weights control's bar for each AU (the largest value a
-       random channel of the layer reached: a detector must clear it) as a black tick;
+    4. the detector test's ``effect`` per tested AU (report half, ``result.scores``), the
+       channel's AU outlined, and each AU's ``control_bar`` (the largest ``effect`` of any
+       channel of the layer at that AU in the random-weights copies: the bar the channel
+       must beat at that AU) as a black tick; ``partial`` (the in-minus-out contrast given
+       the other AUs) as small diamonds beside the bars, reported, not decided on;
     5. when the dataset has expression labels, the mean peak response per expression
        (+- standard error) from a forward pass over a bounded sample of labelled faces
        (:func:`expression_responses`), not from the top faces, which would be biased.
@@ -365,10 +367,11 @@ def plot_channel_dossier(
                            label="projection\n(per-face scale)")
         a_ax, p_ax, e_ax = lower.subplots(1, 3, width_ratios=[1.1, 1.4, 1])
         _plot_activity_response(a_ax, result, layer, channel, au)
-        _plot_partials(p_ax, result, layer, channel, au, detected)
+        _plot_effects(p_ax, result, layer, channel, au, detected)
         _plot_expression_responses(e_ax, responses, channel)
         name = _au_title(regions, au)
-        numbers = f"AUC {_number(row['auc'])}, q {_number(row['q_value'], 3)}"
+        numbers = (f"effect {_number(row['effect'])}, bar {_number(row['control_bar'])}, "
+                   f"AUC {_number(row['auc'])}, q {_number(row['q_value'], 3)}")
         verdict = f"detects {name} ({numbers})" if detected else \
             f"not a detector (candidate {name}: {numbers})"
         figure.suptitle(f"{layer} channel {int(channel)}: {verdict}")
@@ -416,7 +419,7 @@ def plot_activity_response(
     *,
     width: float = ONE_COLUMN,
 ) -> Figure:
-    """One channel's response against an AU's activity on the report half (question 2).
+    """One channel's response against an AU's activity on the report half (the detector test).
 
     The dossier's panel on its own: x is the AU's activity on each report-half face
     (``result.activity``; its source in the axis label), y the channel's peak response inside
@@ -485,38 +488,44 @@ def _plot_activity_response(ax, result: MappingResult, layer: str, channel: int,
                 va="bottom", transform=ax.transAxes, fontsize=6, color=OKABE_ITO[5])
 
 
-def _plot_partials(ax, result: MappingResult, layer: str, channel: int, au: int,
-                   detected: bool) -> None:
-    """Bars of ``partial`` per tested AU (report half), the control's bar as a tick."""
+def _plot_effects(ax, result: MappingResult, layer: str, channel: int, au: int,
+                  detected: bool) -> None:
+    """Bars of ``effect`` per tested AU (report half), each AU's control bar as a tick, and
+    ``partial`` as small markers beside the bars (reported, not decided on)."""
     scores = result.scores
-    if "partial" not in scores:
+    if "effect" not in scores:
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no detector test in this run", ha="center", va="center",
                 transform=ax.transAxes, fontsize=7)
         return
     part = scores[(scores["layer"] == layer) & (scores["channel"] == int(channel))]
     tested = [int(a) for a in result.run.get("detector", {}).get("tested_aus", [])] or \
-        sorted(int(a) for a in part.loc[part["partial_select"].notna(), "au"])
+        sorted(int(a) for a in part.loc[part["effect"].notna(), "au"])
     part = part.set_index("au").reindex(tested)
     x = np.arange(len(part))
-    partial = part["partial"].to_numpy(dtype=float)
+    effect = part["effect"].to_numpy(dtype=float)
     colours = ["0.7"] * len(part)
     chosen = tested.index(au) if au in tested else None
     if chosen is not None:
         colours[chosen] = OKABE_ITO[4] if detected else "0.45"
-    bars = ax.bar(x, np.nan_to_num(partial), color=colours, width=0.7)
+    bars = ax.bar(x, np.nan_to_num(effect), color=colours, width=0.6)
     if chosen is not None:
         bars[chosen].set_edgecolor("black")
         bars[chosen].set_linewidth(1.0)
     bar = part["control_bar"].to_numpy(dtype=float)
-    ax.hlines(bar, x - 0.4, x + 0.4, color="black", lw=1.2, label="random-weights bar")
+    ax.hlines(bar, x - 0.4, x + 0.4, color="black", lw=1.2,
+              label="control_bar (random weights): effect must exceed it")
+    if "partial" in part:
+        ax.plot(x + 0.38, part["partial"].to_numpy(dtype=float), "d", ms=2.5,
+                color=OKABE_ITO[5], mec="none", label="partial (reported, not decided on)")
     ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylim(-1.05, 1.05)
     ax.set_xticks(x, [str(a) for a in tested], fontsize=6)
     ax.set_xlabel("AU")
-    ax.set_ylabel("partial association")
-    ax.set_title("partial association per AU, report half\n"
-                 "(\u2014: random-weights control's bar)", fontsize=7)
-    if not np.isfinite(partial).any():
+    ax.set_ylabel("effect (rank correlation)")
+    ax.set_title("effect per AU, report half (outlined: its AU)\n\u2014 control bar to beat "
+                 "(random weights)\n\u25c6 partial: reported, not decided on", fontsize=6.5)
+    if not np.isfinite(effect).any():
         n = result.run.get("detector", {}).get("n_report")
         ax.text(0.5, 0.5, f"no report-half values (n = {n})", ha="center", va="center",
                 transform=ax.transAxes, fontsize=7, backgroundcolor="white")

@@ -1,7 +1,7 @@
 """Figures of a mapping run (:mod:`interp_fer.mapping`): the faces it saw, the heatmaps of
-its two questions (where channels look: D per region, :func:`plot_distance_heatmap`; which
-channel detects which AU: the partial association, :func:`plot_detector_heatmap`) and the
-deconvnet projections of the detectors of each AU."""
+its two questions (which channel detects which AU: the detector test's ``effect``,
+:func:`plot_detector_heatmap`; where channels look: D per region,
+:func:`plot_distance_heatmap`) and the deconvnet projections of the detectors of each AU."""
 
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def plot_distance_heatmap(
     width: float = TWO_COLUMNS,
     limit: float | None = None,
 ) -> Figure:
-    """Question 1, *where channels look*: region x channel heatmap of the distance D.
+    """*Where channels look*: region x channel heatmap of the distance D.
 
     Each cell is D(channel, region) (the paper's distance function: the channel's peak
     response inside the region against its peak on the rest of the face, over images) in a
@@ -300,7 +300,7 @@ def plot_distance_heatmap(
         step = _tick_step(len(grid.columns), most=int(width * 5))
         ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
         ax.set_xlabel(f"channel of {layer}")
-        ax.set_title(f"{layer}: where channels look (question 1), distance D per region")
+        ax.set_title(f"{layer}: where channels look, distance D per region")
         figure.colorbar(image, ax=ax, label="D", shrink=0.9, extend="both" if over else "neither")
         figure.legend(handles, labels, loc="outside lower center", ncol=len(handles),
                       frameon=False)
@@ -330,24 +330,27 @@ def plot_detector_heatmap(
     layer: str,
     mapping: pd.DataFrame | None = None,
     *,
-    column: str = "partial",
+    column: str = "effect",
     width: float = TWO_COLUMNS,
     limit: float | None = None,
 ) -> Figure:
-    """Question 2, *does channel k detect AU a*: AU x channel heatmap of ``partial``.
+    """*Does channel k detect AU a*: AU x channel heatmap of the detector test's ``effect``.
 
-    Each cell is the partial rank association on the report half between the channel's
-    in-minus-out contrast at AU a's region and AU a's activity, given the other AUs
-    (:mod:`interp_fer.detectors`), in a diverging map centred on zero. With ``mapping``, an
-    open circle marks each detected pair (``au``: every criterion of the detector test
-    holds) and a small dot each channel's candidate AU (chosen on the selection half) that
-    was not detected. Only the AUs the test ran on (with an activity source) get a row;
-    cells without a value (e.g. a report half of fewer than 3 images) are grey.
+    Each cell is, by default, the report-half ``effect`` of the pair: Spearman's rho between
+    the channel's peak response inside AU a's region and AU a's activity (2 AUC - 1 for 0/1
+    activity; :mod:`interp_fer.detectors`), in a diverging map centred on zero. For
+    ``column="effect"`` the right-hand axis gives each AU's ``control_bar``, the largest
+    ``effect`` of any channel of the layer at that AU in the random-weights copies: a
+    detector's ``effect`` must exceed it. With ``mapping``, an open circle marks each
+    detected pair (``au``: q <= alpha, effect above the bar and above ``out_effect``) and a
+    small dot each channel's candidate AU (chosen on the selection half) that was not
+    detected. Only the AUs the test ran on (a non-NaN ``effect``) get a row; cells without a
+    value (e.g. a report half of fewer than 3 images) are grey.
 
     Parameters
     ----------
     scores
-        One row per (layer, channel, AU) with ``column``
+        One row per (layer, channel, AU) with ``effect`` and ``column``
         (:attr:`interp_fer.mapping.MappingResult.scores`).
     layer
         Which layer to draw.
@@ -355,7 +358,10 @@ def plot_detector_heatmap(
         :attr:`~interp_fer.mapping.MappingResult.mapping` (``au``, ``candidate_au``), for
         the marks.
     column
-        The measure drawn: ``partial`` (report half) or ``partial_select`` (selection half).
+        The measure drawn: ``effect`` (report half, the decision statistic),
+        ``effect_select`` (selection half, where the candidate AU is chosen) or ``partial``
+        (report half, the in-minus-out contrast given the other AUs: reported, not decided
+        on).
     width
         Figure width in inches.
     limit
@@ -364,21 +370,26 @@ def plot_detector_heatmap(
     Raises
     ------
     ValueError
-        When ``scores`` has no row for ``layer`` or no column ``column``.
+        When ``column`` is not one of those three, or ``scores`` lacks it or has no row for
+        ``layer``.
     """
     import matplotlib
     from matplotlib.lines import Line2D
 
-    if column not in scores:
+    if column not in _DETECTOR_COLUMNS:
+        raise ValueError(f"column {column!r} is not a detector-test measure: use one of "
+                         f"{', '.join(_DETECTOR_COLUMNS)}")
+    if column not in scores or "effect" not in scores:
         raise ValueError(f"scores have no column {column!r}: run the detector test "
                          "(interp_fer.mapping.map_dataset with an activity source)")
     part = _layer_rows(scores, layer, "scores")
-    tested = part.groupby("au")[[c for c in ("partial", "partial_select") if c in part]] \
-        .apply(lambda p: np.isfinite(p.to_numpy(dtype=float)).any())
+    tested = part.groupby("au")["effect"].apply(
+        lambda e: np.isfinite(e.to_numpy(dtype=float)).any())
     aus = sorted(int(a) for a in tested.index[tested.to_numpy(dtype=bool)]) or \
         sorted(int(a) for a in part["au"].unique())
-    grid = part.assign(region=[f"AU{int(a)}" for a in part["au"]]).pivot(
-        index="region", columns="channel", values=column).reindex([f"AU{a}" for a in aus])
+    regions = part.assign(region=[f"AU{int(a)}" for a in part["au"]])
+    grid = regions.pivot(index="region", columns="channel", values=column) \
+        .reindex([f"AU{a}" for a in aus])
     values = grid.to_numpy(dtype=float)
     bound, over = _symmetric_bound(values, limit)
     detected = None if mapping is None else mapping["au"].notna()
@@ -404,15 +415,34 @@ def plot_detector_heatmap(
             ax.text(0.5, 0.5, f"no {column} values (report half too small?)",
                     transform=ax.transAxes, ha="center", va="center", fontsize=7)
         ax.set_yticks(np.arange(len(grid)), list(grid.index))
+        if column == "effect" and "control_bar" in regions:
+            _control_bar_axis(ax, regions, grid.index)
         step = _tick_step(len(grid.columns), most=int(width * 5))
         ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
         ax.set_xlabel(f"channel of {layer}")
-        half = "report" if column == "partial" else "selection"
-        ax.set_title(f"{layer}: does the channel detect the AU? (question 2), partial "
-                     f"association, {half} half")
+        what = {"effect": "effect, report half", "effect_select": "effect, selection half",
+                "partial": "partial (reported, not decided on), report half"}[column]
+        ax.set_title(f"{layer}: does the channel detect the AU? {what}")
         figure.colorbar(image, ax=ax, label=column, shrink=0.9,
                         extend="both" if over else "neither")
     return figure
+
+
+#: Measures :func:`plot_detector_heatmap` draws (columns of ``scores``).
+_DETECTOR_COLUMNS = ("effect", "effect_select", "partial")
+
+
+def _control_bar_axis(ax, regions: pd.DataFrame, rows: pd.Index) -> None:
+    """Each AU row's ``control_bar`` (one value per layer and AU) on a right-hand axis."""
+    bars = regions.groupby("region")["control_bar"].first().reindex(rows)
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(np.arange(len(rows)),
+                     ["\u2013" if not np.isfinite(b) else f"{b:.2f}" for b in bars])
+    right.tick_params(axis="y", labelsize=6, length=0)
+    right.set_ylabel("control_bar (random weights)", fontsize=6)
+    for side in right.spines.values():
+        side.set_visible(False)
 
 
 # -- the AU <-> channel mapping: projections of mapped channels -------------------------------
