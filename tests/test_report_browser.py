@@ -61,6 +61,14 @@ def test_report_renders_without_console_errors(browser, report, tmp_path):
     assert len(rows) == 8 + 32
     images = browser.find_elements(By.TAG_NAME, "img")
     assert len(images) >= 5  # two heatmaps per layer, the projection grid
+    # Question 1's heatmap per layer draws the detector test's effect beside the control bar.
+    effect = [i for i in images if "detector test effect per AU and channel, with the "
+              "random-weights control_bar per AU" in i.get_attribute("alt")]
+    assert len(effect) == 2 and all(i.is_displayed() for i in effect)
+    legend = browser.find_element(By.XPATH, "//p[contains(., 'p_value: permutation p-value')]")
+    assert "p_value: permutation p-value of effect" in legend.text
+    assert "partial: the association of the in-minus-out contrast" in legend.text
+    assert "see docs/method.md in the interp_fer repository" in legend.text
     warning = browser.find_element(By.CSS_SELECTOR, "p.warning")
     assert "the numbers are not evidence" in warning.text and warning.is_displayed()
     for image in images:
