@@ -11,11 +11,13 @@ One module per kind of figure, everything importable from here:
 * :mod:`~interp_fer.figures.projections`: one face and the projections of a layer's channels
   (:func:`project_figure`, the ``interp-fer project`` grid);
 * :mod:`~interp_fer.figures.mapping`: the figures of a mapping run (the faces it saw; where
-  channels look, :func:`plot_distance_heatmap`; which channel detects which AU,
-  :func:`plot_detector_heatmap`; :func:`plot_channel_faces`, :func:`plot_au_projection_grid`);
+  channels look, :func:`plot_distance_heatmap`; which channel detects which AU, the detector
+  test's ``effect`` beside each AU's ``control_bar``, :func:`plot_detector_heatmap`;
+  :func:`plot_channel_faces`, :func:`plot_au_projection_grid`);
 * :mod:`~interp_fer.figures.dossier`: one channel's dossier (:func:`plot_channel_dossier`,
   with :func:`activity_responses` and :func:`plot_activity_response`, the response against
-  the AU's activity, and :func:`expression_responses`);
+  the AU's activity, ``effect`` per AU against its control bar, and
+  :func:`expression_responses`);
 * :mod:`~interp_fer.figures.attributions`: attribution methods side by side
   (:func:`plot_attribution_comparison`).
 
