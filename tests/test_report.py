@@ -155,6 +155,20 @@ def test_legend_describes_the_final_detector_rule(mini_xception, sample_faces, r
         "3 randomized copies (every parameter re-drawn) set the bar; one more is tested "
         "against it")
     assert f"This run: {result.run['detector']['control']}." in text
+    assert "No random-weights copy of this run was tested" not in text
+
+
+def test_a_single_control_copy_sets_the_bar_without_a_count(mini_xception, sample_faces,
+                                                            result, tmp_path):
+    # map_dataset(controls=1): one copy sets the bar, none is left to be tested against it.
+    control = "1 randomized copies (every parameter re-drawn) set the bar"
+    run = {**result.run, "detector": {**result.run["detector"], "control": control,
+                                      "control_detectors": None}}
+    single = dataclasses.replace(remapped(result, 0), run=run, control_detectors=None)
+    text = write_report(single, mini_xception, sample_faces,
+                        tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"This run: {control}." in text
+    assert "No random-weights copy of this run was tested against the bar" in text
 
 
 def test_detectors_get_linked_sections(mini_xception, sample_faces, result, tmp_path):
