@@ -116,11 +116,13 @@ class Projections:
         smallest such gap over every max-pool between the input and the layer. Windows whose
         two largest values are exactly equal (e.g. zeros after a ReLU) are left out: the
         first-index rule breaks them alike in every precision. ``inf`` when the path has no
-        max-pool window with a runner-up; NaN for inactive channels. Switches come from a
-        float64 forward pass (``forward_dtype``); a margin below
-        :data:`ILL_CONDITIONED_MARGIN` means that float32 arithmetic (a float32 reference,
-        another CPU, another batch) may pick a different switch and a visibly different
-        map. The cone is rectangular and spans all channels, so this is a lower bound.
+        max-pool window with a runner-up; NaN for inactive channels. Measured on the pass
+        that decided the switches (float64 wherever float32 was not clear, see
+        ``forward_dtype``; a float32 pass's margins are good to a few % of themselves). A
+        margin below :data:`ILL_CONDITIONED_MARGIN` means that float32 arithmetic (a
+        float32 reference, another CPU, another batch) may pick a different switch and a
+        visibly different map; this result does not, as its switches are float64's. The
+        cone is rectangular and spans all channels, so this is a lower bound.
     rules
         Layer name -> the rule applied at that module's output, in words, for every module
         between the input and the layer (input first), e.g. ``{"conv1": "transposed
@@ -395,12 +397,16 @@ def _project_chunk(module: nn.Module, layer: nn.Module, name: str, images: torch
     Guided backprop also depends on the sign of every ReLU input, so it always runs in
     forward_dtype.
     """
-    if state is None or rule != "deconvnet":
+    seen = _UNCLEAR.setdefault(module, {})
+    if state is None or rule != "deconvnet" or seen.get(name, False):
         return _project_pass(module, layer, name, images, channels, rule, max_memory, engine,
                              state() if state is not None else None)[:7]
     first = _project_pass(module, layer, name, images, channels, rule, max_memory, engine,
                           None, check=True)
     clear = first[7]
+    # Deep layers' cones hold a near-tie in nearly every image: once no image of a chunk
+    # was clear, later calls go straight to forward_dtype (the results are the same).
+    seen[name] = not bool(clear.any()) and len(clear) > 1
     if bool(clear.all()):
         return first[:7]
     redo = (~clear).nonzero()[:, 0]
@@ -507,6 +513,9 @@ def _clear_decisions(flat: torch.Tensor, active: torch.Tensor,
     unclear = unclear.cpu() | (active.cpu() & (margins <= _CLEAR_GAP))
     return ~unclear.any(dim=1)
 
+
+# Network -> {layer: no image of the last checked chunk had clear float32 decisions}.
+_UNCLEAR: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 # Networks (and their layers) already told that they run on the autograd engine.
 _FALLBACKS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
