@@ -554,7 +554,7 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     result.save(out)
     control_result = None
     if args.control == "randomized":
-        # A whole second run on a randomised copy, for question 1 (where channels look):
+        # A whole second run on a randomised copy, for where channels look:
         # control_percentile places each pair's excess among the random channels'.
         control = randomized_copy(model, seed=args.seed)
         control_result = map_dataset(control, dataset, layers, controls=1,

@@ -1,7 +1,7 @@
 """The detector test: does channel k *detect* AU a? (DESIGN.md, "The detector test").
 
-Question (2) of the mapping, kept apart from where a channel looks (question 1,
-:mod:`interp_fer.layer_mapping`). Everything here works on plain arrays of per-image
+The question of what a channel *detects*, kept apart from where it looks
+(:mod:`interp_fer.layer_mapping`, :func:`interp_fer.mapping.looks_at_table`). Everything here works on plain arrays of per-image
 responses, so it knows nothing about networks, dlib or images:
 
 ``x_in``  (N, K, A)
@@ -424,7 +424,8 @@ def detector_test(layers: list[LayerResponses], activity: np.ndarray, image_ids:
         frames.append(pd.DataFrame({
             "layer": responses.layer, "channel": channels,
             "candidate_au": np.asarray(aus)[candidate], "effect": effect,
-            "auc": (1 + effect) / 2, "auc_low": (1 + low) / 2, "auc_high": (1 + high) / 2,
+            "auc": (1 + effect) / 2, "auc_low": np.clip((1 + low) / 2, 0, 1),
+            "auc_high": np.clip((1 + high) / 2, 0, 1),
             "out_effect": out_report[channels, candidate],
             "partial": partial[channels, candidate],
             "effect_select": e_select[channels, candidate],

@@ -1,6 +1,6 @@
 """The AU <-> channel mapping: the toolkit's main job, and its tables.
 
-Two questions, kept apart (DESIGN.md, "Two questions"):
+Two questions, kept apart (docs/method.md):
 
 1. **Does channel k detect AU a?** (``au`` in ``mapping.csv``). The detector test of
    :mod:`interp_fer.detectors`: the channel's peak response inside AU a's region rises with
@@ -93,7 +93,7 @@ def compare_with_control(scores: pd.DataFrame, control: pd.DataFrame) -> pd.Data
     """Add ``control_percentile``: where each pair's ``excess`` falls among the control's.
 
     For layer l and AU a, the share of the control network's channels of l whose ``excess``
-    (D beyond the random-placement null, question 1) at a is below this channel's (ties count
+    (D beyond the random-placement null: where the channel looks) at a is below this channel's (ties count
     half). It places *where a channel looks* among what random filters show on the same faces
     (Adebayo et al. 2018); the detector test has its own control built in.
 
@@ -191,8 +191,9 @@ class MappingResult:
     landmarks
         The landmark table of the dataset (:func:`interp_fer.faces.landmarks_table`).
     faces
-        The mapped images: dataset ``index``, ``key``, the crop fed to the network, and their
-        half (``half``: ``select`` or ``report``).
+        The mapped images: dataset ``index``, ``key``, the crop fed to the network, their
+        half (``half``: ``select`` or ``report``) and the regions clipped on them
+        (``clipped_regions``, e.g. ``"AU17;AU26"`` for a chin below the frame).
     top_images
         Per layer, ``values``/``indices`` (K, k): each channel's top-activating images.
     expressions
@@ -238,6 +239,8 @@ class MappingResult:
             write_csv(self.expressions, out / "expressions.csv", index=False)
         if self.activity is not None:
             write_csv(self.activity, out / "activity.csv", index=False)
+        if self.faces is not None:
+            write_csv(self.faces, out / "faces.csv", index=False)
         if self.looks is not None:
             write_csv(self.looks, out / "looks_at.csv", index=False)
         if self.control_detectors is not None:
@@ -283,9 +286,9 @@ class FaceSet:
     records
         The dataset records of ``faces``.
     aus
-        AU numbers with a region (question 1 is asked of all of them).
+        AU numbers with a region (where channels look is asked of all of them).
     tested
-        AU numbers with a region *and* an activity source (question 2).
+        AU numbers with a region *and* an activity source (the detector test).
     activity
         (N, len(tested)) activity of every face.
     activity_source
@@ -293,6 +296,8 @@ class FaceSet:
     clipped
         Region name -> number of faces on which part of it lies outside the network input
         (clipped to the image; e.g. a chin cut off by a tight crop).
+    clipped_by_face
+        Per face, the regions clipped on it (``"AU17;AU26"``, empty when none).
     """
 
     faces: list[_Face]
@@ -304,6 +309,7 @@ class FaceSet:
     activity: np.ndarray
     activity_source: dict[str, str]
     clipped: dict[str, int] = field(default_factory=dict)
+    clipped_by_face: list[str] = field(default_factory=list)
 
     @property
     def indices(self) -> np.ndarray:
@@ -498,12 +504,15 @@ def prepare_faces(model: FERModel, dataset: ImageDataset, *, aus: Sequence[int] 
     records = [dataset.records[f.index] for f in faces]
     values, tested, sources = face_activity(faces, records, aus, activity)
     clipped: dict[str, int] = {}
+    clipped_by_face = []
     for face in faces:
-        for name, share in region_clipping(regions, face.landmarks, model.input_size).items():
-            if share > 0:
-                key = f"AU{regions[name].number}"
-                clipped[key] = clipped.get(key, 0) + 1
-    return FaceSet(faces, skipped, table, records, aus, tested, values, sources, clipped)
+        cut = [f"AU{regions[name].number}" for name, share in
+               region_clipping(regions, face.landmarks, model.input_size).items() if share > 0]
+        for key in cut:
+            clipped[key] = clipped.get(key, 0) + 1
+        clipped_by_face.append(";".join(cut))
+    return FaceSet(faces, skipped, table, records, aus, tested, values, sources, clipped,
+                   clipped_by_face)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,9 +610,12 @@ def _cell_membership(grid: CellGrid, masks: np.ndarray) -> np.ndarray:
 
 def _containment(member: np.ndarray) -> np.ndarray:
     """(R, R) faces on which region i's cells are all inside region j's cells (i != j)."""
-    nonempty = member.any(axis=2)  # (N, R)
-    inside = ~(member[:, :, None, :] & ~member[:, None, :, :]).any(axis=3)  # (N, R, R)
-    inside &= nonempty[:, :, None]
+    # i inside j <=> |i and j| == |i|: one batched matrix product instead of an (N, R, R, cells)
+    # boolean array.
+    cells = member.astype(np.float32)
+    size = cells.sum(axis=2)  # (N, R)
+    overlap = np.matmul(cells, cells.transpose(0, 2, 1))  # (N, R, R)
+    inside = (overlap == size[:, :, None]) & (size[:, :, None] > 0)
     counts = inside.sum(axis=0)
     np.fill_diagonal(counts, 0)
     return counts
@@ -797,7 +809,7 @@ def _responses(stream: Stream, network: str, layers: Sequence[str], columns: lis
 
 def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
                    sham_names: Sequence[str], distance: str = "wasserstein") -> pd.DataFrame:
-    """D of every channel for every AU and sham region (question 1), exact from samples.
+    """D of every channel for every AU and sham region (where it looks), exact from samples.
 
     One row per (layer, channel, region): ``region`` (``AU12``, ``sham_cheek``), ``sham``,
     ``distance`` (:func:`interp_fer.statistics.signed_distance` between the per-image peak
@@ -1030,7 +1042,7 @@ def map_dataset(
         (centroid of the deconvnet projection's top 1 %) or ``"rf-center"`` (receptive-field
         centre of the arg-max unit). The detector test does not depend on it.
     options
-        Choices of the streamed measures of question 1 (:class:`MappingOptions`).
+        Choices of the streamed measures of where channels look (:class:`MappingOptions`).
     detector
         Choices of the detector test (:class:`interp_fer.detectors.DetectorOptions`); its
         seed defaults to ``options.seed``.
@@ -1152,8 +1164,9 @@ def map_dataset(
     }
     face_table = pd.DataFrame([
         {"index": f.index, "key": f.key, "crop_top": f.crop.top, "crop_left": f.crop.left,
-         "crop_height": f.crop.height, "crop_width": f.crop.width, "half": h}
-        for f, h in zip(faceset.faces, half, strict=True)])
+         "crop_height": f.crop.height, "crop_width": f.crop.width, "half": h,
+         "clipped_regions": c}
+        for f, h, c in zip(faceset.faces, half, faceset.clipped_by_face, strict=True)])
     top = {name: stream.accumulators[name].top.state() for name in layers}
     expressions = None
     if labelled and dataset.class_names:

@@ -43,7 +43,7 @@ def test_outputs(reference_run):
     scores = pd.read_csv(reference_run / "scores.csv")
     assert list(scores.columns) == ["layer", "channel", "au", "measure", "value"]
     assert {"distance", "p_value", "q_value", "hit_rate", "iou", "ks", "cohen_d", "partial",
-            "partial_select", "control_bar"} <= set(scores["measure"])
+            "effect_select", "effect", "control_bar"} <= set(scores["measure"])
     activity = pd.read_csv(reference_run / "activity.csv")
     assert len(activity) == 7 and {"AU1", "AU12", "AU25"} <= set(activity.columns)
     assert (reference_run / "looks_at.csv").is_file()
