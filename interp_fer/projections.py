@@ -32,8 +32,9 @@ models are refused (they run no hooks).
 Precision: the arg-max units, max-pool switches and guided-backprop masks are decided by a
 float64 forward pass (``forward_dtype``) wherever float32 could decide otherwise, so that
 near-ties do not depend on the CPU's float32 kernels nor on the other images of the batch; the
-windowed backward pass runs in the module's dtype. :attr:`Projections.switch_margins` says how near each map came to a
-different switch.
+windowed backward pass runs in the module's dtype. :attr:`Projections.switch_margins` says how
+near each map came to a different switch.
+
 One known difference from Captum: Captum rewrites the gradient of a ReLU's *input tensor*, so
 where that tensor also feeds another operation (``y = conv(x); out = relu(y) + y``) Captum
 applies the rule to the summed gradient of both uses, whereas here it applies to the ReLU's
@@ -47,6 +48,7 @@ rows grow downwards. Map them to an original image with the preprocessing's resi
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -441,7 +443,8 @@ def _project_pass(module: nn.Module, layer: nn.Module, name: str, images: torch.
             warnings.warn(f"{type(module).__name__}: the forward pass cannot run in float64 "
                           f"({error}); max-pool switches and arg-max units of layer {name!r} "
                           "come from a pass in the module's own dtype, so near-ties may "
-                          "depend on the CPU and the batch", RuntimeWarning, stacklevel=4)
+                          "depend on the CPU and the batch", RuntimeWarning,
+                          stacklevel=_caller_level())
             state = None
     if state is None:
         x, activation, nodes, names = _forward_graph(module, layer, name, images, rule, None)
@@ -514,6 +517,14 @@ def _clear_decisions(flat: torch.Tensor, active: torch.Tensor,
     return ~unclear.any(dim=1)
 
 
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside this module: warnings point at the user."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 # Network -> {layer: no image of the last checked chunk had clear float32 decisions}.
 _UNCLEAR: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
@@ -530,7 +541,7 @@ def _say_fallback(module: nn.Module, name: str, missing: list[str]) -> None:
     warnings.warn(f"{type(module).__name__}, layer {name!r}: the windowed engine does not "
                   f"support {', '.join(missing) or 'this graph'}; projecting with the autograd "
                   "engine (whole maps, typically 3-10x slower). Pass engine='autograd' to "
-                  "silence this.", RuntimeWarning, stacklevel=5)
+                  "silence this.", RuntimeWarning, stacklevel=_caller_level())
 
 
 def _forward_graph(module: nn.Module, layer: nn.Module, name: str, images: torch.Tensor,
