@@ -311,11 +311,10 @@ def _multiplies_data(node: Any) -> bool:
     return False
 
 
-def rule_of(node: Any, rule: str, module: nn.Module | None = None) -> str | None:
+def rule_of(node: Any, rule: str) -> str | None:
     """What ``rule`` ("deconvnet" / "guided_backprop") does at an autograd node, in words.
 
     None when the node is a nonlinearity (or an operation) the rule is not defined for.
-    ``module``: the module whose output the node is, for the ReLU kind.
     """
     kind = type(node).__name__
     if is_rule_node(node):
