@@ -27,7 +27,8 @@ from .data import ImageDataset
 from .labels import class_index
 from .models import FERModel
 
-#: How the images were framed before the network saw them (recorded in every result).
+#: How the images were framed before the network saw them (recorded in every result;
+#: :mod:`interp_fer.face_crops`).
 CROP_MODES = ("none", "face", "auto")
 
 
@@ -60,6 +61,12 @@ class Evaluation:
     crop
         How images were framed before the forward pass (:data:`CROP_MODES`): ``"none"`` is
         the whole image resized to the network input.
+    crop_decisions
+        What the face pipeline did with the evaluated images: ``"whole"``, ``"registered"``
+        (fed as they are), ``"aligned"`` (aligned and cropped) or ``"no_face"`` (fed whole)
+        -> count (:func:`interp_fer.face_crops.choose_crop`).
+    several_faces
+        Evaluated images in which several faces were found (the chosen one was scored).
     """
 
     accuracy: float
@@ -73,6 +80,8 @@ class Evaluation:
     skipped_examples: list[tuple[str, str]] = field(default_factory=list)
     skipped_classes: dict[str, int] = field(default_factory=dict)
     crop: str = "none"
+    crop_decisions: dict[str, int] = field(default_factory=dict)
+    several_faces: int = 0
     model: str = ""
     data: str = ""
 
@@ -87,7 +96,11 @@ class Evaluation:
 
     def summary(self) -> str:
         """Plain-text summary: accuracy, per-class table, splits, confusion and skips."""
-        lines = [f"model {self.model} on {self.data} (crop: {self.crop})",
+        decisions = ", ".join(f"{k} {v}" for k, v in sorted(self.crop_decisions.items()))
+        several = f"; {self.several_faces} with several faces" if self.several_faces else ""
+        crop = f"{self.crop}: {decisions}{several}" if decisions and self.crop != "none" \
+            else self.crop
+        lines = [f"model {self.model} on {self.data} (crop: {crop})",
                  f"top-1 accuracy: {100 * self.accuracy:.2f} % of {self.n_images} images"
                  f" ({self.n_skipped} skipped)" if self.n_images else
                  f"no image evaluated: none has a readable image and a label among the "
@@ -180,13 +193,21 @@ def evaluate(
     progress
         Show a progress bar (tqdm; works in notebooks too).
     crop
-        How the dataset's images were framed, recorded in the result (:data:`CROP_MODES`);
-        the images are fed as they come.
+        How images are framed before the network sees them (:data:`CROP_MODES`, recorded in
+        the result): ``"none"`` feeds them whole; ``"face"`` aligns and crops every face with
+        the model's framing; ``"auto"`` feeds registered face crops as they are and aligns and
+        crops the rest (:mod:`interp_fer.face_crops`; the detector runs only on images larger
+        than registered 48 px crops).
     """
     from tqdm.auto import tqdm
 
+    from .face_crops import FacePipeline
+
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, not {crop!r}")
+    pipeline = FacePipeline(crop, model.input_size)
+    decisions: Counter[str] = Counter()
+    several = 0
 
     n_classes = len(model.class_names)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -221,7 +242,15 @@ def evaluate(
                 keep.append(sample)
                 targets.append(target)
         if keep:
-            predicted = model.logits([s.image for s in keep], batch_size=batch_size).argmax(axis=1)
+            images = [s.image for s in keep]
+            if crop != "none":
+                crops = pipeline.crops(images)
+                decisions.update(c.decision for c in crops)
+                several += sum(c.status == "several_faces" for c in crops)
+                images = [c.crop.apply(image) for c, image in zip(crops, images, strict=True)]
+            else:
+                decisions["whole"] += len(images)
+            predicted = model.logits(images, batch_size=batch_size).argmax(axis=1)
             np.add.at(confusion, (np.asarray(targets), predicted), 1)
             for sample, target, guess in zip(keep, targets, predicted, strict=True):
                 if sample.record.usage:
@@ -251,6 +280,8 @@ def evaluate(
         skipped_examples=examples,
         skipped_classes=dict(missing_classes),
         crop=crop,
+        crop_decisions=dict(decisions),
+        several_faces=several,
         model=model.name,
         data=dataset.source,
     )

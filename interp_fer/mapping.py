@@ -317,16 +317,13 @@ class FaceSet:
         return np.array([f.index for f in self.faces], dtype=np.int64)
 
 
-def _choose_crop(shape: tuple[int, ...], box: tuple[float, float, float, float] | None,
-                 crop: str) -> Crop:
-    if crop == "none" or box is None:
-        return Crop.whole(shape)
-    if crop == "face":
-        return Crop.around(box)
-    # auto: registered crops (the face fills most of the image) are fed whole, as the
-    # models' publishers did; photos with a small face are cut around it.
-    face_area = (box[2] - box[0]) * (box[3] - box[1])
-    return Crop.whole(shape) if face_area >= 0.25 * shape[0] * shape[1] else Crop.around(box)
+def _choose_crop(shape: tuple[int, ...], landmarks: np.ndarray | None, crop: str,
+                 input_size: tuple[int, int]) -> Crop:
+    # The toolkit's one face pipeline (interp_fer.face_crops): registered crops whole,
+    # other faces aligned on the eye line and cropped with the model's (FER2013) framing.
+    from .face_crops import choose_crop
+
+    return choose_crop(shape, landmarks, crop, input_size)[0]
 
 
 def _landmark_pass(dataset: ImageDataset, settings: Any, progress: bool
@@ -356,8 +353,7 @@ def _faces(table: pd.DataFrame, shapes: list[tuple[int, ...] | None], crop: str,
         if not np.isfinite(points[index]).all():
             skipped.append((row.key, f"{row.status}: {row.message}".rstrip(": ")))
             continue
-        box = (row.box_left, row.box_top, row.box_right, row.box_bottom)
-        chosen = _choose_crop(shapes[index], box, crop)
+        chosen = _choose_crop(shapes[index], points[index], crop, input_size)
         landmarks = chosen.to_input(points[index], input_size)
         faces.append(_Face(index, row.key, chosen, landmarks))
     return faces, skipped

@@ -158,19 +158,28 @@ class Preprocessor:
 
 @dataclass(frozen=True)
 class Crop:
-    """A rectangle of an image that becomes the network input after resizing.
+    """A rectangle of an image, possibly rotated, that becomes the network input after resizing.
+
+    The rectangle has ``height`` x ``width`` pixels of the original image's scale. Unrotated
+    (``angle == 0``) its pixel ``(r, c)`` is the image's pixel ``(top + r, left + c)``. Rotated,
+    it turns by ``angle`` about its centre ``(left + (width - 1) / 2, top + (height - 1) / 2)``:
+    its x axis points along ``(cos angle, sin angle)`` in the image (y down), so a face whose eye
+    line is tilted by ``angle`` comes out level (:mod:`interp_fer.face_crops`).
 
     Attributes
     ----------
     top, left, height, width
-        Integer pixel bounds in the original image (may extend past its borders; the outside
-        is filled by edge replication).
+        Integer pixel bounds in the original image before rotation (may extend past its
+        borders; the outside is filled by edge replication).
+    angle
+        Rotation in degrees, clockwise on screen (image y points down); 0 for a plain crop.
     """
 
     top: int
     left: int
     height: int
     width: int
+    angle: float = 0.0
 
     @classmethod
     def whole(cls, shape: tuple[int, ...]) -> Crop:
@@ -187,8 +196,40 @@ class Crop:
         size = max(int(round(side)), 1)
         return cls(int(round(centre_y - size / 2)), int(round(centre_x - size / 2)), size, size)
 
+    @property
+    def centre(self) -> np.ndarray:
+        """(x, y) of the crop's centre in the original image (pixel centres at integers)."""
+        return np.array([self.left + (self.width - 1) / 2, self.top + (self.height - 1) / 2])
+
+    def _rotation(self) -> np.ndarray:
+        theta = np.deg2rad(self.angle)
+        return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+
+    def to_crop(self, xy: np.ndarray) -> np.ndarray:
+        """Map (..., 2) (x, y) of the original image to (x, y) pixel coordinates of the crop."""
+        xy = np.asarray(xy, dtype=np.float64)
+        if self.angle == 0:
+            return xy - np.array([self.left, self.top], dtype=np.float64)
+        inner = np.array([(self.width - 1) / 2, (self.height - 1) / 2])
+        # row vectors: p_crop = R^T (xy - centre) + inner
+        return (xy - self.centre) @ self._rotation() + inner
+
+    def from_crop(self, xy: np.ndarray) -> np.ndarray:
+        """Map (..., 2) (x, y) pixel coordinates of the crop back to the original image."""
+        xy = np.asarray(xy, dtype=np.float64)
+        if self.angle == 0:
+            return xy + np.array([self.left, self.top], dtype=np.float64)
+        inner = np.array([(self.width - 1) / 2, (self.height - 1) / 2])
+        return (xy - inner) @ self._rotation().T + self.centre
+
     def apply(self, image: np.ndarray) -> np.ndarray:
-        """Cut the crop out of an (H, W[, C]) image, replicating edges beyond its borders."""
+        """Cut the crop out of an (H, W[, C]) image, replicating edges beyond its borders.
+
+        A rotated crop is sampled bilinearly at the original scale (the network's resize comes
+        after); the result keeps the image's dtype (uint8 values are rounded).
+        """
+        if self.angle != 0:
+            return self._apply_rotated(image)
         height, width = image.shape[:2]
         pad = [(max(0, -self.top), max(0, self.top + self.height - height)),
                (max(0, -self.left), max(0, self.left + self.width - width))]
@@ -197,11 +238,28 @@ class Crop:
         top, left = self.top + pad[0][0], self.left + pad[1][0]
         return padded[top:top + self.height, left:left + self.width]
 
+    def _apply_rotated(self, image: np.ndarray) -> np.ndarray:
+        from scipy.ndimage import map_coordinates
+
+        rows, cols = np.mgrid[0:self.height, 0:self.width]
+        source = self.from_crop(np.stack([cols, rows], axis=-1).astype(np.float64))
+        coords = [source[..., 1], source[..., 0]]  # (row, col) order for scipy
+        array = np.asarray(image)
+        planes = [array] if array.ndim == 2 else [array[..., k] for k in range(array.shape[2])]
+        out = [map_coordinates(p.astype(np.float64), coords, order=1, mode="nearest")
+               for p in planes]
+        result = out[0] if array.ndim == 2 else np.stack(out, axis=-1)
+        if np.issubdtype(array.dtype, np.integer):
+            info = np.iinfo(array.dtype)
+            result = np.clip(np.round(result), info.min, info.max)
+        return result.astype(array.dtype)
+
     def to_input(self, xy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Map (x, y) pixel coordinates of the original image to the network input grid.
 
-        Pixel centres sit at integers and resizing uses half-pixel centres, so
-        ``u = (x - left + 0.5) * W_in / width - 0.5`` (and likewise for y).
+        Pixel centres sit at integers and resizing uses half-pixel centres, so with ``(x', y')``
+        the point in the crop's own pixel frame (:meth:`to_crop`; ``x - left`` unrotated),
+        ``u = (x' + 0.5) * W_in / width - 0.5`` (and likewise for y).
 
         Parameters
         ----------
@@ -210,7 +268,5 @@ class Crop:
         size
             (H_in, W_in) of the network input.
         """
-        xy = np.asarray(xy, dtype=np.float64)
         scale = np.array([size[1] / self.width, size[0] / self.height])
-        origin = np.array([self.left, self.top], dtype=np.float64)
-        return (xy - origin + 0.5) * scale - 0.5
+        return (self.to_crop(xy) + 0.5) * scale - 0.5
