@@ -451,6 +451,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         if outside:
             raise UsageError(f"--channels {','.join(map(str, outside))}: layer {args.layer} "
                              f"has channels 0-{n_channels - 1}")
+    image = _crop_image(image, model, args.crop)
     figure = project_figure(model, image, args.layer, args.channels, args.method,
                             max_channels=args.max_channels)
     save_figure(figure, args.out, dpi=300)
@@ -590,6 +591,26 @@ def _epilog() -> str:
     return f"exit status:\n{codes}"
 
 
+def _add_crop_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--crop", choices=("auto", "face", "none"), default="auto",
+        help="how each image becomes the network input: face (detect the faces, choose the "
+             "largest, rotate the eye line level, crop with the model's FER2013-like framing, "
+             "resize keeping the aspect), none (the whole image resized), or auto (registered "
+             "face crops such as FER2013's are fed as they are, anything else as face) "
+             "(default: %(default)s)")
+
+
+def _crop_image(image: Any, model: Any, mode: str) -> Any:
+    """One image through the face pipeline (``--crop``), saying what it did."""
+    from .face_crops import FacePipeline
+
+    face = FacePipeline(mode, model.input_size).crops([image])[0]
+    found = f", {face.n_faces} faces found" if face.n_faces > 1 else ""
+    print(f"crop {mode}: {face.decision}{found}")
+    return face.crop.apply(image)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``interp-fer`` (exposed for documentation and tests)."""
     from . import __version__
@@ -636,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--saliency-weighted", action="store_true",
                           help="feed each image multiplied by its normalised saliency map "
                                "(as networks trained on such inputs expect)")
+    _add_crop_argument(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     layers = command("layers", "layer names, output shapes, receptive fields")
@@ -658,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how a channel is projected to the pixels: Zeiler & Fergus "
                               "deconvnet or guided backpropagation (default: %(default)s)")
     project.add_argument("--out", required=True, metavar="FIG", help="figure file (.pdf/.png)")
+    _add_crop_argument(project)
     project.set_defaults(handler=cmd_project)
 
     marks = command("landmarks", "dlib 68 landmarks of a dataset, with statuses")
@@ -714,10 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "region is moved (default: %(default)s)")
     mapping.add_argument("--alpha", type=_open_unit, default=0.05,
                          help="false discovery rate, in (0, 1) (default: %(default)s)")
-    mapping.add_argument("--crop", choices=("auto", "face", "none"), default="auto",
-                         help="network input: auto (whole image for registered crops, a "
-                              "square around the face in photos), face, or none (the whole "
-                              "image) (default: %(default)s)")
+    _add_crop_argument(mapping)
     mapping.add_argument("--seed", type=_int_at_least(0), default=0,
                          help="seed of every random draw (null, bootstrap, control), >= 0 "
                               "(default: %(default)s)")
