@@ -56,7 +56,9 @@ def test_planted_channels_are_mapped_to_their_regions():
     for channel, au in enumerate((1, 2, 4)):
         rows = scores[scores.channel == channel].set_index("au")
         assert rows["distance"].idxmax() == au
-        assert rows.loc[au, "q_value"] < 0.01
+        # Empirical p-value (no fitted tail): at its floor 1 / (1 + n_null), every placement
+        # of the region elsewhere on the face gives a smaller D.
+        assert rows.loc[au, "p_value"] == pytest.approx(1 / 9)
         assert rows.loc[au, "ci_low"] > 0
         assert rows.loc[au, "stability"] >= 0.9
         assert rows.loc[au, "hit_rate"] > 0.9 > rows.loc[au, "chance_rate"]
