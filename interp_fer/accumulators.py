@@ -300,6 +300,16 @@ class PeakHistograms:
         """Load arrays saved by :meth:`state`."""
         self.edges, self.counts, self.moments = arrays["edges"], arrays["counts"], arrays["moments"]
 
+    def merge(self, other: PeakHistograms) -> None:
+        """Add the counts and moments of ``other`` (same bins; another set of images).
+
+        Merging batch accumulators in batch order gives the same floating-point sums as
+        updating one accumulator with those batches in that order.
+        """
+        _same(self.edges, other.edges, "histogram bins")
+        self.counts += other.counts
+        self.moments += other.moments
+
 
 def distance_maps(regions: np.ndarray) -> np.ndarray:
     """Euclidean distance (pixels) from every pixel to the nearest pixel of each region.
@@ -416,6 +426,14 @@ class PointingAccumulator:
         self.distance_sum, self.chance_sum = arrays["distance_sum"], arrays["chance_sum"]
         self.faces = int(arrays["faces"])
 
+    def merge(self, other: PointingAccumulator) -> None:
+        """Add the sums of ``other`` (another set of images)."""
+        self.hits += other.hits
+        self.counts += other.counts
+        self.distance_sum += other.distance_sum
+        self.chance_sum += other.chance_sum
+        self.faces += other.faces
+
 
 def bilinear_matrix(size_out: int, size_in: int) -> torch.Tensor:
     """(size_out, size_in) weights of 1-D bilinear resampling, ``align_corners=False``.
@@ -485,6 +503,12 @@ class DissectionIoU:
         self.thresholds = arrays["thresholds"]
         self.intersection, self.union = arrays["intersection"], arrays["union"]
 
+    def merge(self, other: DissectionIoU) -> None:
+        """Add the sums of ``other`` (same thresholds; another set of images)."""
+        _same(self.thresholds, other.thresholds, "IoU thresholds")
+        self.intersection += other.intersection
+        self.union += other.union
+
 
 @dataclass
 class TopImages:
@@ -518,6 +542,14 @@ class TopImages:
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.values, self.indices = arrays["values"], arrays["indices"]
+
+    def merge(self, other: TopImages) -> None:
+        """Keep the top ``k`` of both (same tie rule as :meth:`update`: any merge order)."""
+        values = np.concatenate([self.values, other.values], axis=1)
+        indices = np.concatenate([self.indices, other.indices], axis=1)
+        order = np.lexsort((indices, -values), axis=1)[:, :self.k]
+        self.values = np.take_along_axis(values, order, axis=1)
+        self.indices = np.take_along_axis(indices, order, axis=1)
 
 
 @dataclass
@@ -594,3 +626,15 @@ class LabelResponses:
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.edges, self.au_counts = arrays["edges"], arrays["au_counts"]
         self.class_counts = arrays["class_counts"]
+
+    def merge(self, other: LabelResponses) -> None:
+        """Add the histograms of ``other`` (same bins; another set of images)."""
+        _same(self.edges, other.edges, "label-response bins")
+        self.au_counts += other.au_counts
+        self.class_counts += other.class_counts
+
+
+def _same(mine: np.ndarray, theirs: np.ndarray, what: str) -> None:
+    # Sums on different bins or thresholds mean nothing together.
+    if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
+        raise ValueError(f"cannot merge accumulators calibrated on different {what}")

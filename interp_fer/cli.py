@@ -551,7 +551,8 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
                   activity=args.activity, crop=args.crop, batch_size=args.batch_size,
                   progress=not args.quiet, checkpoint_interval=interval)
     result = map_dataset(model, dataset, layers, controls=args.controls,
-                         checkpoint=f"{out}/.checkpoint.npz", **common)
+                         checkpoint=f"{out}/.checkpoint.npz", store=f"{out}/features.zarr",
+                         **common)
     result.save(out)
     control_result = None
     if args.control == "randomized":
@@ -559,7 +560,8 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
         # control_percentile places each pair's excess among the random channels'.
         control = randomized_copy(model, seed=args.seed)
         control_result = map_dataset(control, dataset, layers, controls=1,
-                                     checkpoint=f"{out}/.checkpoint-control.npz", **common)
+                                     checkpoint=f"{out}/.checkpoint-control.npz",
+                                     store=f"{out}/features-control.zarr", **common)
         control_result.save(f"{out}/control_randomized")
         result.scores = compare_with_control(result.scores, control_result.scores)
         result.save(out)

@@ -248,6 +248,45 @@ class LayerMapping:
         self.n_images += n
         return r_in.cpu().numpy(), r_out.cpu().numpy()
 
+    def empty(self) -> LayerMapping:
+        """A copy with the same calibration (bins, thresholds) and nothing accumulated.
+
+        What a worker of a distributed run fills with its shard of images, to be merged.
+        """
+        labels = None if self.labels is None else LabelResponses(
+            self.labels.edges, self.labels.n_aus, self.labels.n_classes)
+        return LayerMapping(
+            self.layer, self.grid, self.aus, self.options,
+            PeakHistograms(self.peaks.edges, self.peaks.n_aus, self.peaks.n_boot,
+                           self.peaks.n_null),
+            PointingAccumulator(self.pointing.n_channels, self.pointing.n_aus,
+                                self.pointing.tolerance),
+            DissectionIoU(self.iou.thresholds, self.iou.n_aus),
+            TopImages(self.top.n_channels, self.top.k),
+            labels,
+        )
+
+    def merge(self, other: LayerMapping) -> None:
+        """Add what ``other`` accumulated (same calibration, other images).
+
+        Sums add and top images merge by their tie rule. Merging per-batch accumulators in
+        batch order gives bit for bit what :meth:`update` with those batches in that order
+        gives (each running sum gets the same additions in the same order).
+        """
+        if (other.layer, other.aus) != (self.layer, self.aus):
+            raise ValueError(f"cannot merge layer {other.layer} (AUs {other.aus}) into "
+                             f"layer {self.layer} (AUs {self.aus})")
+        self.peaks.merge(other.peaks)
+        self.pointing.merge(other.pointing)
+        self.iou.merge(other.iou)
+        self.top.merge(other.top)
+        if (self.labels is None) != (other.labels is None):
+            raise ValueError(f"layer {self.layer}: cannot merge a labelled accumulator with "
+                             "an unlabelled one")
+        if self.labels is not None:
+            self.labels.merge(other.labels)
+        self.n_images += other.n_images
+
     def scores(self) -> pd.DataFrame:
         """Every measure per (channel, AU): a DataFrame with one row per pair."""
         options = self.options

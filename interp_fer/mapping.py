@@ -581,6 +581,18 @@ class ResponseStore:
         """Append a batch's rows to array ``name``."""
         self._parts.setdefault(name, []).append(np.asarray(values, dtype=np.float32))
 
+    def put(self, name: str, start: int, values: np.ndarray) -> None:
+        """Write rows ``start ..`` of ``name``: here only appending (rows come in order).
+
+        The interface of :class:`interp_fer.feature_store.FeatureStore`, which writes
+        anywhere.
+        """
+        have = sum(len(p) for p in self._parts.get(name, []))
+        if start != have:
+            raise ValueError(f"ResponseStore {name}: rows must come in order; got row {start} "
+                             f"after {have} rows")
+        self.add(name, values)
+
     def array(self, name: str) -> np.ndarray:
         """Every row of ``name`` so far (concatenated once, then kept)."""
         parts = self._parts[name]
@@ -659,6 +671,26 @@ class Stream:
         self.containment.update(part("containment/"))
         self.agreement.update(part("agreement/"))
 
+    def merge(self, other: Stream) -> None:
+        """Add the accumulators, containment and agreement counts of ``other`` (other images;
+        its per-image responses are in the shared store already)."""
+        for name, acc in self.accumulators.items():
+            acc.merge(other.accumulators[name])
+        for name, counts in other.containment.items():
+            self.containment[name] = self.containment.get(name, 0) + counts
+        for name, seen in other.agreement.items():
+            self.agreement[name] = self.agreement.get(name, np.zeros(2)) + seen
+
+    def partial(self) -> dict[str, Any]:
+        """What a worker sends back: accumulators, containment and agreement (no store)."""
+        return {"accumulators": self.accumulators, "containment": self.containment,
+                "agreement": self.agreement}
+
+    @classmethod
+    def from_partial(cls, partial: dict[str, Any], store: Any) -> Stream:
+        """The inverse of :meth:`partial`, over ``store``."""
+        return cls(partial["accumulators"], store, partial["containment"], partial["agreement"])
+
 
 def _calibration_faces(faces: list[_Face], n: int = 256) -> list[_Face]:
     # Bins and thresholds from a sample spread evenly over the whole dataset, not from its
@@ -673,11 +705,152 @@ def _forward(model: FERModel, dataset: ImageDataset, batch: list[_Face]) -> torc
     return inputs.to(model.device)
 
 
+class _MapPass:
+    """What every batch of the pass needs, set up once: networks, layers' cell grids and
+    receptive fields, regions, labels. Picklable, so a distributed run sends it to workers.
+    """
+
+    def __init__(self, model: FERModel, dataset: ImageDataset, faceset: FaceSet,
+                 layers: Sequence[str], controls: Sequence[FERModel], locate: str,
+                 options: MappingOptions, batch_size: int, labelled: bool) -> None:
+        from .au_regions import load_au_regions, load_sham_regions
+        from .layers import receptive_field
+
+        self.model, self.dataset, self.faceset = model, dataset, faceset
+        self.layers, self.locate, self.options = tuple(layers), locate, options
+        self.batch_size = batch_size
+        self.networks = [("model", model)] + [(f"control{i + 1}", c)
+                                              for i, c in enumerate(controls)]
+        self.regions, self.shams = load_au_regions(), load_sham_regions()
+        self.n_classes = len(dataset.class_names) if labelled else None
+        self.presence = self.classes = None
+        if labelled:
+            self.presence = au_presence(faceset.records, faceset.aus)
+            self.classes = np.array([-1 if r.label is None else r.label
+                                     for r in faceset.records])
+        size = model.input_size
+        shape = (model.preprocess.channels, *size)
+        probe = layer_outputs(model.module, self.layers,
+                              torch.zeros(1, *shape, device=model.device))
+        self.channels = {name: int(probe[name].shape[1]) for name in self.layers}
+        self.fields = {name: receptive_field(model, name) for name in self.layers}
+        self.grids = {name: CellGrid.from_field(self.fields[name],
+                                                tuple(probe[name].shape[-2:]), size)
+                      for name in self.layers}
+
+    @property
+    def batches(self) -> list[list[_Face]]:
+        faces = self.faceset.faces
+        return [faces[i:i + self.batch_size] for i in range(0, len(faces), self.batch_size)]
+
+    def calibrate(self) -> dict[str, LayerMapping]:
+        """Empty accumulators with bins and thresholds from a sample of the whole dataset."""
+        sample = _calibration_faces(self.faceset.faces)
+        acts = layer_outputs(self.model.module, self.layers,
+                             _forward(self.model, self.dataset, sample))
+        return {name: LayerMapping.calibrate(name, self.grids[name], self.faceset.aus,
+                                             acts[name], self.options, self.n_classes)
+                for name in self.layers}
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The arrays of a feature store (name -> (shape after the row axis, dtype))."""
+        a, s = len(self.faceset.aus), len(self.shams.names)
+        out: dict[str, tuple[tuple[int, ...], str]] = {
+            "index": ((), "int64"), "landmarks": ((68, 2), "float32"),
+            "activity": ((len(self.faceset.tested),), "float64")}
+        for name in self.layers:
+            k = self.channels[name]
+            out.update({f"model/{name}/in": ((k, a), "float32"),
+                        f"model/{name}/out": ((k, a), "float32"),
+                        f"model/{name}/sham_in": ((k, s), "float32"),
+                        f"model/{name}/sham_out": ((k, s), "float32"),
+                        f"model/{name}/points": ((k, 2), "float32"),
+                        f"model/{name}/active": ((k,), "bool")})
+            for net, _ in self.networks[1:]:
+                out.update({f"{net}/{name}/in": ((k, a), "float32"),
+                            f"{net}/{name}/out": ((k, a), "float32")})
+        return out
+
+    def prepare_store(self, store: Any) -> None:
+        """Create the store's arrays and write the per-face ones known before the pass."""
+        faceset = self.faceset
+        store.ensure(self.layout())
+        store.write_all("index", faceset.indices)
+        store.write_all("landmarks", np.stack([f.landmarks for f in faceset.faces]))
+        store.write_all("activity", faceset.activity)
+        status = faceset.table["status"].astype(str).to_numpy()
+        codes = sorted(set(status))
+        # Every dataset image's status (also the unusable ones, which have no row).
+        store.set_attrs(status_codes=codes, landmark_status=[codes.index(v) for v in status],
+                        layers=list(self.layers), aus=list(faceset.aus),
+                        tested=list(faceset.tested), shams=list(self.shams.names))
+
+    def empty_stream(self, accumulators: dict[str, LayerMapping], store: Any) -> Stream:
+        """A stream with nothing accumulated, calibrated as ``accumulators``."""
+        return Stream({name: acc.empty() for name, acc in accumulators.items()}, store, {}, {})
+
+    def run_batch(self, number: int, stream: Stream, clock: Any) -> None:
+        """Add batch ``number`` to ``stream``: its accumulators, store rows and counts."""
+        from .accumulators import region_peaks
+
+        batch = self.batches[number]
+        model, layers, size = self.model, self.layers, self.model.input_size
+        with clock("forward"):
+            inputs = _forward(model, self.dataset, batch)
+            acts = {net: layer_outputs(m.module, layers, inputs) for net, m in self.networks}
+        with clock("geometry"):
+            geometry = _geometry(batch, self.regions, self.faceset.aus, size)
+            sham = _sham_masks(batch, self.shams, size)
+            every = np.concatenate([geometry.regions, sham], axis=1)
+        indices = np.array([f.index for f in batch])
+        start = number * self.batch_size
+        rows = slice(start, start + len(batch))
+        batch_presence = None if self.presence is None else self.presence[rows]
+        batch_classes = None if self.classes is None else self.classes[rows]
+        store = stream.store
+        for name in layers:
+            grid = self.grids[name]
+            with clock(f"locate ({self.locate})"):
+                points, active, centres = _locate(model, name, inputs, acts["model"][name],
+                                                  self.fields[name], self.locate)
+            with clock("statistics"):
+                r_in, r_out = stream.accumulators[name].update(
+                    indices, acts["model"][name], geometry, points, active, batch_presence,
+                    batch_classes)
+                store.put(f"model/{name}/in", start, r_in)
+                store.put(f"model/{name}/out", start, r_out)
+                face_cells = torch.from_numpy(grid.cells_in(geometry.face))
+                sham_cells = grid.cell_masks(SparseMasks.from_dense(sham))
+                s_in, s_out = region_peaks(acts["model"][name], sham_cells,
+                                           face_cells.to(acts["model"][name].device))
+                store.put(f"model/{name}/sham_in", start, s_in.cpu().numpy())
+                store.put(f"model/{name}/sham_out", start, s_out.cpu().numpy())
+                if not isinstance(store, ResponseStore):  # memory: decide() needs no points
+                    store.put(f"model/{name}/points", start, points)
+                    store.put(f"model/{name}/active", start, active)
+                in_cells = grid.cell_masks(geometry.sparse_regions)
+                for net, _ in self.networks[1:]:
+                    c_act = acts[net][name]
+                    c_in, c_out = region_peaks(c_act, in_cells, face_cells.to(c_act.device))
+                    store.put(f"{net}/{name}/in", start, c_in.cpu().numpy())
+                    store.put(f"{net}/{name}/out", start, c_out.cpu().numpy())
+                counts = _containment(_cell_membership(grid, every))
+                stream.containment[name] = stream.containment.get(name, 0) + counts
+                if self.locate == "deconv":
+                    near = np.linalg.norm(points - centres, axis=-1) <= \
+                        0.1 * geometry.iod[:, None]
+                    seen = stream.agreement.get(name, np.zeros(2))
+                    stream.agreement[name] = seen + [active.sum(), (near & active).sum()]
+        if not isinstance(store, ResponseStore):
+            store.mark_complete(number)
+
+
 def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
                   layers: Sequence[str], *, controls: Sequence[FERModel] = (),
                   locate: str = "deconv", options: MappingOptions | None = None,
                   batch_size: int = 64, labelled: bool = False, checkpoint: Any = None,
-                  clock: Any = None, progress: bool = True) -> Stream:
+                  clock: Any = None, progress: bool = True, store: Any = None,
+                  cluster: Any = None) -> Stream:
     """Stage 2 of :func:`map_dataset`: one pass over the faces, batch by batch.
 
     Parameters
@@ -702,92 +875,49 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
         A :class:`_Clock` for wall seconds per phase.
     progress
         Show a progress bar that moves per face.
+    store
+        A :class:`interp_fer.feature_store.FeatureStore` (chunks of ``batch_size`` rows) for
+        the per-image features; default an in-memory :class:`ResponseStore`.
+    cluster
+        A :class:`interp_fer.distributed.Cluster`: batches go to its Dask workers (needs
+        ``store``); None runs here.
     """
     from tqdm.auto import tqdm
 
-    from .accumulators import region_peaks
-    from .au_regions import load_au_regions, load_sham_regions
-    from .layers import receptive_field
-
     options = options or MappingOptions()
     clock = clock or _Clock()
-    regions, shams = load_au_regions(), load_sham_regions()
-    size = model.input_size
-    aus, faces = faceset.aus, faceset.faces
-    n_classes = len(dataset.class_names) if labelled else None
-    presence = classes = None
-    if labelled:
-        presence = au_presence(faceset.records, aus)
-        classes = np.array([-1 if r.label is None else r.label for r in faceset.records])
-
-    shape = (model.preprocess.channels, *size)
-    probe = layer_outputs(model.module, layers, torch.zeros(1, *shape, device=model.device))
-    fields = {name: receptive_field(model, name) for name in layers}
-    grids = {name: CellGrid.from_field(fields[name], tuple(probe[name].shape[-2:]), size)
-             for name in layers}
+    job = _MapPass(model, dataset, faceset, layers, controls, locate, options, batch_size,
+                   labelled)
+    if store is not None:
+        if store.chunk != batch_size or store.n_rows != len(faceset.faces):
+            raise ValueError(f"{store.path}: chunks of {store.chunk} rows over {store.n_rows} "
+                             f"faces; this pass has batches of {batch_size} over "
+                             f"{len(faceset.faces)} faces")
+        job.prepare_store(store)
+    elif cluster is not None:
+        raise ValueError("a distributed pass writes its features to a FeatureStore: give store")
     with clock("forward"):
-        sample = _calibration_faces(faces)
-        acts = layer_outputs(model.module, layers, _forward(model, dataset, sample))
-    stream = Stream({name: LayerMapping.calibrate(name, grids[name], aus, acts[name], options,
-                                                  n_classes) for name in layers},
-                    ResponseStore(), {}, {})
+        calibrated = job.calibrate()
+    stream = Stream(calibrated, store if store is not None else ResponseStore(), {}, {})
     resumed = checkpoint.load() if checkpoint is not None else None
     start = 0
-    if resumed:
+    if resumed and (store is None or store.complete()[:resumed[0]].all()):
+        # With a feature store, the checkpoint's cursor counts only if the store still holds
+        # every row before it (a deleted or replaced store means starting over).
         start = resumed[0]
         stream.restore(resumed[1])
 
-    batches = [faces[i:i + batch_size] for i in range(0, len(faces), batch_size)]
-    networks = [("model", model)] + [(f"control{i + 1}", c) for i, c in enumerate(controls)]
-    bar = tqdm(total=len(faces), desc=f"map {model.name}", unit="face", disable=not progress,
-               initial=sum(len(b) for b in batches[:start]))
-    for number, batch in enumerate(batches):
-        if number < start:
-            continue
-        with clock("forward"):
-            inputs = _forward(model, dataset, batch)
-            acts = {net: layer_outputs(m.module, layers, inputs) for net, m in networks}
-        with clock("geometry"):
-            geometry = _geometry(batch, regions, aus, size)
-            sham = _sham_masks(batch, shams, size)
-            every = np.concatenate([geometry.regions, sham], axis=1)
-        indices = np.array([f.index for f in batch])
-        rows = slice(number * batch_size, number * batch_size + len(batch))
-        batch_presence = None if presence is None else presence[rows]
-        batch_classes = None if classes is None else classes[rows]
-        for name in layers:
-            grid = grids[name]
-            with clock(f"locate ({locate})"):
-                points, active, centres = _locate(model, name, inputs, acts["model"][name],
-                                                  fields[name], locate)
-            with clock("statistics"):
-                r_in, r_out = stream.accumulators[name].update(
-                    indices, acts["model"][name], geometry, points, active, batch_presence,
-                    batch_classes)
-                stream.store.add(f"model/{name}/in", r_in)
-                stream.store.add(f"model/{name}/out", r_out)
-                face_cells = torch.from_numpy(grid.cells_in(geometry.face))
-                sham_cells = grid.cell_masks(SparseMasks.from_dense(sham))
-                s_in, s_out = region_peaks(acts["model"][name], sham_cells,
-                                           face_cells.to(acts["model"][name].device))
-                stream.store.add(f"model/{name}/sham_in", s_in.cpu().numpy())
-                stream.store.add(f"model/{name}/sham_out", s_out.cpu().numpy())
-                in_cells = grid.cell_masks(geometry.sparse_regions)
-                for net, _ in networks[1:]:
-                    c_act = acts[net][name]
-                    c_in, c_out = region_peaks(c_act, in_cells, face_cells.to(c_act.device))
-                    stream.store.add(f"{net}/{name}/in", c_in.cpu().numpy())
-                    stream.store.add(f"{net}/{name}/out", c_out.cpu().numpy())
-                counts = _containment(_cell_membership(grid, every))
-                stream.containment[name] = stream.containment.get(name, 0) + counts
-                if locate == "deconv":
-                    near = np.linalg.norm(points - centres, axis=-1) <= \
-                        0.1 * geometry.iod[:, None]
-                    seen = stream.agreement.get(name, np.zeros(2))
-                    stream.agreement[name] = seen + [active.sum(), (near & active).sum()]
-        bar.update(len(batch))
-        if checkpoint is not None and number + 1 < len(batches) and checkpoint.due():
-            checkpoint.save(number + 1, stream.state())
+    batches = job.batches
+    bar = tqdm(total=len(faceset.faces), desc=f"map {model.name}", unit="face",
+               disable=not progress, initial=sum(len(b) for b in batches[:start]))
+    if cluster is not None:
+        cluster.run(job, stream, start, checkpoint, bar)
+    else:
+        for number in range(start, len(batches)):
+            job.run_batch(number, stream, clock)
+            bar.update(len(batches[number]))
+            if checkpoint is not None and number + 1 < len(batches) and checkpoint.due():
+                checkpoint.save(number + 1, stream.state())
     bar.close()
     return stream
 
@@ -1020,6 +1150,8 @@ def map_dataset(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_interval: float = 60.0,
     progress: bool = True,
+    store: str | os.PathLike | None = None,
+    cluster: Any = None,
 ) -> MappingResult:
     """Which channel of ``layers`` detects which facial Action Unit, and where each looks.
 
@@ -1073,6 +1205,13 @@ def map_dataset(
         Seconds between checkpoints.
     progress
         Show progress bars (tqdm; notebooks too).
+    store
+        Folder of a Zarr feature store (:class:`interp_fer.feature_store.FeatureStore`,
+        e.g. ``OUT/features.zarr``) for the per-image features, read back by the decision;
+        with ``checkpoint``, a rerun skips the chunks already written. Default: in memory.
+    cluster
+        A :class:`interp_fer.distributed.Cluster` to run the pass on Dask workers (needs
+        ``store``); results are identical to a run in this process.
 
     Returns
     -------
@@ -1118,9 +1257,18 @@ def map_dataset(
                    "controls": [weights_digest(c.module) for c in control_models],
                    "labels": labelled, "landmarks": settings.fingerprint()})
     saver = Checkpoint(checkpoint, key, interval=checkpoint_interval) if checkpoint else None
+    features = None
+    if store is not None:
+        from .feature_store import FeatureStore
+
+        features = FeatureStore.open(store, key, len(faceset.faces), batch_size)
+    elif cluster is not None:
+        raise ValueError("map_dataset: a cluster needs a store folder for the per-image "
+                         "features (store=...)")
     stream = stream_layers(model, dataset, faceset, layers, controls=control_models,
                            locate=locate, options=options, batch_size=batch_size,
-                           labelled=labelled, checkpoint=saver, clock=clock, progress=progress)
+                           labelled=labelled, checkpoint=saver, clock=clock, progress=progress,
+                           store=features, cluster=cluster)
     if saver:  # the pass is the expensive part: keep it until the outputs are written
         saver.save(len(faceset.faces), stream.state())
 
