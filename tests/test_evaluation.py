@@ -158,7 +158,7 @@ def test_cli_evaluates_several_datasets(tmp_path, capsys, fer2013_optional):
     out, figure = tmp_path / "eval.json", tmp_path / "by_dataset.png"
     assert main([*args, "--json", str(out), "--figure", str(figure), "--quiet"]) == 0
     payload = json.loads(out.read_text())
-    assert payload["model"] == "mini-xception" and payload["crop"] == "none"
+    assert payload["model"] == "mini-xception" and payload["crop"] == "auto"  # the default
     datasets = payload["datasets"]
     assert list(datasets) == args[2::2]
     assert datasets["samples"]["n_images"] == 4
@@ -177,7 +177,7 @@ def test_cli_evaluates_several_datasets(tmp_path, capsys, fer2013_optional):
         assert 0.3 < fer["accuracy"] < 0.9  # mini-Xception: ~66 % on FER2013 test
     assert figure.stat().st_size > 10_000
     text = capsys.readouterr().out
-    assert "per-class accuracy (%) by dataset" in text and "crop: none" in text
+    assert "per-class accuracy (%) by dataset" in text and "crop: auto" in text
     assert main(["evaluate", "--data", "samples", "--data", "samples", "--quiet"]) == 2
 
 
