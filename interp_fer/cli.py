@@ -536,10 +536,9 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     if args.limit or args.stratify:
         dataset = dataset.subset(limit=args.limit, stratify=args.stratify)
 
-    from .controls import randomized_copy
     from .detectors import DetectorOptions
     from .layer_mapping import MappingOptions
-    from .mapping import compare_with_control, headline, map_dataset
+    from .mapping import headline
     from .report import write_report
 
     options = MappingOptions(distance=args.distance, n_boot=args.n_boot, n_null=args.n_null,
@@ -550,6 +549,40 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     common = dict(aus=args.aus, locate=args.locate, options=options, detector=detector,
                   activity=args.activity, crop=args.crop, batch_size=args.batch_size,
                   progress=not args.quiet, checkpoint_interval=interval)
+    cluster = None
+    if args.workers or args.scheduler:
+        from .distributed import Cluster
+
+        cluster = Cluster.connect(args.scheduler, shard=args.shard) if args.scheduler \
+            else Cluster.local(args.workers, shard=args.shard)
+        common["cluster"] = cluster
+    try:
+        result = _map_runs(args, out, model, dataset, layers, common)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    control_result, result = result
+    write_report(result, model, dataset, f"{out}/report.html", control=control_result,
+                 max_channels=args.dossiers)
+    extra = ", expressions.csv" if result.expressions is not None else ""
+    data = result.run["data"]
+    skipped = Counter(_reason(item["reason"]) for item in result.run.get("skipped", []))
+    skipped += Counter(dataset.rejected_counts())
+    print(_inputs_line(len(dataset) + len(dataset.rejected), data["n_mapped"], skipped))
+    sources = Counter(result.run["activity"]["sources"].values())
+    print("AU activity from "
+          + (", ".join(f"{k} ({v} AUs)" for k, v in sources.items()) or "nowhere"))
+    print(f"{headline(result)}; on {data['n_mapped']} faces; wrote {out}/mapping.csv, "
+          f"scores.csv, activity.csv, looks_at.csv, run.json{extra}, report.html")
+    return EXIT_OK
+
+
+def _map_runs(args: argparse.Namespace, out: str, model: Any, dataset: Any,
+              layers: Any, common: dict[str, Any]) -> tuple[Any, Any]:
+    """The mapping run (and the randomised copy's with --control); both saved."""
+    from .controls import randomized_copy
+    from .mapping import compare_with_control, map_dataset
+
     result = map_dataset(model, dataset, layers, controls=args.controls,
                          checkpoint=f"{out}/.checkpoint.npz", store=f"{out}/features.zarr",
                          **common)
@@ -565,19 +598,7 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
         control_result.save(f"{out}/control_randomized")
         result.scores = compare_with_control(result.scores, control_result.scores)
         result.save(out)
-    write_report(result, model, dataset, f"{out}/report.html", control=control_result,
-                 max_channels=args.dossiers)
-    extra = ", expressions.csv" if result.expressions is not None else ""
-    data = result.run["data"]
-    skipped = Counter(_reason(item["reason"]) for item in result.run.get("skipped", []))
-    skipped += Counter(dataset.rejected_counts())
-    print(_inputs_line(len(dataset) + len(dataset.rejected), data["n_mapped"], skipped))
-    sources = Counter(result.run["activity"]["sources"].values())
-    print("AU activity from "
-          + (", ".join(f"{k} ({v} AUs)" for k, v in sources.items()) or "nowhere"))
-    print(f"{headline(result)}; on {data['n_mapped']} faces; wrote {out}/mapping.csv, "
-          f"scores.csv, activity.csv, looks_at.csv, run.json{extra}, report.html")
-    return EXIT_OK
+    return control_result, result
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,6 +791,16 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--batch-size", type=positive, default=64,
                          help="images per forward pass (default: %(default)s)")
     mapping.add_argument("--quiet", action="store_true", help="no progress bars")
+    where = mapping.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=positive, metavar="N",
+                       help="run the pass on a local Dask cluster of N worker processes "
+                       "(needs the 'distributed' extra; same results as one process)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run the pass on the workers of a running Dask scheduler "
+                       "(e.g. tcp://host:8786; see the README, 'More than one machine')")
+    mapping.add_argument("--shard", type=positive, default=1, metavar="BATCHES",
+                         help="with --workers/--scheduler: batches per task "
+                         "(default: %(default)s)")
     mapping.set_defaults(handler=cmd_map)
 
     zoo = command("zoo", "list the zoo models")
