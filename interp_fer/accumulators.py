@@ -304,10 +304,14 @@ class PeakHistograms:
         """Add the counts and moments of ``other`` (same bins; another set of images).
 
         Merging batch accumulators in batch order gives the same floating-point sums as
-        updating one accumulator with those batches in that order.
+        updating one accumulator with those batches in that order. The counts are integers
+        (weights are Poisson draws), exact in any order: ``other.counts`` may be None when
+        they are summed elsewhere (:func:`interp_fer.distributed.run_shard` sends them once
+        per shard).
         """
         _same(self.edges, other.edges, "histogram bins")
-        self.counts += other.counts
+        if other.counts is not None:
+            self.counts += other.counts
         self.moments += other.moments
 
 
@@ -630,8 +634,9 @@ class LabelResponses:
     def merge(self, other: LabelResponses) -> None:
         """Add the histograms of ``other`` (same bins; another set of images)."""
         _same(self.edges, other.edges, "label-response bins")
-        self.au_counts += other.au_counts
-        self.class_counts += other.class_counts
+        if other.au_counts is not None:  # None: summed elsewhere (integer counts, any order)
+            self.au_counts += other.au_counts
+            self.class_counts += other.class_counts
 
 
 def _same(mine: np.ndarray, theirs: np.ndarray, what: str) -> None:

@@ -7,7 +7,9 @@ network and its random-weights copies, the region responses and the extremum poi
 chunks, writes their rows to the shared feature store (each chunk is its own set of files)
 and returns, per chunk, the chunk's own accumulators (:meth:`interp_fer.layer_mapping.
 LayerMapping.empty`, filled with that chunk only). The client merges them strictly in chunk
-order, so every running sum gets the same additions in the same order as in one process:
+order, so every running sum gets the same additions in the same order as in one process
+(the histogram counts, integer-valued and so exact in any order, are summed per shard on the
+worker and sent once: most of an accumulator's bytes):
 ``mapping.csv`` and ``scores.csv`` are byte-identical whatever the number of workers and the
 shard size. The decision then reads the store.
 
@@ -120,7 +122,9 @@ class Cluster:
         pending: dict[int, Any] = {}
         cursor = start
         for future in running:
-            for number, partial in future.result():
+            counts, partials = future.result()
+            _add_counts(stream, counts)  # integer sums: exact in any order
+            for number, partial in partials:
                 pending[number] = partial
             future.release()
             while cursor in pending:
@@ -140,22 +144,51 @@ class Cluster:
 
 
 def run_shard(job: Any, empties: dict[str, Any], path: str, numbers: list[int]
-              ) -> list[tuple[int, dict[str, Any]]]:
+              ) -> tuple[dict[str, list[Any]], list[tuple[int, dict[str, Any]]]]:
     """A worker's task: chunks ``numbers`` of ``job``, written to the store at ``path``.
 
-    Returns each chunk's own accumulators, containment and agreement counts
-    (:meth:`interp_fer.mapping.Stream.partial`), to be merged in chunk order.
+    Returns
+    -------
+    counts
+        Per layer, the histogram counts of the whole shard (peak histograms, and label
+        histograms or None): integer sums, exact in any order, so summed here once rather
+        than sent per chunk (they are most of an accumulator's bytes).
+    partials
+        Per chunk, ``(number, partial)``: its own accumulators without those counts,
+        containment and agreement (:meth:`interp_fer.mapping.Stream.partial`), to be merged
+        in chunk order (their floating-point sums depend on the order).
     """
     from .feature_store import FeatureStore
     from .mapping import _Clock
 
     store = FeatureStore.reopen(path)
     out = []
+    counts: dict[str, list[Any]] = {}
     for number in numbers:
         part = job.empty_stream(empties, store)
         job.run_batch(number, part, _Clock())
+        for name, acc in part.accumulators.items():
+            mine = [acc.peaks.counts] + ([acc.labels.au_counts, acc.labels.class_counts]
+                                         if acc.labels is not None else [])
+            if name in counts:
+                for total, add in zip(counts[name], mine, strict=True):
+                    total += add
+            else:
+                counts[name] = mine
+            acc.peaks.counts = None
+            if acc.labels is not None:
+                acc.labels.au_counts = acc.labels.class_counts = None
         out.append((number, part.partial()))
-    return out
+    return counts, out
+
+
+def _add_counts(stream: Any, counts: dict[str, list[Any]]) -> None:
+    for name, arrays in counts.items():
+        acc = stream.accumulators[name]
+        acc.peaks.counts += arrays[0]
+        if acc.labels is not None:
+            acc.labels.au_counts += arrays[1]
+            acc.labels.class_counts += arrays[2]
 
 
 def _shards(start: int, stop: int, size: int) -> Iterator[list[int]]:

@@ -1,0 +1,139 @@
+"""Wall time of the map pass in one process and on 1 and 2 local Dask workers; per-chunk cost.
+
+Maps a FER2013 test-split share (default 256 faces, every expression in its share) with
+mini-Xception, every convolutional stage, ``--locate rf-center`` and the CLI's defaults
+(n_boot 50, n_null 20, 4 random-weights copies, batches of 64), with the per-image features
+in a Zarr store:
+
+* wall seconds of the whole ``map_dataset`` (pass + decision) in this process and on a
+  ``LocalCluster`` of 1 and 2 workers (cluster start-up printed apart), and whether the
+  tables are byte-identical to the one-process run;
+* per chunk (one batch): compute seconds on a worker, the bytes a worker sends back (each
+  chunk's accumulators without their histogram counts, pickled; the counts once per shard),
+  the client's seconds to merge a chunk, and the store's bytes;
+* the store's size per 1,000 faces;
+* an estimate for 10^6 faces on N machines of C cores from those figures (the client merges
+  chunks one after the other, which bounds the speed-up).
+
+Landmarks are computed (or read from the cache) before the timings, so every run times the
+same work. Run: ``python benchmarks/map_distributed.py [--limit N] [--workers 1,2]
+[--layers conv2,block2] [--fer2013 PATH]`` (about 3 minutes on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fer2013", type=Path, default=Path(os.environ.get(
+        "INTERP_FER_FER2013", REPO.parent / "shared/data/fer2013")))
+    parser.add_argument("--limit", type=int, default=256)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--layers", help="comma-separated (default: every stage)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-boot", type=int, default=50)
+    parser.add_argument("--n-null", type=int, default=20)
+    parser.add_argument("--controls", type=int, default=4)
+    parser.add_argument("--shard", type=int, default=16,
+                        help="chunks per task for the 10^6-face estimate (default 16)")
+    args = parser.parse_args()
+    labels = args.fer2013 / "test_labels.csv"
+    if not labels.is_file():
+        raise SystemExit(f"FER2013 test split not found at {args.fer2013}")
+
+    from interp_fer import load_model, open_dataset
+    from interp_fer.controls import randomized_copy
+    from interp_fer.distributed import Cluster, run_shard
+    from interp_fer.feature_store import FeatureStore
+    from interp_fer.layer_mapping import MappingOptions
+    from interp_fer.mapping import Stream, _MapPass, long_scores, map_dataset, prepare_faces
+
+    model = load_model("mini-xception")
+    dataset = open_dataset(labels, class_names=model.class_names).subset(limit=args.limit,
+                                                                           stratify=True)
+    layers = tuple(args.layers.split(",")) if args.layers else tuple(model.stages)
+    options = MappingOptions(n_boot=args.n_boot, n_null=args.n_null)
+    run = dict(locate="rf-center", options=options, controls=args.controls,
+               batch_size=args.batch_size, progress=False)
+    faceset = prepare_faces(model, dataset, progress=False)  # warms the landmark cache
+    n = len(faceset.faces)
+    print(f"mini-Xception, {n} FER2013 faces, layers {', '.join(layers)}, rf-center, "
+          f"n_boot {args.n_boot}, n_null {args.n_null}, {args.controls} random copies, "
+          f"batches of {args.batch_size}, {os.cpu_count()} CPU cores")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        alone = map_dataset(model, dataset, layers, store=Path(tmp) / "one.zarr", **run)
+        one = time.perf_counter() - start
+        tables = (alone.mapping.to_csv(index=False), long_scores(alone.scores).to_csv(index=False))
+        store = FeatureStore.reopen(Path(tmp) / "one.zarr")
+        size = store.nbytes_stored()
+        print(f"one process: {one:.1f} s ({n / one:.1f} faces/s); pass "
+              f"{sum(v for k, v in alone.run['seconds'].items() if k != 'landmarks'):.1f} s "
+              f"of which decision {alone.run['seconds'].get('decision', 0):.1f} s")
+        print(f"store: {size / 2**20:.1f} MiB for {n} faces = "
+              f"{size / n * 1000 / 2**20:.1f} MiB per 1,000 faces "
+              f"({size / store.n_chunks / 2**20:.2f} MiB per chunk)")
+
+        # One chunk as a worker computes it: seconds, bytes sent back, merge seconds.
+        controls = [randomized_copy(model, seed=options.seed + 1 + i)
+                    for i in range(args.controls)]
+        job = _MapPass(model, dataset, faceset, layers, controls, "rf-center", options,
+                       args.batch_size, False)
+        calibrated = job.calibrate()
+        scratch = FeatureStore.open(Path(tmp) / "scratch.zarr", "bench", n, args.batch_size)
+        job.prepare_store(scratch)
+        start = time.perf_counter()
+        counts, [(_, partial)] = run_shard(job, calibrated, str(scratch.path), [0])
+        chunk_seconds = time.perf_counter() - start
+        per_chunk = len(pickle.dumps(partial, protocol=pickle.HIGHEST_PROTOCOL))
+        per_shard = len(pickle.dumps(counts, protocol=pickle.HIGHEST_PROTOCOL))
+        total = job.empty_stream(calibrated, scratch)
+        start = time.perf_counter()
+        total.merge(Stream.from_partial(partial, scratch))
+        merge_seconds = time.perf_counter() - start
+        print(f"per chunk ({args.batch_size} faces): compute {chunk_seconds:.2f} s on one "
+              f"core; sent back {per_chunk / 2**20:.2f} MiB per chunk (accumulators without "
+              f"counts) + {per_shard / 2**20:.1f} MiB per shard (histogram counts); client "
+              f"merge {merge_seconds * 1000:.0f} ms per chunk")
+
+        walls = {}
+        for workers in (int(w) for w in args.workers.split(",")):
+            start = time.perf_counter()
+            with Cluster.local(workers) as cluster:
+                up = time.perf_counter() - start
+                start = time.perf_counter()
+                spread = map_dataset(model, dataset, layers, store=Path(tmp) / f"w{workers}.zarr",
+                                     cluster=cluster, **run)
+                walls[workers] = time.perf_counter() - start
+            same = (spread.mapping.to_csv(index=False),
+                    long_scores(spread.scores).to_csv(index=False)) == tables
+            print(f"{workers} worker(s): {walls[workers]:.1f} s (+{up:.1f} s cluster start); "
+                  f"tables identical to one process: {same}")
+
+    faces = 1_000_000
+    chunks = faces / args.batch_size
+    shards = chunks / args.shard
+    per_face = chunk_seconds / args.batch_size
+    merge = chunks * merge_seconds
+    volume = chunks * per_chunk + shards * per_shard
+    print(f"estimate for 10^6 faces (landmarks not included; shards of {args.shard} "
+          f"chunks): compute {faces * per_face / 3600:.1f} core-hours; client merge "
+          f"{merge / 3600:.2f} h (serial); data back to the client {volume / 2**30:.0f} GiB; "
+          f"store {size / n * faces / 2**30:.0f} GiB")
+    for machines, cores in ((1, 16), (4, 16), (16, 16)):
+        hours = max(faces * per_face / (machines * cores), merge) / 3600
+        print(f"  {machines} machine(s) x {cores} cores: about {hours:.1f} h")
+
+
+if __name__ == "__main__":
+    main()
