@@ -222,3 +222,23 @@ def test_project_command_crops_its_image(tmp_path, capsys):
     assert main(["project", "--model", "mini-xception", "--image", str(image), "--layer",
                  "block1", "--channels", "0", "--out", str(out), "--crop", "face"]) == 0
     assert "crop face: aligned" in capsys.readouterr().out and out.is_file()
+
+
+def test_map_uses_the_same_pipeline(mini_xception, sample_faces):
+    # map's faces (interp_fer.mapping) get the crops and input-grid landmarks of the pipeline
+    from interp_fer.mapping import input_landmarks
+
+    size = mini_xception.input_size
+    mapped = input_landmarks(mini_xception, sample_faces, crop="auto")
+    images = [s.image for s in sample_faces.samples()]
+    crops = FacePipeline("auto", size).crops(images)
+    expected = np.stack([c.input_landmarks(size) for c in crops if c.landmarks is not None])
+    assert mapped.shape == expected.shape
+    assert np.abs(mapped - expected).max() < 1e-6
+    # aligned faces: eyes level on the network input, where FER2013's framing puts them
+    aligned = [i for i, c in enumerate(c for c in crops if c.landmarks is not None)
+               if c.decision == "aligned"]
+    assert len(aligned) >= 4
+    assert np.abs(eye_line_angle(mapped[aligned])).max() < 1e-6
+    eye_y = (mapped[aligned][:, 36:48, 1].mean(axis=1) + 0.5) / size[0]
+    assert np.abs(eye_y - FER2013_FRAMING.eye_y).max() < 2 / size[0]
