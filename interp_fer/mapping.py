@@ -1308,7 +1308,8 @@ def map_dataset(
     }
     face_table = pd.DataFrame([
         {"index": f.index, "key": f.key, "crop_top": f.crop.top, "crop_left": f.crop.left,
-         "crop_height": f.crop.height, "crop_width": f.crop.width, "half": h,
+         "crop_height": f.crop.height, "crop_width": f.crop.width,
+         "crop_angle": f.crop.angle, "half": h,
          "clipped_regions": c}
         for f, h, c in zip(faceset.faces, half, faceset.clipped_by_face, strict=True)])
     top = {name: stream.accumulators[name].top.state() for name in layers}

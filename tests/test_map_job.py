@@ -95,3 +95,23 @@ def test_changing_an_argument_invalidates_the_checkpoint(tmp_path):
     assert run["seed"] == 4
     mapping = pd.read_csv(out / "mapping.csv")
     assert (mapping["n_images"] == 7).all()
+
+
+def test_a_second_map_on_the_same_out_is_refused_and_the_first_finishes(reference_run,
+                                                                      tmp_path):
+    out = tmp_path / "shared"
+    command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp_path)
+    lock = out / ".interp-fer.lock"
+    deadline = time.time() + 300
+    while not lock.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert lock.exists(), "the first run should hold the folder's lock"
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 1
+    assert f"in use by another run (pid {first.pid}" in second.stderr
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    for name in ("mapping.csv", "scores.csv"):
+        assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
+    assert not lock.exists()

@@ -101,7 +101,7 @@ def mapped_faces(
             continue
         row = crops.loc[index]
         crop = Crop(int(row.crop_top), int(row.crop_left), int(row.crop_height),
-                    int(row.crop_width))
+                    int(row.crop_width), float(getattr(row, "crop_angle", 0.0)))
         kept.append(index)
         images.append(crop.apply(sample.image))
         landmarks.append(_input_landmarks(result, index, crop, model.input_size))
