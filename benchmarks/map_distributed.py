@@ -43,12 +43,14 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=50)
     parser.add_argument("--n-null", type=int, default=20)
     parser.add_argument("--controls", type=int, default=4)
-    parser.add_argument("--shard", type=int, default=16,
-                        help="chunks per task for the 10^6-face estimate (default 16)")
+    parser.add_argument("--shard", type=int, default=2,
+                        help="chunks per task (default 2)")
     args = parser.parse_args()
     labels = args.fer2013 / "test_labels.csv"
     if not labels.is_file():
         raise SystemExit(f"FER2013 test split not found at {args.fer2013}")
+
+    import numpy as np
 
     from interp_fer import load_model, open_dataset
     from interp_fer.controls import randomized_copy
@@ -97,19 +99,23 @@ def main() -> None:
         chunk_seconds = time.perf_counter() - start
         per_chunk = len(pickle.dumps(partial, protocol=pickle.HIGHEST_PROTOCOL))
         per_shard = len(pickle.dumps(counts, protocol=pickle.HIGHEST_PROTOCOL))
+        # A shard of many chunks compresses less well; uncompressed uint32 bounds it.
+        bound = sum(4 * int(np.prod(p[1])) if p[0] == "zstd" else p[1].nbytes
+                    for arrays in counts.values() for p in arrays)
         total = job.empty_stream(calibrated, scratch)
         start = time.perf_counter()
         total.merge(Stream.from_partial(partial, scratch))
         merge_seconds = time.perf_counter() - start
         print(f"per chunk ({args.batch_size} faces): compute {chunk_seconds:.2f} s on one "
               f"core; sent back {per_chunk / 2**20:.2f} MiB per chunk (accumulators without "
-              f"counts) + {per_shard / 2**20:.1f} MiB per shard (histogram counts); client "
+              f"counts) + {per_shard / 2**20:.1f} MiB per shard (histogram counts, "
+              f"compressed; at most {bound / 2**20:.0f} MiB); client "
               f"merge {merge_seconds * 1000:.0f} ms per chunk")
 
         walls = {}
         for workers in (int(w) for w in args.workers.split(",")):
             start = time.perf_counter()
-            with Cluster.local(workers) as cluster:
+            with Cluster.local(workers, shard=args.shard) as cluster:
                 up = time.perf_counter() - start
                 start = time.perf_counter()
                 spread = map_dataset(model, dataset, layers, store=Path(tmp) / f"w{workers}.zarr",
@@ -125,13 +131,14 @@ def main() -> None:
     shards = chunks / args.shard
     per_face = chunk_seconds / args.batch_size
     merge = chunks * merge_seconds
-    volume = chunks * per_chunk + shards * per_shard
+    volume = chunks * per_chunk + shards * bound
     print(f"estimate for 10^6 faces (landmarks not included; shards of {args.shard} "
           f"chunks): compute {faces * per_face / 3600:.1f} core-hours; client merge "
-          f"{merge / 3600:.2f} h (serial); data back to the client {volume / 2**30:.0f} GiB; "
+          f"{merge / 3600:.2f} h (serial); data back to the client at most "
+          f"{volume / 2**30:.0f} GiB ({volume / 1e9 / 3600:.2f} h at 1 GB/s); "
           f"store {size / n * faces / 2**30:.0f} GiB")
     for machines, cores in ((1, 16), (4, 16), (16, 16)):
-        hours = max(faces * per_face / (machines * cores), merge) / 3600
+        hours = max(faces * per_face / (machines * cores), merge + volume / 1e9) / 3600
         print(f"  {machines} machine(s) x {cores} cores: about {hours:.1f} h")
 
 

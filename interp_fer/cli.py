@@ -798,9 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="run the pass on the workers of a running Dask scheduler "
                        "(e.g. tcp://host:8786; see the README, 'More than one machine')")
-    mapping.add_argument("--shard", type=positive, default=1, metavar="BATCHES",
-                         help="with --workers/--scheduler: batches per task "
-                         "(default: %(default)s)")
+    mapping.add_argument("--shard", type=positive, default=4, metavar="BATCHES",
+                         help="with --workers/--scheduler: batches per task; a task sends its "
+                         "histogram counts back once (default: %(default)s)")
     mapping.set_defaults(handler=cmd_map)
 
     zoo = command("zoo", "list the zoo models")

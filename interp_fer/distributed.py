@@ -9,7 +9,7 @@ and returns, per chunk, the chunk's own accumulators (:meth:`interp_fer.layer_ma
 LayerMapping.empty`, filled with that chunk only). The client merges them strictly in chunk
 order, so every running sum gets the same additions in the same order as in one process
 (the histogram counts, integer-valued and so exact in any order, are summed per shard on the
-worker and sent once: most of an accumulator's bytes):
+worker and sent once, as compressed integers: most of an accumulator's bytes):
 ``mapping.csv`` and ``scores.csv`` are byte-identical whatever the number of workers and the
 shard size. The decision then reads the store.
 
@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 
 class Cluster:
     """A Dask client that runs the map pass: a local cluster or an existing scheduler.
@@ -40,13 +42,13 @@ class Cluster:
         A cluster this object started and closes (:meth:`local`).
     """
 
-    def __init__(self, client: Any, shard: int = 1, owned: Any = None) -> None:
+    def __init__(self, client: Any, shard: int = 4, owned: Any = None) -> None:
         if shard < 1:
             raise ValueError(f"shard must be >= 1 chunk, not {shard}")
         self.client, self.shard, self._owned = client, shard, owned
 
     @classmethod
-    def local(cls, workers: int, shard: int = 1, threads: int = 1) -> Cluster:
+    def local(cls, workers: int, shard: int = 4, threads: int = 1) -> Cluster:
         """Start a ``LocalCluster`` of ``workers`` processes with ``threads`` threads each."""
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, not {workers}")
@@ -57,7 +59,7 @@ class Cluster:
         return cls(Client(cluster), shard, owned=cluster)
 
     @classmethod
-    def connect(cls, address: str, shard: int = 1, timeout: float = 30.0) -> Cluster:
+    def connect(cls, address: str, shard: int = 4, timeout: float = 30.0) -> Cluster:
         """Connect to a running ``dask scheduler`` at ``address`` (``tcp://host:8786``)."""
         from distributed import Client
 
@@ -120,18 +122,26 @@ class Cluster:
         for numbers in _take(shards, window):
             running.add(self._submit(job_ref, empty_ref, path, numbers))
         pending: dict[int, Any] = {}
+        shard_counts: dict[int, Any] = {}  # by the shard's last chunk
         cursor = start
         for future in running:
             counts, partials = future.result()
-            _add_counts(stream, counts)  # integer sums: exact in any order
             for number, partial in partials:
                 pending[number] = partial
+            shard_counts[partials[-1][0]] = counts
             future.release()
             while cursor in pending:
                 stream.merge(Stream.from_partial(pending.pop(cursor), stream.store))
                 bar.update(len(job.batches[cursor]))
+                # A shard's counts (integer sums: any order) join once all its chunks have,
+                # so a checkpoint after `cursor` chunks holds exactly those chunks.
+                # Checkpoints only there: between a shard's chunks its counts are missing.
+                boundary = cursor in shard_counts
+                if boundary:
+                    _add_counts(stream, shard_counts.pop(cursor))
                 cursor += 1
-                if checkpoint is not None and cursor < n_chunks and checkpoint.due():
+                if boundary and checkpoint is not None and cursor < n_chunks \
+                        and checkpoint.due():
                     checkpoint.save(cursor, stream.state())
             for numbers in _take(shards, 1):
                 running.add(self._submit(job_ref, empty_ref, path, numbers))
@@ -179,11 +189,30 @@ def run_shard(job: Any, empties: dict[str, Any], path: str, numbers: list[int]
             if acc.labels is not None:
                 acc.labels.au_counts = acc.labels.class_counts = None
         out.append((number, part.partial()))
-    return counts, out
+    return {name: [_pack(a) for a in arrays] for name, arrays in counts.items()}, out
+
+
+def _pack(counts: np.ndarray) -> tuple[Any, ...]:
+    """Integer counts as compressed uint32 (mostly zeros: a fraction of the float64 bytes)."""
+    from numcodecs import Zstd
+
+    if counts.size and (counts.max() >= 2**32 or counts.min() < 0
+                        or not np.array_equal(counts, np.floor(counts))):
+        return ("raw", counts)  # not small integers: send as they are
+    return ("zstd", counts.shape, Zstd(level=1).encode(counts.astype(np.uint32)))
+
+
+def _unpack(packed: tuple[Any, ...]) -> np.ndarray:
+    from numcodecs import Zstd
+
+    if packed[0] == "raw":
+        return packed[1]
+    return np.frombuffer(Zstd().decode(packed[2]), dtype=np.uint32).reshape(packed[1])
 
 
 def _add_counts(stream: Any, counts: dict[str, list[Any]]) -> None:
-    for name, arrays in counts.items():
+    for name, packed in counts.items():
+        arrays = [_unpack(p) for p in packed]
         acc = stream.accumulators[name]
         acc.peaks.counts += arrays[0]
         if acc.labels is not None:
