@@ -20,8 +20,10 @@ Two questions, kept apart (docs/method.md):
 
 * :func:`prepare_faces`: landmarks (cached), crops, AU regions, AU activity;
 * :func:`stream_layers`: one pass over the faces, batch by batch, for the network and its
-  random-weights control: per-image region responses, and the streamed corroborating
-  measures of :class:`interp_fer.layer_mapping.LayerMapping` (checkpointed);
+  random-weights control: per-image region responses (in memory, or in the chunked Zarr
+  store of :mod:`interp_fer.feature_store`), and the streamed corroborating measures of
+  :class:`interp_fer.layer_mapping.LayerMapping` (checkpointed); on Dask workers with
+  :mod:`interp_fer.distributed`, with identical results;
 * :func:`decide`: the detector test, ``looks_at``, and the tables.
 """
 

@@ -139,3 +139,16 @@ def test_a_store_of_another_run_is_replaced(tmp_path):
     (tmp_path / "plain" / "data.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a feature store"):
         FeatureStore.open(tmp_path / "plain", "run-a", 5, 2)
+
+
+def test_the_package_and_the_cli_do_not_import_dask():
+    import subprocess
+    import sys
+
+    code = ("import sys, interp_fer, interp_fer.cli, interp_fer.mapping, "
+            "interp_fer.feature_store; print(sorted(m for m in ('dask', 'distributed', 'zarr') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
