@@ -89,8 +89,18 @@ class FERModel:
         self.module.to(device)
         return self
 
-    def logits(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
-        """Class logits for raw images, shape (N, n_classes), float32."""
+    def logits(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 256,
+               crop: str = "none") -> np.ndarray:
+        """Class logits for raw images, shape (N, n_classes), float32.
+
+        ``crop``: ``"none"`` feeds each image whole (face crops such as FER2013's);
+        ``"auto"`` or ``"face"`` passes photos through the face pipeline first (detect, choose,
+        align on the eye line, crop with the model's framing: :mod:`interp_fer.face_crops`).
+        """
+        if crop != "none":
+            from .face_crops import FacePipeline
+
+            images = FacePipeline(crop, self.input_size)(list(images))
         batch = self.preprocess(images)
         outputs = []
         with torch.inference_mode():
@@ -99,13 +109,15 @@ class FERModel:
                 outputs.append(self.module(chunk).float().cpu())
         return torch.cat(outputs).numpy()
 
-    def predict_proba(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """Class probabilities (softmax of the logits), shape (N, n_classes)."""
-        return torch.softmax(torch.from_numpy(self.logits(images)), dim=1).numpy()
+    def predict_proba(self, images: np.ndarray | Sequence[np.ndarray],
+                      crop: str = "none") -> np.ndarray:
+        """Class probabilities (softmax of the logits), shape (N, n_classes); ``crop`` as in
+        :meth:`logits`."""
+        return torch.softmax(torch.from_numpy(self.logits(images, crop=crop)), dim=1).numpy()
 
-    def predict(self, images: np.ndarray | Sequence[np.ndarray]) -> list[str]:
-        """Predicted class name of each image."""
-        return [self.class_names[i] for i in self.logits(images).argmax(axis=1)]
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], crop: str = "none") -> list[str]:
+        """Predicted class name of each image; ``crop`` as in :meth:`logits`."""
+        return [self.class_names[i] for i in self.logits(images, crop=crop).argmax(axis=1)]
 
     def __repr__(self) -> str:
         n_params = sum(p.numel() for p in self.module.parameters())

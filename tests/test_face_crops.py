@@ -242,3 +242,16 @@ def test_map_uses_the_same_pipeline(mini_xception, sample_faces):
     assert np.abs(eye_line_angle(mapped[aligned])).max() < 1e-6
     eye_y = (mapped[aligned][:, 36:48, 1].mean(axis=1) + 0.5) / size[0]
     assert np.abs(eye_y - FER2013_FRAMING.eye_y).max() < 2 / size[0]
+
+
+def test_predict_crops_photos_through_the_pipeline(mini_xception):
+    from interp_fer.face_crops import FacePipeline
+    from interp_fer.samples import sample_face
+
+    photo = sample_face("happy")
+    cropped = FacePipeline("auto", mini_xception.input_size)([photo])
+    np.testing.assert_allclose(mini_xception.logits([photo], crop="auto"),
+                               mini_xception.logits(cropped), atol=1e-6)
+    assert mini_xception.predict([photo], crop="auto") == mini_xception.predict(cropped)
+    with pytest.raises(ValueError, match="crop"):
+        mini_xception.predict([photo], crop="square")
