@@ -58,7 +58,9 @@ def main() -> None:
     from interp_fer.feature_store import FeatureStore
     from interp_fer.layer_mapping import MappingOptions
     from interp_fer.mapping import Stream, _MapPass, long_scores, map_dataset, prepare_faces
+    from interp_fer.memory import keep_freed_memory
 
+    keep_freed_memory()  # as `interp-fer map` does (and Cluster.run on its workers)
     model = load_model("mini-xception")
     dataset = open_dataset(labels, class_names=model.class_names).subset(limit=args.limit,
                                                                            stratify=True)

@@ -46,6 +46,8 @@ class Cluster:
         if shard < 1:
             raise ValueError(f"shard must be >= 1 chunk, not {shard}")
         self.client, self.shard, self._owned = client, shard, owned
+        #: Apply :func:`interp_fer.memory.keep_freed_memory` on the workers before a pass.
+        self.keep_freed_memory = True
 
     @classmethod
     def local(cls, workers: int, shard: int = 4, threads: int = 1) -> Cluster:
@@ -111,6 +113,12 @@ class Cluster:
 
         n_chunks = len(job.batches)
         path = str(stream.store.path)
+        if self.keep_freed_memory:
+            # As the CLI does for itself: the pass frees and reallocates MBs per batch, and
+            # Dask's nanny asks malloc to trim eagerly (a worker was ~1.5x slower per batch).
+            from .memory import keep_freed_memory
+
+            self.client.run(keep_freed_memory)
         empties = {name: acc.empty() for name, acc in stream.accumulators.items()}
         [job_ref] = self.client.scatter([job], broadcast=True, hash=False)
         [empty_ref] = self.client.scatter([empties], broadcast=True, hash=False)
