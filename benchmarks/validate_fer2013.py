@@ -87,9 +87,12 @@ def main() -> None:
     print(f"{args.model} on {len(faceset.faces)} FER2013 faces ({report.sum()} in the report "
           f"half), layers {', '.join(layers)}; wall {wall / 60:.1f} min")
     print(f"detectors: trained {d['detectors']} of {d['channels']}; random-weights copy "
-          f"{d['control_detectors']} of {d['channels']} (tested against a second copy)")
-    print("detected AUs (trained):", mapping["au"].value_counts().sort_index().to_dict())
-    print("detected AUs (random):", control_mapping["au"].value_counts().sort_index().to_dict())
+          f"{d['control_detectors']} of {d['channels']} (tested against the bar of the other "
+          f"{copies - 1} copies)")
+    for name, table in (("trained", mapping), ("random", control_mapping)):
+        counts = table["au"].value_counts().sort_index()
+        print(f"detected AUs ({name}):", ", ".join(f"AU{int(a)}: {int(n)}"
+                                                   for a, n in counts.items()) or "none")
 
     rows = []
     for au, targets in TARGETS.items():

@@ -491,8 +491,10 @@ def _filled(x: np.ndarray) -> np.ndarray:
     # A region without cells (clipped off the image) has no response: the lowest value of
     # the channel stands in, so ranks put it last and nothing is dropped silently (the run
     # counts clipped regions).
-    x = np.asarray(x, dtype=np.float64)
-    if np.isfinite(x).all():
+    # float32 as stored: ranks do not need more, and a whole layer's responses stay small.
+    x = np.asarray(x, dtype=np.float32)
+    finite = np.isfinite(x)
+    if finite.all():
         return x
-    low = np.nanmin(np.where(np.isfinite(x), x, np.nan), axis=(0, 2), keepdims=True)
-    return np.where(np.isfinite(x), x, np.nan_to_num(low, nan=0.0) - 1.0)
+    low = np.nanmin(np.where(finite, x, np.nan), axis=(0, 2), keepdims=True)
+    return np.where(finite, x, np.nan_to_num(low, nan=0.0) - 1.0).astype(np.float32)
