@@ -176,11 +176,19 @@ class FeatureStore:
     def __contains__(self, name: str) -> bool:
         return name in self._group
 
-    def array(self, name: str) -> np.ndarray:
-        """Every row of ``name`` as a numpy array (read chunk by chunk)."""
+    def array(self, name: str, columns: list[int] | None = None) -> np.ndarray:
+        """Every row of ``name`` as a numpy array (read chunk by chunk).
+
+        ``columns``: only these positions of the last axis (e.g. the tested AUs), read
+        without the others ever being in memory.
+        """
         if name not in self._group:
             raise KeyError(f"{self.path}: no array {name}")
-        return np.asarray(self._group[name][:])
+        target = self._group[name]
+        if columns is None:
+            return np.asarray(target[:])
+        index = (slice(None),) * (target.ndim - 1) + (np.asarray(columns, dtype=np.int64),)
+        return np.asarray(target.oindex[index])
 
     def dask_array(self, name: str) -> Any:
         """``name`` as a dask array with the store's chunks (dask is imported here only)."""

@@ -930,9 +930,16 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
 
 def _responses(stream: Stream, network: str, layers: Sequence[str], columns: list[int]
                ) -> list[LayerResponses]:
-    return [LayerResponses(name, stream.store.array(f"{network}/{name}/in")[:, :, columns],
-                           stream.store.array(f"{network}/{name}/out")[:, :, columns])
+    return [LayerResponses(name, _read(stream.store, f"{network}/{name}/in", columns),
+                           _read(stream.store, f"{network}/{name}/out", columns))
             for name in layers]
+
+
+def _read(store: Any, name: str, columns: list[int]) -> np.ndarray:
+    """(N, K, len(columns)) of a store's (N, K, A) array; a feature store reads only them."""
+    if isinstance(store, ResponseStore):
+        return store.array(name)[:, :, columns]
+    return store.array(name, columns=columns)
 
 
 def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
@@ -1323,7 +1330,7 @@ def map_dataset(
     activity_frame = pd.DataFrame(faceset.activity, columns=[f"AU{a}" for a in faceset.tested])
     activity_frame.insert(0, "key", [f.key for f in faceset.faces])
     activity_frame.insert(0, "index", faceset.indices)
-    responses = {name: stream.store.array(f"model/{name}/in")[:, :, columns] for name in layers}
+    responses = {name: _read(stream.store, f"model/{name}/in", columns) for name in layers}
     result = MappingResult(mapping, scores, run, faceset.table, face_table, top, expressions,
                            activity_frame, responses, looks, control_detectors)
     if saver:

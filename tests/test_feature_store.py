@@ -152,3 +152,13 @@ def test_the_package_and_the_cli_do_not_import_dask():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_reading_some_columns_of_the_last_axis(tmp_path):
+    store = FeatureStore.open(tmp_path / "f.zarr", "run", 5, 2)
+    store.ensure({"x": ((3, 4), "float32")})
+    values = np.arange(60, dtype=np.float32).reshape(5, 3, 4)
+    store.put("x", 0, values[:2])
+    store.put("x", 2, values[2:])
+    np.testing.assert_array_equal(store.array("x", columns=[3, 0]), values[:, :, [3, 0]])
+    np.testing.assert_array_equal(store.array("x"), values)
