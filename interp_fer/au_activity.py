@@ -24,7 +24,6 @@ of the landmarks, and to mirroring the face.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from .faces import MIRROR_INDEX, N_LANDMARKS, eye_centres
+from .landmark_files import load_data_file
 
-DATA_PACKAGE = "interp_fer.landmarks"
 DATA_FILE = "au_activity.json"
 
 #: AU numbers the default proxy file covers (a literal, so that importing reads no file; a test
@@ -349,15 +348,7 @@ class ActivityProxies:
     @classmethod
     def from_file(cls, path: str | Path) -> ActivityProxies:
         """Load and validate a proxy file (errors name the file)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ActivityProxyError(f"{path}: cannot read AU activity data: {exc}") from exc
-        try:
-            return cls(data)
-        except ActivityProxyError as exc:
-            raise ActivityProxyError(f"{path}: {exc}") from exc
+        return load_data_file(path, DATA_FILE, cls, "AU activity data", ActivityProxyError)
 
     @property
     def aus(self) -> tuple[int, ...]:
@@ -386,28 +377,10 @@ def _au_number(au: int | str) -> int:
     raise KeyError(f"not an AU: {au!r} (give a number, e.g. 12, or 'AU12')")
 
 
-def _read_default() -> Any:
-    from importlib.resources import files
-
-    try:
-        resource = files(DATA_PACKAGE).joinpath(DATA_FILE)
-    except ModuleNotFoundError:
-        # A source checkout that is not installed: setup.cfg maps landmarks/ to
-        # interp_fer.landmarks only in installed (or editable) packages.
-        resource = Path(__file__).resolve().parents[1] / "landmarks" / DATA_FILE
-    try:
-        return json.loads(resource.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ActivityProxyError(f"{DATA_PACKAGE}/{DATA_FILE}: cannot read AU activity data: "
-                                 f"{exc}") from exc
-
-
 @lru_cache(maxsize=1)
 def _default_proxies() -> ActivityProxies:
-    try:
-        return ActivityProxies(_read_default())
-    except ActivityProxyError as exc:
-        raise ActivityProxyError(f"{DATA_PACKAGE}/{DATA_FILE}: {exc}") from exc
+    return load_data_file(None, DATA_FILE, ActivityProxies, "AU activity data",
+                          ActivityProxyError)
 
 
 def load_activity_proxies(path: str | Path | None = None) -> ActivityProxies:

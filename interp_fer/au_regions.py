@@ -24,7 +24,6 @@ vector from the image-left eye centre to the image-right eye centre, ``ey`` = ``
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from typing import Any, Literal
 import numpy as np
 
 from .faces import MIRROR_INDEX, N_LANDMARKS, eye_centres
+from .landmark_files import load_data_file
 
-DATA_PACKAGE = "interp_fer.landmarks"
 DATA_FILE = "au_regions.json"
 SHAM_FILE = "sham_regions.json"
 
@@ -664,15 +663,8 @@ class AURegions:
     @classmethod
     def from_file(cls, path: str | Path, kind: Literal["au", "sham"] = "au") -> AURegions:
         """Load and validate a region file (errors name the file)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AURegionError(f"{path}: cannot read AU region data: {exc}") from exc
-        try:
-            return cls(data, kind)
-        except AURegionError as exc:
-            raise AURegionError(f"{path}: {exc}") from exc
+        return load_data_file(path, DATA_FILE, lambda data: cls(data, kind), "AU region data",
+                              AURegionError)
 
     # -- mapping-like access ---------------------------------------------------------------
     def __getitem__(self, au: str | int) -> AURegion:
@@ -805,23 +797,8 @@ def _check_landmarks(landmarks: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=2)
 def _default_regions(filename: str = DATA_FILE, kind: Literal["au", "sham"] = "au"
                      ) -> AURegions:
-    from importlib.resources import files
-
-    try:
-        resource = files(DATA_PACKAGE).joinpath(filename)
-    except ModuleNotFoundError:
-        # Running from a source checkout without installing: setup.cfg maps the top-level
-        # landmarks/ folder to interp_fer.landmarks only in installed (or editable) packages.
-        resource = Path(__file__).resolve().parents[1] / "landmarks" / filename
-    try:
-        data = json.loads(resource.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AURegionError(f"{DATA_PACKAGE}/{filename}: cannot read AU region data: {exc}"
-                            ) from exc
-    try:
-        return AURegions(data, kind)
-    except AURegionError as exc:
-        raise AURegionError(f"{DATA_PACKAGE}/{filename}: {exc}") from exc
+    return load_data_file(None, filename, lambda data: AURegions(data, kind), "AU region data",
+                          AURegionError)
 
 
 def load_au_regions(path: str | Path | None = None) -> AURegions:
