@@ -46,13 +46,18 @@ METHODS: tuple[str, ...] = ("saliency", "integrated_gradients", "guided_backprop
                             "deconvolution", "gradcam", "occlusion")
 
 
-def _network_and_inputs(model: Any, inputs: Any) -> tuple[nn.Module, Any]:
+def _network_and_inputs(model: Any, inputs: Any, crop: str = "none") -> tuple[nn.Module, Any]:
     """The ``nn.Module`` of ``model`` (itself or a FERModel's) and tensor inputs."""
     from .models import FERModel
 
     if isinstance(model, FERModel):
         if not isinstance(inputs, torch.Tensor):
-            inputs = model.preprocess(list(inputs)).to(model.device)
+            images = list(inputs)
+            if crop != "none":
+                from .face_crops import FacePipeline
+
+                images = FacePipeline(crop, model.input_size)(images)
+            inputs = model.preprocess(images).to(model.device)
         return model.module, inputs
     if not isinstance(model, nn.Module):
         raise TypeError(f"attribute needs an nn.Module or a FERModel, not {type(model).__name__}")
@@ -176,6 +181,7 @@ def attribute(
     method: Method = "saliency",
     *,
     layer: str | nn.Module | None = None,
+    crop: str = "none",
     **options: Any,
 ) -> torch.Tensor:
     """Attribution of ``target`` to the input pixels with one of :data:`METHODS`.
@@ -195,6 +201,10 @@ def attribute(
         One of :data:`METHODS`.
     layer
         For ``"gradcam"``: the convolutional layer whose activations are weighted.
+    crop
+        With a ``FERModel`` and raw images: ``"none"`` feeds them whole; ``"auto"`` or
+        ``"face"`` passes photos through the face pipeline first (:mod:`interp_fer.face_crops`),
+        so the attributions are on the aligned face crop the network saw.
     **options
         Passed to the Captum ``attribute`` call (e.g. ``abs=False`` for saliency,
         ``n_steps``, ``baselines``, ``internal_batch_size`` for integrated gradients,
@@ -213,7 +223,7 @@ def attribute(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    module, inputs = _network_and_inputs(module, inputs)
+    module, inputs = _network_and_inputs(module, inputs, crop)
     if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
         raise ValueError("inputs must be a preprocessed (N, c, H, W) tensor")
     if method == "gradcam" and layer is None:

@@ -255,3 +255,16 @@ def test_predict_crops_photos_through_the_pipeline(mini_xception):
     assert mini_xception.predict([photo], crop="auto") == mini_xception.predict(cropped)
     with pytest.raises(ValueError, match="crop"):
         mini_xception.predict([photo], crop="square")
+
+
+def test_attribute_crops_photos_through_the_pipeline(mini_xception):
+    from interp_fer.attributions import attribute
+    from interp_fer.face_crops import FacePipeline
+    from interp_fer.samples import sample_face
+
+    photo = sample_face("happy")
+    cropped = FacePipeline("auto", mini_xception.input_size)([photo])
+    got = attribute(mini_xception, [photo], 3, "saliency", crop="auto")
+    want = attribute(mini_xception, cropped, 3, "saliency")
+    assert got.shape == (1, 1, *mini_xception.input_size)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
