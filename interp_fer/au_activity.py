@@ -27,14 +27,20 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .faces import MIRROR_INDEX, N_LANDMARKS, eye_centres
-from .landmark_files import load_data_file
+from .landmark_files import (
+    check_au_key,
+    check_fields,
+    check_sources,
+    field_error,
+    load_data_file,
+)
 
 DATA_FILE = "au_activity.json"
 
@@ -57,7 +63,10 @@ class ActivityProxyError(ValueError):
 
 
 def _err(au: str, field: str, problem: str) -> ActivityProxyError:
-    return ActivityProxyError(f"{au}: field '{field}': {problem}")
+    return field_error(ActivityProxyError, au, field, problem)
+
+
+_check_fields = partial(check_fields, error=ActivityProxyError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,17 +142,6 @@ def _term_points(term: Mapping[str, Any]) -> set[int]:
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-
-
-def _check_fields(obj: Any, required: set[str], optional: set[str], au: str, where: str) -> None:
-    if not isinstance(obj, Mapping):
-        raise _err(au, where, f"must be an object, got {type(obj).__name__}")
-    missing = sorted(required - obj.keys())
-    if missing:
-        raise _err(au, where, f"missing {', '.join(missing)}")
-    unknown = sorted(obj.keys() - required - optional)
-    if unknown:
-        raise _err(au, where, f"unknown field(s) {', '.join(unknown)}")
 
 
 def _check_point_set(value: Any, au: str, field: str) -> None:
@@ -236,11 +234,7 @@ def validate(data: Any, reference_face: np.ndarray | None = None) -> None:
         raise ActivityProxyError("no AU activity proxies defined")
     seen: dict[int, str] = {}
     for au in aus:
-        if not (au.startswith("AU") and au[2:].isdigit()):
-            raise _err(au, "(key)", "AU keys are 'AU' + number, e.g. 'AU01'")
-        if int(au[2:]) in seen:
-            raise _err(au, "(key)", f"same AU number as {seen[int(au[2:])]}")
-        seen[int(au[2:])] = au
+        check_au_key(au, seen, error=ActivityProxyError)
         _check_entry(au, data[au], meta, ref_pts, reference_face)
 
 
@@ -264,12 +258,7 @@ def _check_entry(au: str, spec: Any, meta: Mapping[str, Any], ref_pts: np.ndarra
     (unit,) = units
     if spec["unit"] != unit:
         raise _err(au, "unit", f"is {spec['unit']!r} but the terms give {unit!r}")
-    sources = spec["sources"]
-    if not isinstance(sources, list) or not sources:
-        raise _err(au, "sources", "must be a non-empty list of keys of _meta.sources")
-    for s in sources:
-        if s not in meta["sources"]:
-            raise _err(au, "sources", f"unknown source {s!r} (not in _meta.sources)")
+    check_sources(spec["sources"], meta["sources"], au, error=ActivityProxyError)
     if not spec["bilateral"] and not _is_symmetric(formula, reference_face):
         raise _err(au, "formula", "is not left/right symmetric; write it for one side and "
                    "set bilateral: true")

@@ -27,14 +27,20 @@ import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from .faces import MIRROR_INDEX, N_LANDMARKS, eye_centres
-from .landmark_files import load_data_file
+from .landmark_files import (
+    check_au_key,
+    check_fields,
+    check_sources,
+    field_error,
+    load_data_file,
+)
 
 DATA_FILE = "au_regions.json"
 SHAM_FILE = "sham_regions.json"
@@ -373,18 +379,10 @@ def _shape_polygon(shape: Mapping[str, Any], lm: np.ndarray, frame: FaceFrame,
 
 
 def _err(au: str, field: str, problem: str) -> AURegionError:
-    return AURegionError(f"{au}: field '{field}': {problem}")
+    return field_error(AURegionError, au, field, problem)
 
 
-def _check_fields(obj: Any, required: set[str], optional: set[str], au: str, where: str) -> None:
-    if not isinstance(obj, Mapping):
-        raise _err(au, where, f"must be an object, got {type(obj).__name__}")
-    missing = sorted(required - obj.keys())
-    if missing:
-        raise _err(au, where, f"missing {', '.join(missing)}")
-    unknown = sorted(obj.keys() - required - optional)
-    if unknown:
-        raise _err(au, where, f"unknown field(s) {', '.join(unknown)}")
+_check_fields = partial(check_fields, error=AURegionError)
 
 
 def _number(value: Any, au: str, field: str, lo: float, hi: float) -> float:
@@ -526,11 +524,7 @@ def validate(data: Any, kind: Literal["au", "sham"] = "au") -> None:
                 raise _err(au, "(key)", "sham keys are 'sham_' + a place in lower-case "
                            "letters and '_', e.g. 'sham_cheek'")
         else:
-            if not (au.startswith("AU") and au[2:].isdigit()):
-                raise _err(au, "(key)", "AU keys are 'AU' + number, e.g. 'AU01'")
-            if int(au[2:]) in seen:
-                raise _err(au, "(key)", f"same AU number as {seen[int(au[2:])]}")
-            seen[int(au[2:])] = au
+            check_au_key(au, seen, error=AURegionError)
         spec = data[au]
         _check_fields(spec, *_AU_FIELDS, au, "(region)")
         if not isinstance(spec["name"], str) or not spec["name"].strip():
@@ -551,12 +545,7 @@ def validate(data: Any, kind: Literal["au", "sham"] = "au") -> None:
         if declared != used:
             raise _err(au, "anchors", f"{sorted(declared)} differ from the landmarks the shape "
                        f"uses {sorted(used)}")
-        sources = spec["sources"]
-        if not isinstance(sources, list) or not sources:
-            raise _err(au, "sources", "must be a non-empty list of keys of _meta.sources")
-        for s in sources:
-            if s not in meta["sources"]:
-                raise _err(au, "sources", f"unknown source {s!r} (not in _meta.sources)")
+        check_sources(spec["sources"], meta["sources"], au, error=AURegionError)
         _check_size(spec["size"], au)
         _check_geometry(au, spec, reference)
 
