@@ -387,7 +387,41 @@ class SameAvgPool2d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, pads(l,r,t,b)={self.pads}"
 
 
-class KerasNetwork(nn.Module):
+class GraphNetwork(nn.Module):
+    """A converted network: named modules run in a fixed order on named values.
+
+    The part Keras and ONNX conversions share. Each step ``(module, inputs, output)`` calls
+    the child ``module`` on the values named ``inputs`` and stores the result as ``output``.
+
+    Attributes
+    ----------
+    input_chw
+        (channels, height, width) of the input.
+    source
+        The file it came from.
+    """
+
+    def __init__(self, steps: list[tuple[str, list[str], str]], input_name: str,
+                 output_name: str, modules: Mapping[str, nn.Module],
+                 input_chw: tuple[int, int, int], source: str) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self._graph = list(steps)
+        self._input = input_name
+        self._output = output_name
+        self.input_chw = input_chw
+        self.source = source
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = {self._input: x}
+        modules = dict(self.named_children())
+        for name, inputs, output in self._graph:
+            values[output] = modules[name](*[values[i] for i in inputs])
+        return values[self._output]
+
+
+class KerasNetwork(GraphNetwork):
     """A converted Keras model: one module per Keras layer, run in the file's layer order.
 
     Attributes
@@ -403,22 +437,10 @@ class KerasNetwork(nn.Module):
     def __init__(self, graph: list[tuple[str, list[str]]], input_name: str, output_name: str,
                  modules: Mapping[str, nn.Module], input_chw: tuple[int, int, int],
                  layer_map: Mapping[str, str], source: str) -> None:
-        super().__init__()
-        for name, module in modules.items():
-            self.add_module(name, module)
-        self._graph = list(graph)
-        self._input = input_name
-        self._output = output_name
-        self.input_chw = input_chw
+        # A Keras layer's output is named after its module.
+        super().__init__([(name, inputs, name) for name, inputs in graph], input_name,
+                         output_name, modules, input_chw, source)
         self.layer_map = dict(layer_map)
-        self.source = source
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = {self._input: x}
-        modules = dict(self.named_children())
-        for name, inputs in self._graph:
-            values[name] = modules[name](*[values[i] for i in inputs])
-        return values[self._output]
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .keras_import import Add, Concatenate, SameAvgPool2d
+from .keras_import import Add, Concatenate, GraphNetwork, SameAvgPool2d
 
 
 class OnnxImportError(ValueError):
@@ -66,7 +66,7 @@ class Reshape(nn.Module):
         return f"shape=(N, {', '.join(map(str, self.shape))})"
 
 
-class OnnxNetwork(nn.Module):
+class OnnxNetwork(GraphNetwork):
     """A converted ONNX graph: one module per operator, run in the graph's node order.
 
     Attributes
@@ -82,22 +82,8 @@ class OnnxNetwork(nn.Module):
     def __init__(self, graph: list[tuple[str, list[str], str]], input_name: str, output_name: str,
                  modules: Mapping[str, nn.Module], input_chw: tuple[int, int, int],
                  node_map: Mapping[str, str], source: str) -> None:
-        super().__init__()
-        for name, module in modules.items():
-            self.add_module(name, module)
-        self._graph = list(graph)
-        self._input = input_name
-        self._output = output_name
-        self.input_chw = input_chw
+        super().__init__(graph, input_name, output_name, modules, input_chw, source)
         self.node_map = dict(node_map)
-        self.source = source
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = {self._input: x}
-        modules = dict(self.named_children())
-        for name, inputs, output in self._graph:
-            values[output] = modules[name](*[values[i] for i in inputs])
-        return values[self._output]
 
 
 def _attributes(node: Any) -> dict[str, Any]:
