@@ -118,3 +118,32 @@ def test_a_killed_client_resumes_from_the_store(sample_faces, tmp_path):
     for name in ("mapping.csv", "scores.csv"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert not checkpoint.exists()
+
+
+def test_scheduler_and_workers_started_as_the_readme_says(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a free port for this test's scheduler
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bin_dir = Path(sys.executable).parent
+    started = []
+    try:
+        started.append(subprocess.Popen([bin_dir / "dask", "scheduler", "--port", str(port),
+                                         "--no-dashboard"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True))
+        started.append(subprocess.Popen([bin_dir / "dask", "worker", address, "--nworkers", "2",
+                                         "--nthreads", "1", "--no-dashboard"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True))
+        reference = tmp_path / "reference"
+        _map(reference, "--batch-size", "2")
+        _map(tmp_path / "scheduled", "--batch-size", "2", "--scheduler", address)
+        for name in ("mapping.csv", "scores.csv"):
+            assert (tmp_path / "scheduled" / name).read_bytes() == \
+                (reference / name).read_bytes(), name
+    finally:
+        for process in reversed(started):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
