@@ -3,7 +3,6 @@ network, checked against ONNX Runtime; module ReLUs; listed unsupported operator
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import io
 import warnings
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import captum_parity
 from torch import nn
 
 from interp_fer.models import ModelLoadError, load_model
@@ -41,27 +41,9 @@ def _runtime(data: bytes | str, inputs: np.ndarray) -> np.ndarray:
 
 
 def _assert_captum_parity(network: nn.Module, x: torch.Tensor, layer: str, channels: list[int]) -> None:
-    from captum.attr import NeuronDeconvolution
-
-    from interp_fer.layers import resolve_layer
     from interp_fer.projections import deconvnet
 
-    result = deconvnet(network, x, layer, channels)
-    reference = copy.deepcopy(network).double()
-    checked = 0
-    for image in range(x.shape[0]):
-        for slot, channel in enumerate(result.channels.tolist()):
-            if not result.active[image, slot]:
-                continue
-            row, col = result.units[image, slot].tolist()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                expected = NeuronDeconvolution(reference, resolve_layer(reference, layer)).attribute(
-                    x[image:image + 1].double(), neuron_selector=(channel, row, col))[0]
-            error = (expected - result.maps[image, slot].double()).abs().max()
-            assert error <= 1e-5 * expected.abs().max(), (layer, image, slot)
-            checked += 1
-    assert checked
+    assert captum_parity(network, x, deconvnet(network, x, layer, channels))
 
 
 def test_small_cnn_matches_stored_runtime_outputs():

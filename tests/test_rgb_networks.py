@@ -4,18 +4,17 @@ folder."""
 
 from __future__ import annotations
 
-import copy
 import sys
 import textwrap
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from _helpers import captum_parity
 from torch import nn
 
 from interp_fer.architectures import IMAGENET_MEAN, IMAGENET_STD, VGG16, ResNet18, rgb_model
-from interp_fer.layers import layer_outputs, receptive_field, resolve_layer
+from interp_fer.layers import layer_outputs, receptive_field
 from interp_fer.models import load_model
 from interp_fer.projections import project
 from interp_fer.samples import sample_face
@@ -86,31 +85,6 @@ def test_layer_outputs_of_every_stage(small, faces):
         assert (outputs[stage] >= 0).all()          # every stage is a ReLU output
 
 
-CAPTUM = {"deconvnet": "NeuronDeconvolution", "guided_backprop": "NeuronGuidedBackprop"}
-
-
-def _assert_captum_parity(module: nn.Module, x: torch.Tensor, result) -> int:
-    import captum.attr
-
-    reference = copy.deepcopy(module).double()
-    checked = 0
-    for image in range(x.shape[0]):
-        for slot, channel in enumerate(result.channels.tolist()):
-            if not result.active[image, slot]:
-                continue
-            row, col = result.units[image, slot].tolist()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                method = getattr(captum.attr, CAPTUM[result.method])
-                expected = method(reference, resolve_layer(reference, result.layer)).attribute(
-                    x[image:image + 1].double(), neuron_selector=(channel, row, col))[0]
-            error = (expected - result.maps[image, slot].double()).abs().max()
-            # As tests/test_projections.py: a float64 reference, 1e-5 of the map's max.
-            assert error <= 1e-5 * expected.abs().max(), (result.layer, image, slot)
-            checked += 1
-    return checked
-
-
 @pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
 def test_every_stage_projects_like_captum(small, faces, method):
     x = small.preprocess(faces)
@@ -118,7 +92,7 @@ def test_every_stage_projects_like_captum(small, faces, method):
         n = layer_outputs(small.module, [stage], x[:1])[stage].shape[1]
         result = project(small.module, x, stage, sorted({0, n // 2, n - 1}), method=method)
         assert result.maps.shape[2:] == (3, 64, 64)
-        assert _assert_captum_parity(small.module, x, result), stage
+        assert captum_parity(small.module, x, result), stage
 
 
 def test_attribution_methods(small, faces):

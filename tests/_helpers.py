@@ -1,0 +1,40 @@
+"""Checks shared by several test modules (import as ``from _helpers import ...``)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from interp_fer.layers import resolve_layer
+
+#: Captum's reference for each projection method.
+CAPTUM = {"deconvnet": "NeuronDeconvolution", "guided_backprop": "NeuronGuidedBackprop"}
+
+
+def captum_parity(module: nn.Module, x: torch.Tensor, result) -> int:
+    """Assert each active unit's projection in ``result`` equals Captum's; return how many.
+
+    The reference is a float64 copy of ``module``; the tolerance is 1e-5 of the map's max
+    (as tests/test_projections.py).
+    """
+    import captum.attr
+
+    method = getattr(captum.attr, CAPTUM[result.method])
+    reference = copy.deepcopy(module).double()
+    checked = 0
+    for image in range(x.shape[0]):
+        for slot, channel in enumerate(result.channels.tolist()):
+            if not result.active[image, slot]:
+                continue
+            row, col = result.units[image, slot].tolist()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = method(reference, resolve_layer(reference, result.layer)).attribute(
+                    x[image:image + 1].double(), neuron_selector=(channel, row, col))[0]
+            error = (expected - result.maps[image, slot].double()).abs().max()
+            assert error <= 1e-5 * expected.abs().max(), (result.layer, image, slot)
+            checked += 1
+    return checked
