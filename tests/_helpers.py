@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Iterable
 
+import pytest
 import torch
 from torch import nn
 
@@ -38,3 +40,19 @@ def captum_parity(module: nn.Module, x: torch.Tensor, result) -> int:
             assert error <= 1e-5 * expected.abs().max(), (result.layer, image, slot)
             checked += 1
     return checked
+
+
+def broken(raw: dict, edit: Callable[[dict], object]) -> dict:
+    """A deep copy of the parsed data file ``raw`` with ``edit`` applied (in place) to it."""
+    data = copy.deepcopy(raw)
+    edit(data)
+    return data
+
+
+def assert_rejected(error: type[Exception], build: Callable[[], object],
+                    words: Iterable[str]) -> None:
+    """Assert ``build()`` raises ``error`` and its message contains every one of ``words``."""
+    with pytest.raises(error) as info:
+        build()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))

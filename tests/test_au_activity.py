@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import assert_rejected, broken
 
 from interp_fer.au_activity import (
     ACTIVITY_AUS,
@@ -92,12 +93,6 @@ def test_every_proxy_states_its_facts(proxies, raw):
     assert proxies[12].name == "Lip corner puller" and proxies["AU25"].name == "Lips part"
 
 
-def broken(raw: dict, edit) -> dict:
-    data = copy.deepcopy(raw)
-    edit(data)
-    return data
-
-
 @pytest.mark.parametrize("edit, words", [
     (lambda d: d["AU01"]["formula"][0].update(upper=[68]),
      ["AU01", "formula[0].upper", "unknown landmark index 68"]),
@@ -126,10 +121,7 @@ def broken(raw: dict, edit) -> dict:
     (lambda d: d["_meta"]["conventions"].update(unit="px"), ["_meta", "conventions.unit"]),
 ])
 def test_validation_errors_name_the_au_and_field(raw, edit, words):
-    with pytest.raises(ActivityProxyError) as info:
-        ActivityProxies(broken(raw, edit))
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
+    assert_rejected(ActivityProxyError, lambda: ActivityProxies(broken(raw, edit)), words)
 
 
 def test_file_errors_name_the_file(tmp_path, raw):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import assert_rejected, broken
 
 from interp_fer.au_regions import (
     AURegionError,
@@ -379,12 +380,6 @@ def test_figure_of_every_region(regions, astronaut_landmarks):
 # -- validation errors ------------------------------------------------------------------------------
 
 
-def broken(raw: dict, edit) -> dict:
-    data = copy.deepcopy(raw)
-    edit(data)
-    return data
-
-
 @pytest.mark.parametrize("edit, words", [
     (lambda d: d["AU12"]["shape"]["center"].update(at=68), ["AU12", "shape.center.at",
                                                              "unknown landmark index 68"]),
@@ -417,10 +412,7 @@ def broken(raw: dict, edit) -> dict:
     (lambda d: d["AU23"].update(bilateral="yes"), ["AU23", "bilateral"]),
 ])
 def test_validation_errors_name_the_au_and_field(raw, edit, words):
-    with pytest.raises(AURegionError) as info:
-        AURegions(broken(raw, edit))
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
+    assert_rejected(AURegionError, lambda: AURegions(broken(raw, edit)), words)
 
 
 def test_file_errors_name_the_file(tmp_path, raw):
