@@ -205,6 +205,26 @@ def _symmetric_bound(values: np.ndarray, limit: float | None) -> tuple[float, bo
     return bound, bool(finite.size and finite.max() > bound)
 
 
+def _channel_heatmap(values: np.ndarray, bound: float, width: float) -> tuple[Figure, Any, Any]:
+    """A new figure, its axes and the image of ``values`` (``(rows, channels)``) on the
+    diverging scale ``[-bound, bound]``, NaN grey; call inside the style context."""
+    import matplotlib
+
+    figure = new_figure(width, max(1.8, 0.14 * len(values) + 1.1))
+    ax = figure.add_subplot()
+    cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad="0.85")
+    image = ax.imshow(values, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto",
+                      interpolation="nearest")
+    return figure, ax, image
+
+
+def _channel_ticks(ax: Any, channels: pd.Index, layer: str, width: float) -> None:
+    """Channel numbers along x, at most five ticks an inch of figure width."""
+    step = _tick_step(len(channels), most=int(width * 5))
+    ax.set_xticks(np.arange(0, len(channels), step), channels[::step])
+    ax.set_xlabel(f"channel of {layer}")
+
+
 def _layer_rows(frame: pd.DataFrame, layer: str, what: str) -> pd.DataFrame:
     part = frame[frame["layer"] == layer]
     if part.empty:
@@ -278,12 +298,7 @@ def plot_distance_heatmap(
     significant = q.to_numpy(dtype=float) <= alpha
     looked_cols, looked_rows = _marks(mapping, layer, "looks_at", grid)
     with matplotlib.rc_context(STYLE):
-        height = max(1.8, 0.14 * len(grid) + 1.1)
-        figure = new_figure(width, height)
-        ax = figure.add_subplot()
-        cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad="0.85")
-        image = ax.imshow(values, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto",
-                          interpolation="nearest")
+        figure, ax, image = _channel_heatmap(values, bound, width)
         rows, cols = np.nonzero(significant)
         ax.plot(cols, rows, ".", color="black", ms=2.5)
         handles = [Line2D([], [], ls="", marker=".", color="black", ms=4)]
@@ -297,9 +312,7 @@ def plot_distance_heatmap(
         shams = [i for i, r in enumerate(grid.index) if not str(r).startswith("AU")]
         if shams:
             ax.axhline(shams[0] - 0.5, color="black", lw=0.6)
-        step = _tick_step(len(grid.columns), most=int(width * 5))
-        ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
-        ax.set_xlabel(f"channel of {layer}")
+        _channel_ticks(ax, grid.columns, layer, width)
         ax.set_title(f"{layer}: where channels look, distance D per region")
         figure.colorbar(image, ax=ax, label="D", shrink=0.9, extend="both" if over else "neither")
         figure.legend(handles, labels, loc="outside lower center", ncol=len(handles),
@@ -394,12 +407,7 @@ def plot_detector_heatmap(
     bound, over = _symmetric_bound(values, limit)
     detected = None if mapping is None else mapping["au"].notna()
     with matplotlib.rc_context(STYLE):
-        height = max(1.8, 0.14 * len(grid) + 1.1)
-        figure = new_figure(width, height)
-        ax = figure.add_subplot()
-        cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad="0.85")
-        image = ax.imshow(values, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto",
-                          interpolation="nearest")
+        figure, ax, image = _channel_heatmap(values, bound, width)
         if mapping is not None:
             cols, rows = _marks(mapping, layer, "au", grid)
             ax.plot(cols, rows, "o", mfc="none", mec="black", ms=5, mew=0.9)
@@ -417,9 +425,7 @@ def plot_detector_heatmap(
         ax.set_yticks(np.arange(len(grid)), list(grid.index))
         if column == "effect" and "control_bar" in regions:
             _control_bar_axis(ax, regions, grid.index)
-        step = _tick_step(len(grid.columns), most=int(width * 5))
-        ax.set_xticks(np.arange(0, len(grid.columns), step), grid.columns[::step])
-        ax.set_xlabel(f"channel of {layer}")
+        _channel_ticks(ax, grid.columns, layer, width)
         what = {"effect": "effect, report half", "effect_select": "effect, selection half",
                 "partial": "partial (reported, not decided on), report half"}[column]
         ax.set_title(f"{layer}: does the channel detect the AU? {what}")
