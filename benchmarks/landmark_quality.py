@@ -215,19 +215,12 @@ def sample_table(faces: list, seed: int, jitters: int) -> list[dict]:
         c = centre + rng.normal(0, 1.5, (200, 2))
         targets = np.stack([c - np.stack([half, 0 * half], 1), c + np.stack([half, 0 * half], 1)],
                            axis=1)
-        crops48, refs = [], []
-        for _, image, lm in faces:
-            src = np.stack(eye_centres(lm))
-            for t in rng.choice(len(targets), jitters, replace=False):
-                a, b = _similarity(src, targets[t])
-                crops48.append(render_crop(image, a, b))
-                z = a * (lm[:, 0] + 1j * lm[:, 1]) + b
-                refs.append(np.stack([z.real, z.imag], axis=1))
+        crops48, refs = jittered_crops(faces, targets, jitters, rng)
         label = "FER2013 framing" if zoom == 1 else f"face {zoom:.2f}x tighter"
         for pad in (True, False):
             t0 = time.perf_counter()
             status, lm48, _ = run(LandmarkDetector(precropped=True, pad_edges=pad), crops48)
-            err = landmark_error(lm48, np.array(refs))
+            err = landmark_error(lm48, refs)
             fb = float(np.mean(np.array(status) == "fallback_box"))
             rows.append(table_row(
                 f"sample faces, 48 px, {label}, pad_edges={pad}, {100 * fb:.0f}% fallback",
@@ -405,10 +398,11 @@ def render_crop(image: np.ndarray, a: complex, b: complex, side: int = 48,
     return np.clip(np.rint(lo), 0, 255).astype(np.uint8)
 
 
-def synthetic(faces: list, eye_targets: np.ndarray, jitters: int, seed: int,
-              scales: tuple[int, ...] = (2, 3, 4)) -> dict:
-    """Errors of the 48 px path on FER2013-like crops of real high-resolution faces."""
-    rng = np.random.default_rng(seed)
+def jittered_crops(faces: list, eye_targets: np.ndarray, jitters: int,
+                   rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """48 px crops of each face with its eyes moved onto ``jitters`` of the ``(T, 2, 2)``
+    eye targets (drawn without replacement), and each crop's ``(68, 2)`` reference landmarks
+    moved with it (``(N, 68, 2)``)."""
     crops, refs = [], []
     for _, image, lm in faces:
         src = np.stack(eye_centres(lm))
@@ -417,7 +411,14 @@ def synthetic(faces: list, eye_targets: np.ndarray, jitters: int, seed: int,
             crops.append(render_crop(image, a, b))
             z = a * (lm[:, 0] + 1j * lm[:, 1]) + b
             refs.append(np.stack([z.real, z.imag], axis=1))
-    refs = np.array(refs)
+    return crops, np.array(refs)
+
+
+def synthetic(faces: list, eye_targets: np.ndarray, jitters: int, seed: int,
+              scales: tuple[int, ...] = (2, 3, 4)) -> dict:
+    """Errors of the 48 px path on FER2013-like crops of real high-resolution faces."""
+    rng = np.random.default_rng(seed)
+    crops, refs = jittered_crops(faces, eye_targets, jitters, rng)
     out: dict = {"n_faces": len(faces), "n_crops": len(crops)}
     for scale in scales:
         side = 48 * scale
