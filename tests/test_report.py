@@ -120,7 +120,9 @@ def test_headline_says_the_two_questions_and_the_control(mini_xception, sample_f
     looks = result.run["looks_at"]
     assert (f"{100 * looks['sham_rate']:.0f} % of channels look at a sham region (chance share "
             f"of the regions: {100 * looks['sham_share']:.0f} %)") in text
-    assert "regions clipped by the image frame (faces per region): none" in text
+    clipped = ", ".join(f"{name}: {count}"
+                        for name, count in result.run["clipped_regions"].items()) or "none"
+    assert f"regions clipped by the image frame (faces per region): {clipped}" in text
     # The control section: detectors beside the control's per layer, sham rate beside share.
     assert "Control: the same network with random weights" in text
     for column in ("detectors", "control_detectors", "sham_rate", "sham_share"):
