@@ -56,3 +56,28 @@ def assert_rejected(error: type[Exception], build: Callable[[], object],
         build()
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def kill_at_first_checkpoint(command: list[str], out, env: dict[str, str], cwd,
+                             timeout: float = 300) -> None:
+    """Start ``command`` (an ``interp-fer map`` run on ``out``) and ``kill -9`` it, with every
+    process of its session (a local Dask cluster's too), once ``out/.checkpoint.npz`` exists.
+
+    Asserts that the run checkpointed before it finished.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+    checkpoint = Path(out) / ".checkpoint.npz"
+    deadline = time.time() + timeout
+    while not checkpoint.exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert checkpoint.exists(), "the run should have checkpointed before finishing"

@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("distributed")
 
+from _helpers import kill_at_first_checkpoint  # noqa: E402
+
 from interp_fer.distributed import Cluster  # noqa: E402
 from interp_fer.feature_store import FeatureStore  # noqa: E402
 from interp_fer.layer_mapping import MappingOptions  # noqa: E402
@@ -101,17 +103,9 @@ def test_a_killed_client_resumes_from_the_store(sample_faces, tmp_path):
     env = dict(os.environ, INTERP_FER_CHECKPOINT_INTERVAL="0.001")
     command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS,
                "--workers", "2"]
-    # Its own session, so that killing it takes its local cluster's processes too.
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True)
+    # Killed with its whole session, so that its local cluster's processes go too.
+    kill_at_first_checkpoint(command, out, env, tmp_path)
     checkpoint = out / ".checkpoint.npz"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and child.poll() is None:
-        time.sleep(0.05)
-    if child.poll() is None:
-        os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
-    assert checkpoint.exists(), "the run should have checkpointed before finishing"
     done_before = FeatureStore.reopen(out / "features.zarr").complete()
     assert done_before.any()
     _map(out, "--workers", "2", env=env)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _helpers import kill_at_first_checkpoint
 
 from interp_fer.mapping import MAPPING_COLUMNS
 
@@ -67,16 +67,8 @@ def test_resume_after_kill_gives_identical_files(reference_run, tmp_path, interv
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "interp_fer.cli", "map", "--out", str(out), *ARGS]
     env = dict(os.environ, INTERP_FER_CHECKPOINT_INTERVAL=interval)
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, cwd=tmp_path)
+    kill_at_first_checkpoint(command, out, env, tmp_path)
     checkpoint = out / ".checkpoint.npz"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and child.poll() is None:
-        time.sleep(0.05)
-    if child.poll() is None:
-        os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert checkpoint.exists(), "the run should have checkpointed before finishing"
     _map(out)
     for name in ("mapping.csv", "scores.csv"):
         assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
