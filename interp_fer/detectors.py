@@ -351,12 +351,13 @@ class LayerResponses:
     layer
         Layer name.
     x_in, x_out
-        (N, K, A) in-region and out-of-region peak responses, rows in image order.
+        (N, K, A) in-region and out-of-region peak responses, rows in image order. A control
+        copy that only sets the bar needs no ``x_out`` (None).
     """
 
     layer: str
     x_in: np.ndarray
-    x_out: np.ndarray
+    x_out: np.ndarray | None = None
 
 
 def detector_test(layers: list[LayerResponses], activity: np.ndarray, image_ids: np.ndarray,
@@ -404,6 +405,8 @@ def detector_test(layers: list[LayerResponses], activity: np.ndarray, image_ids:
     a = len(aus)
     frames, pair_frames, tested = [], [], []
     for number, responses in enumerate(layers):
+        if responses.x_out is None:
+            raise ValueError(f"layer {responses.layer!r}: the tested network needs x_out")
         x_in, x_out = _filled(responses.x_in), _filled(responses.x_out)
         k = x_in.shape[1]
         e_select = effects(x_in[select], activity[select])

@@ -723,6 +723,9 @@ class _MapPass:
         self.batch_size = batch_size
         self.networks = [("model", model)] + [(f"control{i + 1}", c)
                                               for i, c in enumerate(controls)]
+        # Copies that only set the control bar need their in-region responses alone; the
+        # last of two or more is tested like the network and needs the out-of-region ones.
+        self.with_out = {f"control{len(controls)}"} if len(controls) >= 2 else set()
         self.regions, self.shams = load_au_regions(), load_sham_regions()
         self.n_classes = len(dataset.class_names) if labelled else None
         self.presence = self.classes = None
@@ -769,8 +772,9 @@ class _MapPass:
                         f"model/{name}/points": ((k, 2), "float32"),
                         f"model/{name}/active": ((k,), "bool")})
             for net, _ in self.networks[1:]:
-                out.update({f"{net}/{name}/in": ((k, a), "float32"),
-                            f"{net}/{name}/out": ((k, a), "float32")})
+                out[f"{net}/{name}/in"] = ((k, a), "float32")
+                if net in self.with_out:
+                    out[f"{net}/{name}/out"] = ((k, a), "float32")
         return out
 
     def prepare_store(self, store: Any) -> None:
@@ -835,7 +839,8 @@ class _MapPass:
                     c_act = acts[net][name]
                     c_in, c_out = region_peaks(c_act, in_cells, face_cells.to(c_act.device))
                     store.put(f"{net}/{name}/in", start, c_in.cpu().numpy())
-                    store.put(f"{net}/{name}/out", start, c_out.cpu().numpy())
+                    if net in self.with_out:
+                        store.put(f"{net}/{name}/out", start, c_out.cpu().numpy())
                 counts = _containment(_cell_membership(grid, every))
                 stream.containment[name] = stream.containment.get(name, 0) + counts
                 if self.locate == "deconv":
@@ -928,10 +933,11 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
 # Stage 3: the decision and the tables
 
 
-def _responses(stream: Stream, network: str, layers: Sequence[str], columns: list[int]
-               ) -> list[LayerResponses]:
+def _responses(stream: Stream, network: str, layers: Sequence[str], columns: list[int],
+               with_out: bool = True) -> list[LayerResponses]:
     return [LayerResponses(name, _read(stream.store, f"{network}/{name}/in", columns),
-                           _read(stream.store, f"{network}/{name}/out", columns))
+                           _read(stream.store, f"{network}/{name}/out", columns)
+                           if with_out else None)
             for name in layers]
 
 
@@ -1017,7 +1023,9 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
         # With two or more copies, all but the last set the bar; the last is tested against
         # it like the network, to show what the test finds in a network that learned nothing.
         model = _responses(stream, "model", layers, columns)
-        copies = [_responses(stream, f"control{i + 1}", layers, columns) for i in range(controls)]
+        copies = [_responses(stream, f"control{i + 1}", layers, columns,
+                             with_out=i + 1 == controls and controls >= 2)
+                  for i in range(controls)]
         bar, check = (copies[:-1], copies[-1]) if controls >= 2 else (copies, None)
         detectors, pairs = detector_test(model, faceset.activity, ids, tested, bar, detector)
         control_detectors = None

@@ -40,7 +40,11 @@ def test_store_run_gives_the_in_memory_tables_and_holds_every_feature(
         np.testing.assert_array_equal(result.responses[name], in_memory.responses[name])
         x_in = store.array(f"model/{name}/in")
         assert x_in.shape[0] == n and np.isfinite(x_in).any()
+        # The last copy is tested like the network (in and out); the others set the bar (in).
         assert store.array(f"control2/{name}/out").shape == x_in.shape
+        assert store.array(f"control1/{name}/in").shape == x_in.shape
+        with pytest.raises(KeyError):
+            store.array(f"control1/{name}/out")
         points = store.array(f"model/{name}/points")
         assert points.shape == (n, x_in.shape[1], 2) and np.isfinite(points).all()
         assert store.array(f"model/{name}/active").dtype == bool
