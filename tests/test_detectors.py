@@ -183,10 +183,27 @@ def test_effects_match_scipy():
     x, y = rng.normal(size=(300, 2, 2)), rng.normal(size=(300, 2))
     y[:, 1] = y[:, 1] > 0
     got = effects(x, y)
+    # Spearman's rho for every kind of activity, 0/1 columns included (one scale for all AUs).
     assert got[1, 0] == pytest.approx(stats.spearmanr(x[:, 1, 0], y[:, 0]).statistic, abs=1e-12)
-    auc = stats.mannwhitneyu(x[y[:, 1] == 1, 0, 1], x[y[:, 1] == 0, 0, 1]).statistic / \
-        ((y[:, 1] == 1).sum() * (y[:, 1] == 0).sum())
-    assert got[0, 1] == pytest.approx(2 * auc - 1, abs=1e-12)
+    assert got[0, 1] == pytest.approx(stats.spearmanr(x[:, 0, 1], y[:, 1]).statistic, abs=1e-12)
+
+
+def test_small_samples_and_missing_bars_detect_nothing():
+    rng = np.random.default_rng(10)
+    n, a = 40, 2
+    activity = rng.normal(size=(n, a))
+    x_in, x_out = rng.normal(size=(n, 1, a)), rng.normal(size=(n, 1, a))
+    x_in[:, 0, 0] += 3 * activity[:, 0]
+    network = [LayerResponses("l", x_in, x_out)]
+    table, _ = detector_test(network, activity, np.arange(n), (1, 2),
+                             options=DetectorOptions(n_boot=0, n_perm=500, min_report=30))
+    assert table["small_sample"].all() and table["q_value"].iloc[0] < 0.01
+    assert table["au"].isna().all()  # strong, significant, but too few faces to be evidence
+    # Controls whose channels are constant at AU1: no bar there, so AU1 cannot be chosen.
+    constant = [LayerResponses("l", np.zeros((n, 3, a)))]
+    table, _ = detector_test(network, activity, np.arange(n), (1, 2), controls=[constant],
+                             options=DetectorOptions(n_boot=0, n_perm=200, min_report=5))
+    assert table["au"].isna().all() and not table["beats_control"].any()
 
 
 def test_effect_is_rank_biserial_for_binary_activity():

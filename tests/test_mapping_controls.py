@@ -27,7 +27,10 @@ from interp_fer.detectors import DetectorOptions, LayerResponses, detector_test
 from interp_fer.layer_mapping import MappingOptions
 from interp_fer.mapping import _forward, decide, map_dataset, prepare_faces, stream_layers
 
-FDR = 0.05
+# At most 5 % of the channels detected: an operating check of the whole decision (association
+# under Benjamini-Hochberg, control bar, specificity), not of the FDR alone (docs/method.md,
+# "What the error rates mean").
+RATE = 0.05
 # Channel -> AU of the planted network: separate regions, co-occurring AUs (6 with 12,
 # 1 with 2) and nested ones (25 inside 23 at coarse resolution).
 PLANTED = [1, 2, 4, 6, 12, 15, 17, 23, 25, 26]
@@ -94,7 +97,7 @@ def test_planted_detectors_are_mapped_exactly(mini_xception, share, faceset):
 def test_second_random_copy_stays_within_the_fdr(stream, faceset, mini_xception):
     _, _, _, control, summary = decide(stream, faceset, mini_xception.stages,
                                        detector=DetectorOptions(n_boot=0), controls=COPIES)
-    assert summary["detector"]["control_detectors"] <= FDR * len(control), \
+    assert summary["detector"]["control_detectors"] <= RATE * len(control), \
         control[control["au"].notna()]
 
 
@@ -105,7 +108,7 @@ def test_shuffled_activity_stays_within_the_fdr(stream, faceset, mini_xception):
                                             len(faceset.activity))]})
     mapping, *_ = decide(stream, faceset_shuffled, mini_xception.stages,
                          detector=DetectorOptions(n_boot=0), controls=COPIES)
-    assert mapping["au"].notna().sum() <= FDR * len(mapping), mapping[mapping["au"].notna()]
+    assert mapping["au"].notna().sum() <= RATE * len(mapping), mapping[mapping["au"].notna()]
 
 
 def test_sham_regions_stay_within_the_fdr(stream, faceset, mini_xception):
@@ -125,7 +128,7 @@ def test_sham_regions_stay_within_the_fdr(stream, faceset, mini_xception):
             for name in mini_xception.stages] for i in range(1, COPIES)]
     table, _ = detector_test(layers, faceset.activity, faceset.indices, faceset.tested, bar,
                              DetectorOptions(n_boot=0))
-    assert table["au"].notna().sum() <= FDR * len(table), table[table["au"].notna()]
+    assert table["au"].notna().sum() <= RATE * len(table), table[table["au"].notna()]
 
 
 def test_random_network_does_not_follow_region_size(stream, faceset, mini_xception):
