@@ -165,8 +165,8 @@ def headline(result: MappingResult) -> str:
                  f"{len(control)}")
     detector = result.run.get("detector", {})
     if detector.get("small_sample"):
-        text += (f" (small sample: {detector.get('n_report')} report images; "
-                 "no test can pass with so few)")
+        text += (f" (small sample: {detector.get('n_report')} report images, too few to map "
+                 "anything)")
     return text
 
 

@@ -217,8 +217,8 @@ def small_sample_warning(result: MappingResult) -> str | None:
     n_report = detector.get("n_report")
     if not detector.get("small_sample") and (n_report is None or n_report >= 30):
         return None
-    return (f"Small sample: the report half has {n_report} images. No test can pass with so "
-            "few; the numbers are not evidence.")
+    return (f"Small sample: the report half has {n_report} images, too few to map anything; "
+            "the numbers are not evidence.")
 
 
 def _headline(result: MappingResult) -> str:

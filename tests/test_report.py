@@ -113,7 +113,7 @@ def test_headline_says_the_two_questions_and_the_control(mini_xception, sample_f
     assert "0 of 40 channels of conv2, block2 are AU detectors; the random-weights control: " \
         "0 of 40" in text
     assert html.escape(headline(result)) in text
-    assert "No test can pass with so few; the numbers are not evidence." in text
+    assert "too few to map anything; the numbers are not evidence." in text
     assert 'class="warning"' in text
     sources = result.run["activity"]["sources"]
     assert "AU activity from landmarks: " + ", ".join(sources) in text
