@@ -45,7 +45,7 @@ import torch
 
 from .cells import CellGrid, SparseMasks
 from .data import ImageDataset, Record
-from .detectors import DetectorOptions, LayerResponses, detector_test
+from .detectors import DetectorOptions, LayerResponses, detector_test, selection_half
 from .labels import EMFACS_PROTOTYPES, au_presence, has_labels, prototype_name
 from .layer_mapping import FaceGeometry, LayerMapping, MappingOptions
 from .layers import layer_outputs
@@ -1295,7 +1295,8 @@ def map_dataset(
             controls=len(control_models))
         scores = add_q_values(scores)
     statuses = faceset.table["status"].value_counts().to_dict()
-    half = ["select" if h else "report" for h in _select_half(faceset, detector)]
+    half = ["select" if h else "report"
+            for h in selection_half(faceset.indices, detector.seed)]
     run = {
         "model": {"name": model.name, "source": model.source, "input_size": list(model.input_size),
                   "class_names": list(model.class_names)},
@@ -1344,12 +1345,6 @@ def map_dataset(
     if saver:
         saver.clear()
     return result
-
-
-def _select_half(faceset: FaceSet, detector: DetectorOptions) -> np.ndarray:
-    from .detectors import selection_half
-
-    return selection_half(faceset.indices, detector.seed)
 
 
 def _label_summary(records: list[Any], presence: np.ndarray, aus: tuple[int, ...]
