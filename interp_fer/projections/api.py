@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import (
+from ..hooks import (
     BATCHNORM_NODES,
     HookSet,
     Rule,
@@ -71,7 +71,7 @@ from .hooks import (
     refuse_torchscript,
     relu_rule,
 )
-from .layers import ReceptiveField, receptive_field, resolve_layer, trace_from_node
+from ..layers import ReceptiveField, receptive_field, resolve_layer, trace_from_node
 
 Engine = Literal["auto", "windowed", "autograd"]
 # Relative max-pool switch margin under which float32 arithmetic may flip a switch (see
