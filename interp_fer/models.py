@@ -428,9 +428,10 @@ def load_model(
     if stages is not None:
         model.stages = tuple(stages)
     elif not model.stages:
-        from .layers import default_stages
+        from .layers import module_default_stages
 
-        model.stages = default_stages(model)
+        model.stages = module_default_stages(model.module, (model.preprocess.channels,
+                                                            *model.input_size))
     _check_class_count(model)
     return model
 

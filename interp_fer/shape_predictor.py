@@ -10,6 +10,7 @@ dlib's (tests check it on real faces); it also keeps the sub-pixel value dlib ro
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -19,6 +20,40 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+MODEL_PACKAGE = "face_recognition_models"
+PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+
+
+def model_path(filename: str) -> Path:
+    """Path of a model file shipped in the ``face-recognition-models`` distribution.
+
+    The package is located without being imported: its ``__init__`` imports ``pkg_resources``,
+    which recent setuptools no longer ship.
+
+    Parameters
+    ----------
+    filename
+        File name inside the package's ``models/`` folder, e.g. :data:`PREDICTOR_FILE`.
+
+    Returns
+    -------
+    pathlib.Path
+        An existing file.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the package or the file is missing (the message says how to fix it).
+    """
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    hint = "install it with: pip install face-recognition-models==0.3.0"
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {MODEL_PACKAGE!r} is not installed; {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"dlib model file {path} is missing; {hint}")
+    return path
 
 
 def _intensity(image: np.ndarray) -> np.ndarray:
@@ -224,8 +259,6 @@ class ShapePredictor:
             file takes a few seconds; loading the cache a fraction of one).
         """
         if path is None:
-            from .faces import PREDICTOR_FILE, model_path  # the default model's location
-
             path = model_path(PREDICTOR_FILE)
         path = Path(path)
         if not cache:
