@@ -504,6 +504,58 @@ def test_random_net_parity_with_captum():
     assert_matches_captum(net, x[:1], deconvnet(net, x[:1], "9"))
 
 
+def avg_pool_net(seed: int = 0) -> nn.Sequential:
+    """conv-relu-avgpool-conv-relu, then every average-pool option the windowed engine runs."""
+    torch.manual_seed(seed)
+    net = nn.Sequential()
+    net.add_module("conv1", nn.Conv2d(1, 4, 3, padding=1))
+    net.add_module("relu1", nn.ReLU())
+    net.add_module("pool1", nn.AvgPool2d(2))
+    net.add_module("conv2", nn.Conv2d(4, 6, 3, padding=1))
+    net.add_module("bn2", nn.BatchNorm2d(6))
+    net.add_module("relu2", nn.ReLU(inplace=True))
+    # Keras 'same' average pooling: the padding is not counted.
+    net.add_module("pool2", nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False))
+    net.add_module("conv3", nn.Conv2d(6, 5, 3))
+    net.add_module("relu3", nn.ReLU())
+    net.add_module("pool3", nn.AvgPool2d(3, stride=1, padding=1))  # padding counted
+    net.add_module("conv4", nn.Conv2d(5, 4, 1))
+    net.add_module("relu4", nn.ReLU())
+    net.add_module("pool4", nn.AvgPool2d(2, stride=1, divisor_override=3))
+    net.add_module("conv5", nn.Conv2d(4, 3, 2))
+    net.add_module("relu5", nn.ReLU())
+    net.bn2.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_average_pooling_runs_windowed_with_parity(zoo, method):
+    _, faces = zoo["pyemotion"]  # two real faces, 48 x 48 grey
+    resnet = tiny_resnet()  # zoo-like: residual blocks behind an average-pooled stem
+    resnet.stem[3] = nn.AvgPool2d(3, 2, 1, count_include_pad=False)
+    cases = [(avg_pool_net(), faces, ("relu1", "relu2", "relu3", "relu4", "relu5")),
+             (resnet, faces[:1, :, :31, :29], ("stem", "layer1", "layer2"))]
+    for net, x, layers in cases:
+        for layer in layers:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                windowed = project(net, x, layer, method=method)  # engine="auto"
+            assert not [w for w in caught if "windowed engine" in str(w.message)], layer
+            modules = dict(net.named_modules())
+            pooled = [name for name in windowed.rules if isinstance(modules[name], nn.AvgPool2d)]
+            assert pooled or layer == "relu1", layer
+            batched = project(net, x, layer, method=method, engine="autograd")
+            scale = batched.maps.flatten(2).abs().amax(-1, keepdim=True).clamp_min(1e-12)
+            assert ((windowed.maps - batched.maps).flatten(2).abs() <= 1e-5 * scale).all(), layer
+            channels = len(windowed.channels)
+            assert_matches_captum(net, x, windowed, sorted({0, channels // 2, channels - 1}))
+    # ceil_mode's border windows are not implemented: refused, not computed wrong.
+    ceil = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2, ceil_mode=True),
+                         nn.Conv2d(2, 2, 1), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match="AvgPool2DBackward0"):
+        deconvnet(ceil, faces[:1, :, :11, :11], "4", engine="windowed")  # 9 -> 5, not 4
+
+
 def test_unsupported_operation_falls_back_to_autograd():
     class Upsampling(nn.Module):
         def __init__(self) -> None:
