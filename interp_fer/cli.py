@@ -551,8 +551,10 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     if args.workers or args.scheduler:
         from .distributed import Cluster
 
-        cluster = Cluster.connect(args.scheduler, shard=args.shard) if args.scheduler \
-            else Cluster.local(args.workers, shard=args.shard)
+        # --device is resolved on each worker (its own GPU), not here.
+        cluster = Cluster.connect(args.scheduler, shard=args.shard, device=args.device) \
+            if args.scheduler else Cluster.local(args.workers, shard=args.shard,
+                                                 device=args.device)
         common["cluster"] = cluster
     try:
         result = _map_runs(args, out, model, dataset, layers, common)

@@ -23,6 +23,11 @@ array's rows of that chunk are, so a killed writer leaves its chunk incomplete a
 run skips exactly the complete ones. Each chunk of each array is its own file, so processes
 writing different chunks never touch the same file.
 
+A distributed run (:mod:`interp_fer.distributed`) also keeps, per chunk, the chunk's own
+accumulators (its *partial*, ``partials/{number:08d}.npz``, numeric arrays only), written
+atomically before the chunk's flag, so a resumed client merges a complete chunk from its
+partial instead of computing it again; they are deleted once merged and checkpointed.
+
 The store belongs to one run: its ``key`` attribute (:func:`interp_fer.checkpoint.run_key`
 of the arguments, weights and data) must match, or :meth:`FeatureStore.open` starts it afresh.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ import numpy as np
 
 #: File name of the store inside a run's output folder.
 STORE_NAME = "features.zarr"
+#: Subfolder (an empty Zarr group) of a distributed run's per-chunk partial accumulators.
+PARTIALS = "partials"
 
 
 class FeatureStore:
@@ -170,6 +178,68 @@ class FeatureStore:
     def attrs(self) -> dict[str, Any]:
         """The store's attributes."""
         return dict(self._group.attrs)
+
+    # -- per-chunk partial accumulators of a distributed run ------------------------------
+
+    def _partials(self) -> Path:
+        folder = self.path / PARTIALS
+        if not (folder / "zarr.json").is_file():
+            # An empty Zarr group, so that Zarr lists it as one (not as a foreign folder).
+            self._group.require_group(PARTIALS)
+        return folder
+
+    def _partial_path(self, number: int) -> Path:
+        if not 0 <= number < self.n_chunks:
+            raise IndexError(f"{self.path}: no chunk {number} (the store has {self.n_chunks})")
+        return self.path / PARTIALS / f"{number:08d}.npz"
+
+    def put_partial(self, number: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Save chunk ``number``'s partial accumulators (numeric arrays; no pickles).
+
+        Written to a temporary file and renamed, so a reader sees the whole file or none:
+        call it before :meth:`mark_complete`, and a complete chunk with a partial can be
+        merged without being recomputed.
+        """
+        from .outputs import atomic_path
+
+        path = self._partial_path(number)
+        values = {name: np.asarray(v) for name, v in arrays.items()}
+        for name, v in values.items():
+            if v.dtype.hasobject:
+                raise TypeError(f"{self.path}: partial {number}: array {name} holds Python "
+                                "objects; a partial stores numeric arrays only")
+        self._partials()
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, **values)
+
+    def partial(self, number: int) -> dict[str, np.ndarray] | None:
+        """Chunk ``number``'s partial (:meth:`put_partial`), or None when there is none or it
+        cannot be read (the chunk is then computed again)."""
+        path = self._partial_path(number)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return None
+
+    def partial_numbers(self) -> set[int]:
+        """The chunks that have a partial on disk."""
+        folder = self.path / PARTIALS
+        if not folder.is_dir():
+            return set()
+        return {int(f.stem) for f in folder.glob("*.npz") if f.stem.isdigit()}
+
+    def drop_partials(self, below: int | None = None) -> None:
+        """Delete the partials of chunks ``< below`` (merged and checkpointed); with no
+        ``below``, the whole folder, temporary files of killed writers included (call it
+        only when no worker writes any more: at the end of the pass)."""
+        folder = self.path / PARTIALS
+        if below is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        for number in self.partial_numbers():
+            if number < below:
+                (folder / f"{number:08d}.npz").unlink(missing_ok=True)
 
     # -- reading ------------------------------------------------------------------------
 

@@ -791,12 +791,21 @@ class _MapPass:
                         layers=list(self.layers), aus=list(faceset.aus),
                         tested=list(faceset.tested), shams=list(self.shams.names))
 
+    def to(self, device: str | torch.device) -> None:
+        """Move the network and its random-weights copies to ``device`` (in place)."""
+        for _, network in self.networks:
+            network.to(device)
+
     def empty_stream(self, accumulators: dict[str, LayerMapping], store: Any) -> Stream:
         """A stream with nothing accumulated, calibrated as ``accumulators``."""
         return Stream({name: acc.empty() for name, acc in accumulators.items()}, store, {}, {})
 
-    def run_batch(self, number: int, stream: Stream, clock: Any) -> None:
-        """Add batch ``number`` to ``stream``: its accumulators, store rows and counts."""
+    def run_batch(self, number: int, stream: Stream, clock: Any, complete: bool = True) -> None:
+        """Add batch ``number`` to ``stream``: its accumulators, store rows and counts.
+
+        ``complete``: flag the chunk complete in a feature store (False: the caller does,
+        after saving what else the chunk needs, :func:`interp_fer.distributed.run_shard`).
+        """
         from .accumulators import region_peaks
 
         batch = self.batches[number]
@@ -848,7 +857,7 @@ class _MapPass:
                         0.1 * geometry.iod[:, None]
                     seen = stream.agreement.get(name, np.zeros(2))
                     stream.agreement[name] = seen + [active.sum(), (near & active).sum()]
-        if not isinstance(store, ResponseStore):
+        if complete and not isinstance(store, ResponseStore):
             store.mark_complete(number)
 
 
@@ -925,6 +934,8 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
             bar.update(len(batches[number]))
             if checkpoint is not None and number + 1 < len(batches) and checkpoint.due():
                 checkpoint.save(number + 1, stream.state())
+        if store is not None:  # a killed distributed run's, unused here
+            store.drop_partials()
     bar.close()
     return stream
 
@@ -1314,6 +1325,7 @@ def map_dataset(
             name: {"pairs": int(v[0]), "within_0.1_iod": float(v[1] / v[0]) if v[0] else None}
             for name, v in stream.agreement.items()} or None,
         "crop": crop,
+        "distributed": None if cluster is None else cluster.record(),
         "alpha": detector.alpha,
         "options": asdict(options),
         "detector_options": asdict(detector),

@@ -10,13 +10,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("distributed")
 
 from _helpers import kill_at_first_checkpoint  # noqa: E402
 
-from interp_fer.distributed import Cluster  # noqa: E402
+from interp_fer.checkpoint import Checkpoint  # noqa: E402
+from interp_fer.distributed import Cluster, worker_device, worker_rank  # noqa: E402
 from interp_fer.feature_store import FeatureStore  # noqa: E402
 from interp_fer.layer_mapping import MappingOptions  # noqa: E402
 from interp_fer.mapping import long_scores, map_dataset  # noqa: E402
@@ -48,7 +50,11 @@ def test_two_workers_give_the_single_process_tables(mini_xception, sample_faces,
     spread = map_dataset(mini_xception, sample_faces, LAYERS, store=tmp_path / "f.zarr",
                          cluster=cluster, **_run(2))
     assert _tables(spread) == _tables(alone)
-    assert FeatureStore.reopen(tmp_path / "f.zarr").complete().all()
+    store = FeatureStore.reopen(tmp_path / "f.zarr")
+    assert store.complete().all() and store.partial_numbers() == set()
+    # No CUDA here: "auto" ran every worker on the CPU, and run.json says so.
+    assert spread.run["distributed"] == {"shard": shard, "device": "auto",
+                                         "workers": {"0": "cpu", "1": "cpu"}}
 
 
 def test_a_worker_killed_mid_run_changes_nothing(mini_xception, sample_faces, cluster,
@@ -83,6 +89,106 @@ def test_a_worker_killed_mid_run_changes_nothing(mini_xception, sample_faces, cl
     deadline = time.time() + 60  # the nanny restarts the killed worker
     while cluster.n_workers < 2 and time.time() < deadline:
         time.sleep(0.2)
+
+
+class _ClientDied(Exception):
+    """The client's end, simulated right after it saved a checkpoint."""
+
+
+def _wait_for_tasks(client, timeout=120.0):
+    deadline = time.time() + timeout
+    while any(state.status == "pending" for state in list(client.futures.values())):
+        assert time.time() < deadline, "the workers did not finish their tasks"
+        time.sleep(0.05)
+
+
+def _cursor(path):
+    import json
+
+    with np.load(path) as archive:
+        return json.loads(str(archive["__header__"]))["cursor"]
+
+
+def test_a_resumed_client_merges_written_chunks_instead_of_computing_them(
+        mini_xception, sample_faces, cluster, tmp_path, monkeypatch):
+    cluster.shard = 1
+    alone = map_dataset(mini_xception, sample_faces, LAYERS, **_run(1))
+    path, saved = tmp_path / "f.zarr", tmp_path / "checkpoint.npz"
+    save = Checkpoint.save
+
+    def save_then_die(self, cursor, arrays):
+        save(self, cursor, arrays)
+        if cursor >= 2:
+            # The tasks in flight finish (their chunks and partials are written), then the
+            # client dies before merging them: a deterministic "kill -9 after a checkpoint".
+            _wait_for_tasks(cluster.client)
+            raise _ClientDied(cursor)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoint, "save", save_then_die)
+        with pytest.raises(_ClientDied):
+            map_dataset(mini_xception, sample_faces, LAYERS, store=path, cluster=cluster,
+                        checkpoint=saved, checkpoint_interval=1e-6, **_run(1))
+    store = FeatureStore.reopen(path)
+    start, n_chunks = _cursor(saved), store.n_chunks
+    written = {int(n) for n in np.flatnonzero(store.complete())} & store.partial_numbers()
+    ahead = {n for n in written if n >= start}
+    assert start == 2 and ahead, "chunks should be written beyond the checkpoint"
+    assert len(ahead) < n_chunks - start, "some chunks should be left to compute"
+
+    spread = map_dataset(mini_xception, sample_faces, LAYERS, store=path, cluster=cluster,
+                         checkpoint=saved, **_run(1))
+    assert _tables(spread) == _tables(alone)
+    # Only the chunks without a partial went to the workers.
+    assert cluster.submitted == [n for n in range(start, n_chunks) if n not in ahead]
+    assert store.partial_numbers() == set() and not saved.exists()
+
+
+def test_worker_device_choices():
+    assert worker_device("cpu", 4, 1) == "cpu"
+    assert worker_device("auto", 0, 3) == "cpu"
+    # Worker i of a machine takes GPU i mod n; one visible GPU (CUDA_VISIBLE_DEVICES) is it.
+    assert [worker_device("auto", 2, rank) for rank in range(5)] == \
+        ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert [worker_device("cuda", 3, rank) for rank in (0, 4, 8)] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert worker_device("cuda", 1, 5) == "cuda:0"
+    assert worker_device("cuda:1", 2, 0) == "cuda:1"
+    for requested, n_cuda, rank, words in [
+            ("cuda", 0, 0, "--device cuda: torch sees no CUDA device"),
+            ("cuda:0", 0, 1, "--device cuda:0: torch sees no CUDA device"),
+            ("cuda:2", 2, 0, "--device cuda:2: torch sees 2 CUDA device"),
+            ("mps", 0, 0, "choose auto, cpu, cuda or cuda:N"),
+            ("gpu", 1, 0, "choose auto, cpu, cuda or cuda:N"),
+            ("auto", 1, -1, "worker rank must be >= 0")]:
+        with pytest.raises(ValueError, match=words):
+            worker_device(requested, n_cuda, rank)
+
+
+def test_worker_rank_from_names_or_positions():
+    assert [worker_rank(name) for name in (0, "1", "gpu-node-3")] == [0, 1, 3]
+    # Named after its address (dask worker without --name): position on its machine.
+    addresses = ["tcp://10.0.0.1:40001", "tcp://10.0.0.1:39999"]
+    assert [worker_rank(a, addresses) for a in addresses] == [1, 0]
+    assert worker_rank("tcp://10.0.0.1:50000", addresses) == 2  # one that joined later
+
+
+def test_cuda_workers_are_refused_without_cuda(mini_xception, sample_faces, cluster,
+                                               tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="device 'gpu' for the Dask workers"):
+        Cluster(cluster.client, device="gpu")
+    cluster.device = "cuda"
+    try:
+        with pytest.raises(RuntimeError, match=r"Dask worker \d: --device cuda: torch sees "
+                                               "no CUDA device"):
+            map_dataset(mini_xception, sample_faces, LAYERS, store=tmp_path / "f.zarr",
+                        cluster=cluster, **_run(4))
+    finally:
+        cluster.device = "auto"
+    assert not FeatureStore.reopen(tmp_path / "f.zarr").complete().any()  # refused first
 
 
 ARGS = ["--layers", "conv2,block2", "--n-boot", "8", "--n-null", "4", "--batch-size", "1",

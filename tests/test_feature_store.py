@@ -166,3 +166,69 @@ def test_reading_some_columns_of_the_last_axis(tmp_path):
     store.put("x", 2, values[2:])
     np.testing.assert_array_equal(store.array("x", columns=[3, 0]), values[:, :, [3, 0]])
     np.testing.assert_array_equal(store.array("x"), values)
+
+
+def _store(tmp_path, n_rows=10, chunk=2):
+    return FeatureStore.open(tmp_path / "f.zarr", "key", n_rows, chunk)
+
+
+def test_a_partial_round_trips_exactly_and_atomically(tmp_path):
+    store = _store(tmp_path)
+    rng = np.random.default_rng(0)
+    arrays = {"acc/conv2/peaks.moments": rng.normal(size=(2, 3, 4)),
+              "acc/conv2/top.indices": np.arange(6, dtype=np.int64).reshape(2, 3),
+              "containment/conv2": np.eye(3, dtype=np.int64), "flag": np.array(True)}
+    assert store.partial(3) is None and store.partial_numbers() == set()
+    store.put_partial(3, arrays)
+    back = store.partial(3)
+    assert sorted(back) == sorted(arrays)
+    for name, values in arrays.items():
+        assert back[name].dtype == values.dtype
+        assert back[name].tobytes() == values.tobytes(), name  # bit for bit
+    # No temporary file is left, and a killed writer's temporary file is not a partial.
+    folder = tmp_path / "f.zarr" / "partials"
+    assert sorted(f.name for f in folder.iterdir()) == ["00000003.npz", "zarr.json"]
+    (folder / ".00000004.npz.999999-abcd.tmp.npz").write_bytes(b"half a file")
+    assert store.partial_numbers() == {3} and store.partial(4) is None
+    # A file cut short (a copy interrupted, a full disk) reads as no partial.
+    (folder / "00000002.npz").write_bytes((folder / "00000003.npz").read_bytes()[:100])
+    assert store.partial(2) is None
+
+
+def test_partials_refuse_objects_and_chunks_outside_the_store(tmp_path):
+    store = _store(tmp_path)
+    with pytest.raises(TypeError, match="partial 1: array names holds Python objects"):
+        store.put_partial(1, {"names": np.array(["a", None], dtype=object)})
+    assert store.partial(1) is None
+    with pytest.raises(IndexError, match="no chunk 5 .the store has 5"):
+        store.put_partial(5, {"x": np.zeros(2)})
+
+
+def test_dropping_partials_below_a_cursor_and_all(tmp_path):
+    store = _store(tmp_path)
+    for number in range(5):
+        store.put_partial(number, {"x": np.full(3, number)})
+    store.drop_partials(below=3)
+    assert store.partial_numbers() == {3, 4}
+    assert store.partial(4)["x"].tolist() == [4, 4, 4]
+    store.drop_partials()
+    assert store.partial_numbers() == set()
+    assert not (tmp_path / "f.zarr" / "partials").exists()
+
+
+def test_the_store_stays_a_zarr_group_with_partials(tmp_path):
+    import warnings
+
+    store = _store(tmp_path)
+    store.ensure({"x": ((2,), "float32")})
+    store.put("x", 0, np.ones((10, 2)))
+    store.put_partial(0, {"x": np.zeros(1)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr warns of folders it does not know
+        reopened = FeatureStore.open(tmp_path / "f.zarr", "key", 10, 2)
+        assert sorted(reopened._group.keys()) == ["complete", "partials", "x"]
+    np.testing.assert_array_equal(reopened.array("x"), np.ones((10, 2)))
+    assert reopened.partial_numbers() == {0}
+    # A store of another run goes with its partials.
+    FeatureStore.open(tmp_path / "f.zarr", "another key", 10, 2)
+    assert reopened.partial_numbers() == set()
