@@ -113,6 +113,35 @@ def test_negative_constant_padding_offsets_by_hand():
     assert (field.rows.offset, field.cols.offset) == (4, -1)  # top crop 3, left pad 2
 
 
+def test_average_pool_field_and_graph_reader_by_hand():
+    from interp_fer.autograd_graph import node_kind, pad_params, pool_params
+    from interp_fer.layers import module_default_stages
+
+    # conv3 -> avgpool 3 stride 2 pad 1 (padding not counted: the weights change, not the
+    # window) -> avgpool 2 (stride = kernel): (3, 1, 1) -> (3 + 2, 2, 1 + (1 - 1)) ->
+    # (5 + 2, 4, 1 + 0.5 * 2).
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(),
+                        nn.AvgPool2d(3, 2, 1, count_include_pad=False), nn.AvgPool2d(2),
+                        nn.ConstantPad2d((1, -2, 0, 3), 0.0)).eval()
+    expected = {"2": (5, 2, 1), "3": (7, 4, 2)}
+    for layer, axis in expected.items():
+        field = receptive_field(net, layer, (1, 20, 20))
+        assert (field.rows.size, field.rows.stride, field.rows.offset) == axis
+        assert field.cols == field.rows
+    x = torch.zeros(1, 1, 20, 20, requires_grad=True)
+    node = net(x).grad_fn  # the pad, then the second pool below it
+    assert node_kind(node) == "ConstantPadNdBackward0"
+    assert pad_params(node).pad == (1, -2, 0, 3)  # signed, not uint64
+    pool = pool_params(node.next_functions[0][0])
+    assert (pool.kernel, pool.stride, pool.padding, pool.dilation) == ((2, 2),) * 2 + ((0, 0),
+                                                                                  (1, 1))
+    first = pool_params(node.next_functions[0][0].next_functions[0][0])
+    assert (first.kernel, first.stride, first.padding) == ((3, 3), (2, 2), (1, 1))
+    assert not first.count_include_pad and first.divisor_override is None
+    # Default stages from a bare module and input shape (no FERModel, no import of models).
+    assert module_default_stages(net, (1, 20, 20)) == ("1",)
+
+
 def test_layer_outputs_restores_each_modules_own_training_flag():
     from interp_fer.layers import layer_outputs
 
