@@ -76,8 +76,9 @@ images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -297,7 +298,7 @@ def effects(x: np.ndarray, activity: np.ndarray) -> np.ndarray:
 
 
 def permutation_p_values(e: np.ndarray, au: np.ndarray, activity: np.ndarray, n_perm: int,
-                         seed: int | Sequence[int], chunk: int = 128) -> np.ndarray:
+                         seed: int | Sequence[int], memory: int = 64 * 2**20) -> np.ndarray:
     """One-sided permutation p-values of each tested pair's ``effect``.
 
     Parameters
@@ -312,6 +313,9 @@ def permutation_p_values(e: np.ndarray, au: np.ndarray, activity: np.ndarray, n_
         Number of random permutations.
     seed
         Seed of the permutations.
+    memory
+        Bytes for a batch of permutations (about 20 per image and permutation); the
+        permutations, and so the p-values, do not depend on it.
 
     Returns
     -------
@@ -322,20 +326,25 @@ def permutation_p_values(e: np.ndarray, au: np.ndarray, activity: np.ndarray, n_
         the rank-biserial correlation and the rank correlation order permutations alike).
     """
     n = len(e)
+    au = np.asarray(au)
     ranks = standard_ranks(np.asarray(e, dtype=np.float64))
     z = standard_ranks(np.asarray(activity, dtype=np.float64)).astype(np.float32)
     observed = (ranks * z[:, au]).mean(axis=0)
-    et = np.ascontiguousarray(ranks.T, dtype=np.float32)  # (J, N)
+    ranks32 = ranks.astype(np.float32)
+    groups = [(u, np.flatnonzero(au == u)) for u in np.unique(au)]
     rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 0x9E47])
+    # The generator fills (p, n) draws row after row, so batches of any size give the same
+    # permutations.
+    batch = int(np.clip(memory // (20 * max(n, 1)), 1, 256))
     exceed = np.zeros(len(au), dtype=np.int64)
     done = 0
     while done < n_perm:
-        p = min(chunk, n_perm - done)
+        p = min(batch, n_perm - done)
         order = np.argsort(rng.random((p, n)), axis=1)
-        c = np.matmul(et, z[order]) / n  # (P, J, A), BLAS per permutation
-        null = np.take_along_axis(c, np.broadcast_to(au, c.shape[:2])[..., None], axis=2)[..., 0]
-        # float32 sums: a tolerance so that permutations equal to the observed order count.
-        exceed += (null >= observed[None] - 1e-5).sum(axis=0)
+        for u, columns in groups:
+            null = z[order, u] @ ranks32[:, columns] / n  # (P, J_u): one BLAS product per AU
+            # float32 sums: a tolerance so that permutations equal to the observed order count.
+            exceed[columns] += (null >= observed[columns] - 1e-5).sum(axis=0)
         done += p
     out = (1 + exceed) / (1 + n_perm)
     out[~(ranks != 0).any(axis=0)] = np.nan
@@ -378,11 +387,49 @@ class LayerResponses:
     x_out: np.ndarray | None = None
 
 
+class ResponseSource(Protocol):
+    """Where the detector test reads responses: blocks of channels of one network's layer.
+
+    :func:`detector_tables` never holds more than one block per task, so a source backed by
+    a chunked store (:class:`interp_fer.decision.StoreSource`) bounds the memory of the test
+    whatever the number of images.
+    """
+
+    def read(self, network: str, layer: str, kind: str, channels: slice) -> np.ndarray:
+        """(N, k, A) ``kind`` (``"in"`` or ``"out"``) responses of channels ``channels``."""
+        ...
+
+
+class ArraySource:
+    """A :class:`ResponseSource` over arrays in memory (network name -> layers)."""
+
+    def __init__(self, networks: Mapping[str, Sequence[LayerResponses]]) -> None:
+        self._layers = {(net, r.layer): r for net, layers in networks.items() for r in layers}
+
+    def read(self, network: str, layer: str, kind: str, channels: slice) -> np.ndarray:
+        responses = self._layers[network, layer]
+        values = responses.x_in if kind == "in" else responses.x_out
+        if values is None:
+            raise ValueError(f"{network} layer {layer!r}: no x_out (a tested network needs it)")
+        return values[:, channels]
+
+
+#: ``run(task, calls, shared)`` -> ``[task(*call, **shared) for call in calls]``, in order:
+#: how the tasks of :func:`detector_tables` are executed (here, or on Dask workers).
+Runner = Callable[[Callable[..., Any], list[tuple[Any, ...]], dict[str, Any]], list[Any]]
+
+
+def run_here(task: Callable[..., Any], calls: list[tuple[Any, ...]], shared: dict[str, Any]
+             ) -> list[Any]:
+    """The default :data:`Runner`: every task in this process, in order."""
+    return [task(*call, **shared) for call in calls]
+
+
 def detector_test(layers: list[LayerResponses], activity: np.ndarray, image_ids: np.ndarray,
                   aus: tuple[int, ...],
                   controls: Sequence[list[LayerResponses]] | None = None,
                   options: DetectorOptions | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Which channel detects which AU, for every layer of one network.
+    """Which channel detects which AU, for every layer of one network (arrays in memory).
 
     Parameters
     ----------
@@ -413,105 +460,226 @@ def detector_test(layers: list[LayerResponses], activity: np.ndarray, image_ids:
         One row per (layer, channel, AU): ``effect_select``, and on the report half
         ``effect``, ``out_effect``, ``partial`` and ``control_bar``, for every pair.
     """
+    controls = list(controls or [])
+    for responses in layers:
+        if responses.x_out is None:
+            raise ValueError(f"layer {responses.layer!r}: the tested network needs x_out")
+    for copy in controls:
+        for responses, c in zip(layers, copy, strict=True):
+            if c.layer != responses.layer:
+                raise ValueError(f"control layer {c.layer!r} does not match {responses.layer!r}")
+    networks = {"model": layers, **{f"control{i + 1}": c for i, c in enumerate(controls)}}
+    tables = detector_tables(ArraySource(networks),
+                             [(r.layer, r.x_in.shape[1]) for r in layers], activity, image_ids,
+                             aus, tested=["model"], bar=list(networks)[1:], options=options)
+    return tables["model"]
+
+
+def detector_tables(source: ResponseSource, layers: Sequence[tuple[str, int]],
+                    activity: np.ndarray, image_ids: np.ndarray, aus: tuple[int, ...], *,
+                    tested: Sequence[str], bar: Sequence[str],
+                    options: DetectorOptions | None = None,
+                    blocks: Callable[[int], list[slice]] | None = None,
+                    run: Runner = run_here, memory: int = 64 * 2**20
+                    ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """The detector test of several networks against one control bar, block by block.
+
+    Every step works on one block of a layer's channels at a time (two passes over the
+    responses: the halves' effects of every network, then the tested networks' candidate
+    rows), so the memory of a task is that of one block; the tables do not depend on how
+    the channels are cut into blocks nor on where the tasks run.
+
+    Parameters
+    ----------
+    source
+        The responses (:class:`ResponseSource`); networks are named ``"model"``,
+        ``"control1"``, ...
+    layers
+        ``(name, channels)`` of each layer, in order (the order sets per-layer seeds).
+    activity, image_ids, aus
+        As in :func:`detector_test`.
+    tested
+        Networks whose channels are tested (each needs ``"out"`` responses).
+    bar
+        Networks that set the control bar (pooled); empty for no bar.
+    options
+        :class:`DetectorOptions`.
+    blocks
+        ``blocks(channels)`` -> slices of channels, one task each; default one block per layer.
+    run
+        How tasks are executed (:data:`Runner`); default here, in order.
+    memory
+        Bytes a task may use for a batch of permutations (:func:`permutation_p_values`).
+
+    Returns
+    -------
+    dict
+        Per tested network, ``(detectors, pairs)`` as :func:`detector_test` returns them.
+    """
     options = options or DetectorOptions()
     activity = np.asarray(activity, dtype=np.float64)
     if not np.isfinite(activity).all():
         raise ValueError("activity must be finite for every image given to the detector test")
-    controls = list(controls or [])
+    blocks = blocks or (lambda k: [slice(0, k)])
     select = selection_half(image_ids, options.seed)
-    report = ~select
+    shared = {"source": source, "activity": activity, "select": select}
     a = len(aus)
-    frames, pair_frames, tested = [], [], []
-    for number, responses in enumerate(layers):
-        if responses.x_out is None:
-            raise ValueError(f"layer {responses.layer!r}: the tested network needs x_out")
-        x_in, x_out = _filled(responses.x_in), _filled(responses.x_out)
-        k = x_in.shape[1]
-        e_select = effects(x_in[select], activity[select])
-        e_report = effects(x_in[report], activity[report])
-        out_report = effects(x_out[report], activity[report])
-        partial = partial_association(x_in[report], x_out[report], activity[report])
-        bar_select, bar_report = _bars(controls, number, responses.layer, select, report,
-                                       activity, options.control_quantile, a)
-        # With controls, an AU without a bar (every control channel constant there) cannot be
-        # a candidate: it would compete with no bar at all.
-        bar_for_choice = bar_select if controls else np.zeros(a)
-        excess = np.where(np.isfinite(e_select) & np.isfinite(bar_for_choice),
-                          e_select - bar_for_choice, -np.inf)
-        candidate = excess.argmax(axis=1)
-        channels = np.arange(k)
-        x_rep = x_in[report][:, channels, candidate]
-        y_rep = activity[report][:, candidate]
-        low, high = _bootstrap_interval(x_rep, y_rep, options.n_boot, options.confidence,
-                                        options.seed + number)
-        effect = e_report[channels, candidate]
-        tested.append((sum(len(f) for f in frames), x_rep, candidate, number))
-        frames.append(pd.DataFrame({
-            "layer": responses.layer, "channel": channels,
-            "candidate_au": np.asarray(aus)[candidate], "effect": effect,
-            "auc": (1 + rank_effect(x_rep, y_rep)) / 2, "auc_low": np.clip((1 + low) / 2, 0, 1),
-            "auc_high": np.clip((1 + high) / 2, 0, 1),
-            "out_effect": out_report[channels, candidate],
-            "partial": partial[channels, candidate],
-            "effect_select": e_select[channels, candidate],
-            "control_bar": bar_report[candidate],
-            "n_select": int(select.sum()), "n_report": int(report.sum())}))
-        ch_grid, au_grid = np.meshgrid(channels, np.arange(a), indexing="ij")
-        pair_frames.append(pd.DataFrame({
-            "layer": responses.layer, "channel": ch_grid.ravel(),
-            "au": np.asarray(aus)[au_grid.ravel()], "effect_select": e_select.ravel(),
-            "effect": e_report.ravel(), "out_effect": out_report.ravel(),
-            "partial": partial.ravel(),
-            "control_bar": np.broadcast_to(bar_report, (k, a)).ravel()}))
-    table = pd.concat(frames, ignore_index=True)
-    table["p_value"] = np.nan
-    m = int(np.isfinite(table["effect"]).sum())
-    n_perm = options.permutations_for(m)
+
+    networks = list(dict.fromkeys([*tested, *bar]))
+    calls = [(net, name, block) for net in networks for name, k in layers for block in blocks(k)]
+    halves: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for (net, name, _), result in zip(calls, run(half_effects, calls, shared), strict=True):
+        halves.setdefault((net, name), []).append(result)
+    effect = {key: (np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts]))
+              for key, parts in halves.items()}
+
+    bars = {name: control_bars([effect[net, name] for net in bar], options.control_quantile, a)
+            for name, _ in layers}
+    out = {}
+    for net in tested:
+        choice = {name: candidates(effect[net, name][0], bars[name][0], bool(bar))
+                  for name, _ in layers}
+        m = sum(int(np.isfinite(effect[net, name][1][np.arange(len(c)), c]).sum())
+                for name, c in choice.items())
+        n_perm = options.permutations_for(m)
+        calls = [(net, name, number, block, choice[name][block], effect[net, name][0][block],
+                  effect[net, name][1][block], bars[name][1], n_perm)
+                 for number, (name, k) in enumerate(layers) for block in blocks(k)]
+        parts = run(candidate_rows, calls, {**shared, "aus": tuple(aus), "options": options,
+                                            "memory": memory})
+        out[net] = _decided(pd.concat([rows for rows, _ in parts], ignore_index=True),
+                            pd.concat([pairs for _, pairs in parts], ignore_index=True),
+                            options, n_perm, len(bar))
+    return out
+
+
+def half_effects(network: str, layer: str, channels: slice, *, source: ResponseSource,
+                 activity: np.ndarray, select: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``effect`` of a block of channels on the selection and on the report half.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (k, A) effects on the selection half, then on the report half.
+    """
+    x_in = _filled(source.read(network, layer, "in", channels))
+    return (effects(x_in[select], activity[select]),
+            effects(x_in[~select], activity[~select]))
+
+
+def control_bars(halves: Sequence[tuple[np.ndarray, np.ndarray]], quantile: float, a: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per AU, the control bar on each half: a quantile of every control channel's effect.
+
+    Parameters
+    ----------
+    halves
+        Per control network, its (K, A) effects on the selection and on the report half.
+    quantile
+        :attr:`DetectorOptions.control_quantile`.
+    a
+        Number of AUs.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (A,) bars on the selection half and on the report half (NaN without controls, or
+        where every control channel is constant).
+    """
+    if not halves:
+        return np.full(a, np.nan), np.full(a, np.nan)
+    out = []
+    for side in (0, 1):
+        values = np.concatenate([h[side] for h in halves], axis=0)  # (copies x K, A)
+        bar = np.full(a, np.nan)
+        for j in range(a):
+            finite = values[:, j][np.isfinite(values[:, j])]
+            if len(finite):
+                bar[j] = np.quantile(finite, quantile)
+        out.append(bar)
+    return out[0], out[1]
+
+
+def candidates(e_select: np.ndarray, bar_select: np.ndarray, with_controls: bool) -> np.ndarray:
+    """(K,) each channel's candidate AU: the largest ``effect - control_bar`` (selection half).
+
+    With controls, an AU without a bar (every control channel constant there) cannot be a
+    candidate: it would compete with no bar at all.
+    """
+    bar = bar_select if with_controls else np.zeros(e_select.shape[1])
+    excess = np.where(np.isfinite(e_select) & np.isfinite(bar), e_select - bar, -np.inf)
+    return excess.argmax(axis=1)
+
+
+def candidate_rows(network: str, layer: str, number: int, channels: slice,
+                   candidate: np.ndarray, e_select: np.ndarray, e_report: np.ndarray,
+                   bar_report: np.ndarray, n_perm: int, *, source: ResponseSource,
+                   activity: np.ndarray, select: np.ndarray, aus: tuple[int, ...],
+                   options: DetectorOptions, memory: int = 64 * 2**20
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The report-half numbers of a block of channels and their candidate AUs.
+
+    ``number`` is the layer's position (it seeds the bootstrap and the permutations, so that
+    layers get different draws and blocks of one layer the same ones).
+
+    Returns
+    -------
+    rows, pairs
+        The block's rows of :func:`detector_test`'s tables before the decision (no
+        ``q_value`` yet).
+    """
+    report = ~select
+    x_in = _filled(source.read(network, layer, "in", channels))
+    x_out = _filled(source.read(network, layer, "out", channels))
+    a = len(aus)
+    local = np.arange(x_in.shape[1])
+    first = channels.start or 0
+    out_report = effects(x_out[report], activity[report])
+    partial = partial_association(x_in[report], x_out[report], activity[report])
+    x_rep = x_in[report][:, local, candidate]
+    y_rep = activity[report][:, candidate]
+    low, high = _bootstrap_interval(x_rep, y_rep, options.n_boot, options.confidence,
+                                    options.seed + number)
+    p_values = np.full(len(local), np.nan)
     if report.sum() >= 3:
-        p_values = np.full(len(table), np.nan)
-        for start, x_rep, candidate, number in tested:
-            p_values[start:start + len(candidate)] = permutation_p_values(
-                x_rep, candidate, activity[report], n_perm, (options.seed, number))
-        table["p_value"] = p_values
+        p_values = permutation_p_values(x_rep, candidate, activity[report], n_perm,
+                                        (options.seed, number), memory)
+    rows = pd.DataFrame({
+        "layer": layer, "channel": first + local,
+        "candidate_au": np.asarray(aus)[candidate], "effect": e_report[local, candidate],
+        "auc": (1 + rank_effect(x_rep, y_rep)) / 2, "auc_low": np.clip((1 + low) / 2, 0, 1),
+        "auc_high": np.clip((1 + high) / 2, 0, 1),
+        "out_effect": out_report[local, candidate], "partial": partial[local, candidate],
+        "effect_select": e_select[local, candidate], "p_value": p_values,
+        "control_bar": bar_report[candidate],
+        "n_select": int(select.sum()), "n_report": int(report.sum())})
+    ch_grid, au_grid = np.meshgrid(first + local, np.arange(a), indexing="ij")
+    pairs = pd.DataFrame({
+        "layer": layer, "channel": ch_grid.ravel(), "au": np.asarray(aus)[au_grid.ravel()],
+        "effect_select": e_select.ravel(), "effect": e_report.ravel(),
+        "out_effect": out_report.ravel(), "partial": partial.ravel(),
+        "control_bar": np.broadcast_to(bar_report, (len(local), a)).ravel()})
+    return rows, pairs
+
+
+def _decided(table: pd.DataFrame, pairs: pd.DataFrame, options: DetectorOptions, n_perm: int,
+             n_controls: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """BH over every tested pair of the network, then the decision per channel."""
     table["q_value"] = benjamini_hochberg(table["p_value"].to_numpy(dtype=float))
     with np.errstate(invalid="ignore"):
         table["beats_control"] = table["effect"] > table["control_bar"]
-        if not controls:  # no control run: no bar to clear (the run says so)
+        if not n_controls:  # no control run: no bar to clear (the run says so)
             table["beats_control"] = True
         table["specific"] = table["effect"] > table["out_effect"]
     table["small_sample"] = table["n_report"] < options.min_report
     detected = (table["q_value"] <= options.alpha) & table["beats_control"] & \
         table["specific"] & ~table["small_sample"]
     table["au"] = pd.array(np.where(detected, table["candidate_au"], pd.NA), dtype="Int64")
-    table.attrs.update(n_perm=n_perm, options=asdict(options), controls=len(controls))
+    table.attrs.update(n_perm=n_perm, options=asdict(options), controls=n_controls)
     columns = ["layer", "channel", "au", "candidate_au", "effect", "auc", "auc_low", "auc_high",
                "out_effect", "partial", "effect_select", "p_value", "q_value", "control_bar",
                "beats_control", "specific", "n_select", "n_report", "small_sample"]
-    return table[columns], pd.concat(pair_frames, ignore_index=True)
-
-
-def _bars(controls: list[list[LayerResponses]], number: int, layer: str, select: np.ndarray,
-          report: np.ndarray, activity: np.ndarray, quantile: float, a: int
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """Per AU, the control bar on each half: a quantile of every control channel's effect."""
-    if not controls:
-        return np.full(a, np.nan), np.full(a, np.nan)
-    halves = []
-    for rows in (select, report):
-        pooled = []
-        for copy in controls:
-            c = copy[number]
-            if c.layer != layer:
-                raise ValueError(f"control layer {c.layer!r} does not match {layer!r}")
-            pooled.append(effects(_filled(c.x_in)[rows], activity[rows]))
-        values = np.concatenate(pooled, axis=0)  # (copies x K, A)
-        bar = np.full(a, np.nan)
-        for j in range(a):
-            finite = values[:, j][np.isfinite(values[:, j])]
-            if len(finite):
-                bar[j] = np.quantile(finite, quantile)
-        halves.append(bar)
-    return halves[0], halves[1]
+    return table[columns], pairs
 
 
 def _filled(x: np.ndarray) -> np.ndarray:

@@ -260,6 +260,15 @@ class FeatureStore:
         index = (slice(None),) * (target.ndim - 1) + (np.asarray(columns, dtype=np.int64),)
         return np.asarray(target.oindex[index])
 
+    def block(self, name: str, channels: slice, columns: list[int] | None = None) -> np.ndarray:
+        """Every row of channels ``channels`` (axis 1) of ``name``, only ``columns`` of its
+        last axis: (N, k, len(columns)), read chunk by chunk without the other channels
+        staying in memory (the decision's blocks, :mod:`interp_fer.decision`)."""
+        if name not in self._group:
+            raise KeyError(f"{self.path}: no array {name}")
+        last = slice(None) if columns is None else np.asarray(columns, dtype=np.int64)
+        return np.asarray(self._group[name].oindex[(slice(None), channels, last)])
+
     def dask_array(self, name: str) -> Any:
         """``name`` as a dask array with the store's chunks (dask is imported here only)."""
         import dask.array as da

@@ -24,7 +24,8 @@ Two questions, kept apart (docs/method.md):
   store of :mod:`interp_fer.feature_store`), and the streamed corroborating measures of
   :class:`interp_fer.layer_mapping.LayerMapping` (checkpointed); on Dask workers with
   :mod:`interp_fer.distributed`, with identical results;
-* :func:`decide`: the detector test, ``looks_at``, and the tables.
+* :func:`interp_fer.decision.decide`: the detector test, ``looks_at``, and the tables, read
+  back from the store in blocks of channels (here or on the Dask workers).
 """
 
 from __future__ import annotations
@@ -45,21 +46,21 @@ import torch
 
 from .cells import CellGrid, SparseMasks
 from .data import ImageDataset, Record
-from .detectors import DetectorOptions, LayerResponses, detector_test, selection_half
+from .decision import (  # noqa: F401  (stage 3 lives in decision.py; importable from here)
+    DEFAULT_MEMORY,
+    MAPPING_COLUMNS,
+    StoredResponses,
+    decide,
+    looks_at_table,
+)
+from .detectors import DetectorOptions, selection_half
 from .labels import EMFACS_PROTOTYPES, au_presence, has_labels, prototype_name
 from .layer_mapping import FaceGeometry, LayerMapping, MappingOptions
 from .layers import layer_outputs
 from .models import FERModel
 from .preprocessing import Crop
-from .statistics import benjamini_hochberg, signed_distance
+from .statistics import benjamini_hochberg
 
-#: Columns of ``mapping.csv`` (one row per layer and channel).
-MAPPING_COLUMNS = [
-    "layer", "channel", "au", "candidate_au", "auc", "auc_low", "auc_high", "effect",
-    "partial", "out_effect", "p_value", "q_value", "control_bar", "beats_control", "specific",
-    "small_sample", "n_report", "looks_at", "looks_at_distance", "looks_at_resolvable",
-    "looks_at_shares_cells_with", "hit_rate", "chance_rate", "iou", "n_images",
-]
 #: Measures of ``scores.csv`` (long format, one row per layer, channel, AU and measure).
 MEASURES = [
     "effect_select", "effect", "out_effect", "partial", "control_bar", "distance", "excess", "ci_low", "ci_high",
@@ -602,6 +603,17 @@ class ResponseStore:
             self._parts[name] = parts = [np.concatenate(parts)]
         return parts[0]
 
+    def block(self, name: str, channels: slice, columns: list[int] | None = None) -> np.ndarray:
+        """Rows of channels ``channels`` of ``name``, only ``columns`` of the last axis (the
+        interface of :meth:`interp_fer.feature_store.FeatureStore.block`)."""
+        values = self.array(name)[:, channels]
+        return values if columns is None else values[..., columns]
+
+    @property
+    def n_rows(self) -> int:
+        """Rows written so far (of the first array)."""
+        return len(self.array(next(iter(self._parts)))) if self._parts else 0
+
     def state(self) -> dict[str, np.ndarray]:
         return {name: self.array(name) for name in self._parts}
 
@@ -944,158 +956,6 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
 # Stage 3: the decision and the tables
 
 
-def _responses(stream: Stream, network: str, layers: Sequence[str], columns: list[int],
-               with_out: bool = True) -> list[LayerResponses]:
-    return [LayerResponses(name, _read(stream.store, f"{network}/{name}/in", columns),
-                           _read(stream.store, f"{network}/{name}/out", columns)
-                           if with_out else None)
-            for name in layers]
-
-
-def _read(store: Any, name: str, columns: list[int]) -> np.ndarray:
-    """(N, K, len(columns)) of a store's (N, K, A) array; a feature store reads only them."""
-    if isinstance(store, ResponseStore):
-        return store.array(name)[:, :, columns]
-    return store.array(name, columns=columns)
-
-
-def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
-                   sham_names: Sequence[str], distance: str = "wasserstein") -> pd.DataFrame:
-    """D of every channel for every AU and sham region (where it looks), exact from samples.
-
-    One row per (layer, channel, region): ``region`` (``AU12``, ``sham_cheek``), ``sham``,
-    ``distance`` (:func:`interp_fer.statistics.signed_distance` between the per-image peak
-    inside the region and the peak on the rest of the face; faces where the region has no
-    cell are left out) and ``n_images``.
-    """
-    names = [f"AU{a}" for a in aus] + list(sham_names)
-    frames = []
-    for layer in layers:
-        x_in = np.concatenate([stream.store.array(f"model/{layer}/in"),
-                               stream.store.array(f"model/{layer}/sham_in")], axis=2)
-        x_out = np.concatenate([stream.store.array(f"model/{layer}/out"),
-                                stream.store.array(f"model/{layer}/sham_out")], axis=2)
-        k = x_in.shape[1]
-        for j, name in enumerate(names):
-            rows = np.isfinite(x_in[:, :, j]).all(axis=1) & np.isfinite(x_out[:, :, j]).all(axis=1)
-            d = signed_distance(x_in[rows, :, j], x_out[rows, :, j], distance) if rows.sum() > 1 \
-                else np.full(k, np.nan)
-            frames.append(pd.DataFrame({"layer": layer, "channel": np.arange(k), "region": name,
-                                        "sham": name.startswith("sham"), "distance": d,
-                                        "n_images": int(rows.sum())}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def _looks_at(looks: pd.DataFrame, containment: dict[str, np.ndarray], n_faces: int
-              ) -> pd.DataFrame:
-    """Per (layer, channel): the region of largest D, and whether it is resolvable there."""
-    rows = []
-    for (layer, channel), part in looks.groupby(["layer", "channel"], sort=False):
-        names = list(part["region"])
-        d = part["distance"].to_numpy(dtype=float)
-        if not np.isfinite(d).any():
-            rows.append({"layer": layer, "channel": channel, "looks_at": None,
-                         "looks_at_distance": np.nan, "looks_at_resolvable": False,
-                         "looks_at_shares_cells_with": ""})
-            continue
-        w = int(np.nanargmax(d))
-        counts = containment.get(layer)
-        shared = []
-        if counts is not None:
-            # Region w cannot be told from region j at this layer when, on most faces, the
-            # cells of one lie inside the cells of the other.
-            nested = (counts[w] > n_faces / 2) | (counts[:, w] > n_faces / 2)
-            shared = [names[j] for j in np.flatnonzero(nested) if j != w]
-        rows.append({"layer": layer, "channel": channel, "looks_at": names[w],
-                     "looks_at_distance": d[w], "looks_at_resolvable": not shared,
-                     "looks_at_shares_cells_with": ";".join(shared)})
-    return pd.DataFrame(rows)
-
-
-def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
-           detector: DetectorOptions, distance: str = "wasserstein", controls: int = 4
-           ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame | None,
-                      dict[str, Any]]:
-    """Stage 3 of :func:`map_dataset`: the detector test, ``looks_at`` and the tables.
-
-    Returns
-    -------
-    mapping, scores, looks, control_detectors, summary
-        :attr:`MappingResult.mapping`, ``.scores``, ``.looks``, ``.control_detectors``, and
-        the numbers ``run.json`` reports (``detector`` and ``looks_at`` sections).
-    """
-    from .au_regions import load_sham_regions
-
-    aus, tested = faceset.aus, faceset.tested
-    columns = [aus.index(a) for a in tested]
-    ids = faceset.indices
-    summary: dict[str, Any] = {}
-    if tested:
-        # With two or more copies, all but the last set the bar; the last is tested against
-        # it like the network, to show what the test finds in a network that learned nothing.
-        model = _responses(stream, "model", layers, columns)
-        copies = [_responses(stream, f"control{i + 1}", layers, columns,
-                             with_out=i + 1 == controls and controls >= 2)
-                  for i in range(controls)]
-        bar, check = (copies[:-1], copies[-1]) if controls >= 2 else (copies, None)
-        detectors, pairs = detector_test(model, faceset.activity, ids, tested, bar, detector)
-        control_detectors = None
-        if check is not None:
-            control_detectors, _ = detector_test(check, faceset.activity, ids, tested, bar,
-                                                 detector)
-        summary["detector"] = {
-            "tested_aus": list(tested), "n_perm": detectors.attrs["n_perm"],
-            "n_select": int(detectors["n_select"].iloc[0]),
-            "n_report": int(detectors["n_report"].iloc[0]),
-            "small_sample": bool(detectors["small_sample"].iloc[0]),
-            "detectors": int(detectors["au"].notna().sum()),
-            "control_detectors": None if control_detectors is None
-            else int(control_detectors["au"].notna().sum()),
-            "channels": len(detectors),
-            "control": f"{len(bar)} randomized copies (every parameter re-drawn) set the bar"
-            + ("; one more is tested against it" if check is not None else "")
-            if controls else "none (no control bar applied)",
-        }
-    else:
-        detectors = pd.DataFrame({"layer": [name for name in layers for _ in range(
-            stream.accumulators[name].top.n_channels)]})
-        detectors["channel"] = detectors.groupby("layer").cumcount()
-        detectors["au"] = pd.array([pd.NA] * len(detectors), dtype="Int64")
-        pairs, control_detectors = None, None
-        summary["detector"] = {"tested_aus": [], "detectors": 0,
-                               "note": "no AU has an activity source: nothing was tested"}
-
-    scores = pd.concat([stream.accumulators[name].scores() for name in layers],
-                       ignore_index=True)
-    if pairs is not None:
-        scores = scores.merge(pairs, on=["layer", "channel", "au"], how="left")
-    shams = load_sham_regions()
-    looks = looks_at_table(stream, layers, aus, shams.names, distance)
-    looking = _looks_at(looks, stream.containment, len(faceset.faces))
-    n_regions = len(aus) + len(shams.names)
-    sham_rate = float(looking["looks_at"].dropna().str.startswith("sham").mean()) \
-        if looking["looks_at"].notna().any() else np.nan
-    summary["looks_at"] = {
-        "sham_rate": sham_rate, "sham_share": len(shams.names) / n_regions,
-        "unresolvable": int((~looking["looks_at_resolvable"]).sum()),
-        "note": "share of channels whose largest D is at a sham region, against the share "
-                "of regions that are shams (what a sham wins by chance)",
-    }
-    mapping = detectors.merge(looking, on=["layer", "channel"], how="left")
-    measures = scores.assign(looks_at=[f"AU{a}" for a in scores["au"]])
-    keep = ["hit_rate", "chance_rate", "iou"]
-    mapping = mapping.merge(measures[["layer", "channel", "looks_at", *keep]],
-                            on=["layer", "channel", "looks_at"], how="left")
-    mapping["n_images"] = len(faceset.faces)
-    if "label_auc" in scores:
-        label = scores[["layer", "channel", "au", "label_auc"]].rename(
-            columns={"au": "candidate_au"})
-        mapping = mapping.merge(label, on=["layer", "channel", "candidate_au"], how="left")
-    present = [c for c in MAPPING_COLUMNS if c in mapping]
-    extra = [c for c in ("label_auc",) if c in mapping]
-    return mapping[[*present, *extra]], scores, looks, control_detectors, summary
-
-
 class _Clock:
     """Wall seconds spent per phase of a run (``run.json`` ``seconds``; this session only)."""
 
@@ -1180,6 +1040,7 @@ def map_dataset(
     progress: bool = True,
     store: str | os.PathLike | None = None,
     cluster: Any = None,
+    decision_memory: int = DEFAULT_MEMORY,
 ) -> MappingResult:
     """Which channel of ``layers`` detects which facial Action Unit, and where each looks.
 
@@ -1239,7 +1100,11 @@ def map_dataset(
         with ``checkpoint``, a rerun skips the chunks already written. Default: in memory.
     cluster
         A :class:`interp_fer.distributed.Cluster` to run the pass on Dask workers (needs
-        ``store``); results are identical to a run in this process.
+        ``store``); results are identical to a run in this process. The decision's tasks
+        run there too.
+    decision_memory
+        Bytes per task of the decision (:func:`interp_fer.decision.decide`: the responses are
+        read back in blocks of channels of at most this size); the tables do not depend on it.
 
     Returns
     -------
@@ -1303,7 +1168,7 @@ def map_dataset(
     with clock("decision"):
         mapping, scores, looks, control_detectors, summary = decide(
             stream, faceset, layers, detector=detector, distance=options.distance,
-            controls=len(control_models))
+            controls=len(control_models), memory=decision_memory, cluster=cluster)
         scores = add_q_values(scores)
     statuses = faceset.table["status"].value_counts().to_dict()
     half = ["select" if h else "report"
@@ -1351,7 +1216,7 @@ def map_dataset(
     activity_frame = pd.DataFrame(faceset.activity, columns=[f"AU{a}" for a in faceset.tested])
     activity_frame.insert(0, "key", [f.key for f in faceset.faces])
     activity_frame.insert(0, "index", faceset.indices)
-    responses = {name: _read(stream.store, f"model/{name}/in", columns) for name in layers}
+    responses = StoredResponses(stream.store, layers, columns)
     result = MappingResult(mapping, scores, run, faceset.table, face_table, top, expressions,
                            activity_frame, responses, looks, control_detectors)
     if saver:

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from interp_fer.decision import _looks_at
 from interp_fer.mapping import (
     MappingResult,
     _containment,
-    _looks_at,
     channels_for_au,
     compare_with_control,
     face_activity,

@@ -262,7 +262,7 @@ def activity_responses(result: MappingResult, layer: str, channel: int, au: int,
                          f"(layers: {', '.join(result.responses)})")
     rows = (result.faces["half"] == half).to_numpy()
     x = result.activity[column].to_numpy(dtype=float)[rows]
-    every = np.asarray(result.responses[layer], dtype=float)[:, int(channel)]  # (N, A)
+    every = np.asarray(result.responses[layer][:, int(channel)], dtype=float)  # (N, A)
     y = every[rows, tested.index(au)]
     keys = result.activity["key"].to_numpy(dtype=object)[rows]
     missing = ~np.isfinite(y)

@@ -1,0 +1,357 @@
+"""Stage 3 of the map job: the detector test, ``looks_at`` and the tables, from the stored features.
+
+:func:`interp_fer.mapping.stream_layers` leaves every face's region responses in a store
+(the chunked Zarr :class:`interp_fer.feature_store.FeatureStore`, or
+:class:`interp_fer.mapping.ResponseStore` in memory). :func:`decide` reads them back in
+*blocks of channels*: a task holds one block of one layer (every face, the block's channels,
+the tested AUs), never a whole layer, so its memory is set by ``memory`` (bytes), not by the
+number of faces. The statistics are column-wise (ranks, permutations and bootstrap draws are
+per channel and AU, with per-layer seeds), so the tables do not depend on the blocks nor on
+where the tasks run: here in order, or on the Dask workers of a
+:class:`interp_fer.distributed.Cluster` (tasks read the store themselves; the client gets
+(K, A) effect matrices and table rows back).
+
+The test runs in two passes over the responses (:func:`interp_fer.detectors.detector_tables`):
+the halves' effects of the network and every random-weights copy (the control bar needs the
+largest over a layer's channels), then the candidate rows of the network and of the tested
+copy. ``looks_at`` is one more pass over the network's AU and sham responses.
+
+The smallest block is one channel: (N, 1, A) responses of N faces, i.e. about
+``BYTES_PER_VALUE * N * A`` bytes (~0.8 GB for 10^6 faces and 15 AUs); a budget below that
+runs one channel per task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .detectors import DetectorOptions, Runner, detector_tables, run_here
+from .statistics import signed_distance
+
+if TYPE_CHECKING:
+    from .mapping import FaceSet, Stream
+
+#: Columns of ``mapping.csv`` (one row per layer and channel).
+MAPPING_COLUMNS = [
+    "layer", "channel", "au", "candidate_au", "auc", "auc_low", "auc_high", "effect",
+    "partial", "out_effect", "p_value", "q_value", "control_bar", "beats_control", "specific",
+    "small_sample", "n_report", "looks_at", "looks_at_distance", "looks_at_resolvable",
+    "looks_at_shares_cells_with", "hit_rate", "chance_rate", "iou", "n_images",
+]
+#: Bytes a task holds per stored float32 value of its block (the block, its ranks in float64
+#: for the two halves and the contrasts of ``partial``), measured with tracemalloc
+#: (tests/test_decision.py).
+BYTES_PER_VALUE = 48
+#: Default memory of one decision task.
+DEFAULT_MEMORY = 1 << 30
+
+
+def channel_blocks(n_rows: int, n_columns: int, memory: int = DEFAULT_MEMORY
+                   ) -> Callable[[int], list[slice]]:
+    """How a layer's channels are cut into blocks of at most ``memory`` bytes per task.
+
+    Parameters
+    ----------
+    n_rows
+        Faces N.
+    n_columns
+        Values per channel and face (AUs, or AUs and sham regions).
+    memory
+        Bytes per task (at least one channel per block whatever it is).
+
+    Returns
+    -------
+    callable
+        ``blocks(channels)`` -> consecutive slices covering ``range(channels)``.
+    """
+    if memory < 1:
+        raise ValueError(f"memory must be a positive number of bytes, not {memory}")
+    width = max(1, int(memory // (BYTES_PER_VALUE * max(n_rows, 1) * max(n_columns, 1))))
+
+    def blocks(channels: int) -> list[slice]:
+        return [slice(i, min(i + width, channels)) for i in range(0, channels, width)]
+
+    return blocks
+
+
+class StoreSource:
+    """The responses of a run's store, for :func:`interp_fer.detectors.detector_tables`.
+
+    Parameters
+    ----------
+    store
+        A :class:`interp_fer.feature_store.FeatureStore` or an in-memory
+        :class:`interp_fer.mapping.ResponseStore` (both have ``block``).
+    columns
+        Positions of the tested AUs in the stored AU axis (None: all).
+
+    A source over a feature store pickles as its path, so Dask workers open the store
+    themselves; one over an in-memory store is for this process only.
+    """
+
+    def __init__(self, store: Any, columns: Sequence[int] | None) -> None:
+        self.store = store
+        self.columns = None if columns is None else list(columns)
+
+    def read(self, network: str, layer: str, kind: str, channels: slice) -> np.ndarray:
+        return self.store.block(f"{network}/{layer}/{kind}", channels, self.columns)
+
+    def __getstate__(self) -> dict[str, Any]:
+        path = getattr(self.store, "path", None)
+        if path is None:
+            raise TypeError("responses held in memory cannot go to other processes: give the "
+                            "run a feature store (map_dataset(store=...))")
+        return {"path": str(path), "columns": self.columns}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from .feature_store import FeatureStore
+
+        self.store = FeatureStore.reopen(state["path"])
+        self.columns = state["columns"]
+
+
+def dask_runner(client: Any) -> Runner:
+    """A :data:`interp_fer.detectors.Runner` that runs tasks on a Dask client's workers.
+
+    The shared arguments (activity, halves, the store's path, ...) are sent to every worker
+    once; results come back in the order of the calls.
+    """
+    def run(task: Callable[..., Any], calls: list[tuple[Any, ...]], shared: dict[str, Any]
+            ) -> list[Any]:
+        refs = {name: client.scatter([value], broadcast=True, hash=False)[0]
+                for name, value in shared.items()}
+        futures = [client.submit(task, *call, **refs, pure=False) for call in calls]
+        return client.gather(futures)
+
+    return run
+
+
+class StoredResponses(Mapping):
+    """Per layer, each face's in-region responses (N, K, A) of the tested AUs, read on demand.
+
+    ``responses[layer][:, k]`` reads channel k alone (N, A), so plotting one channel of a
+    run with a million faces does not load the layer. ``numpy.asarray(responses[layer])``
+    reads the whole layer.
+    """
+
+    def __init__(self, store: Any, layers: Sequence[str], columns: Sequence[int]) -> None:
+        self._store, self._layers, self._columns = store, tuple(layers), list(columns)
+
+    def __getitem__(self, layer: str) -> _LayerView:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return _LayerView(self._store, f"model/{layer}/in", self._columns)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+class _LayerView:
+    """One layer's stored responses; indexing ``[:, k]`` reads one channel."""
+
+    def __init__(self, store: Any, name: str, columns: list[int]) -> None:
+        self._store, self._name, self._columns = store, name, columns
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
+                and isinstance(key[1], (int, np.integer))):
+            k = int(key[1])
+            return self._store.block(self._name, slice(k, k + 1), self._columns)[:, 0]
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = self._store.block(self._name, slice(None), self._columns)
+        return values if dtype is None else values.astype(dtype)
+
+
+def _looks_block(layer: str, channels: slice, *, source: StoreSource, names: Sequence[str],
+                 distance: str) -> pd.DataFrame:
+    """D of a block of channels for every AU and sham region (rows by region, then channel)."""
+    def read(kind: str) -> np.ndarray:
+        return np.concatenate([source.read("model", layer, kind, channels),
+                               source.read("model", layer, f"sham_{kind}", channels)], axis=2)
+
+    x_in, x_out = read("in"), read("out")
+    k = x_in.shape[1]
+    frames = []
+    for j, name in enumerate(names):
+        # A region without cells on a face (clipped) has no response in any channel: the
+        # faces kept are the same for every block.
+        rows = np.isfinite(x_in[:, :, j]).all(axis=1) & np.isfinite(x_out[:, :, j]).all(axis=1)
+        d = signed_distance(x_in[rows, :, j], x_out[rows, :, j], distance) if rows.sum() > 1 \
+            else np.full(k, np.nan)
+        frames.append(pd.DataFrame({"layer": layer, "channel": np.arange(channels.start,
+                                                                          channels.start + k),
+                                    "region": name, "sham": name.startswith("sham"),
+                                    "distance": d, "n_images": int(rows.sum())}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
+                   sham_names: Sequence[str], distance: str = "wasserstein", *,
+                   memory: int = DEFAULT_MEMORY, run: Runner = run_here) -> pd.DataFrame:
+    """D of every channel for every AU and sham region (where it looks), exact from samples.
+
+    One row per (layer, channel, region): ``region`` (``AU12``, ``sham_cheek``), ``sham``,
+    ``distance`` (:func:`interp_fer.statistics.signed_distance` between the per-image peak
+    inside the region and the peak on the rest of the face; faces where the region has no
+    cell are left out) and ``n_images``. Rows by layer, then region, then channel.
+    ``memory`` and ``run`` as in :func:`decide`.
+    """
+    names = [f"AU{a}" for a in aus] + list(sham_names)
+    blocks = channel_blocks(stream.store.n_rows, 2 * len(names), memory)
+    calls = [(name, block) for name in layers
+             for block in blocks(stream.accumulators[name].top.n_channels)]
+    parts = run(_looks_block, calls, {"source": StoreSource(stream.store, None), "names": names,
+                                      "distance": distance})
+    table = pd.concat(parts, ignore_index=True)
+    order = pd.DataFrame({"layer": pd.Categorical(table["layer"], categories=list(layers)),
+                          "region": pd.Categorical(table["region"], categories=names),
+                          "channel": table["channel"]})
+    return table.loc[order.sort_values(["layer", "region", "channel"], kind="stable").index
+                     ].reset_index(drop=True)
+
+
+def _looks_at(looks: pd.DataFrame, containment: dict[str, np.ndarray], n_faces: int
+              ) -> pd.DataFrame:
+    """Per (layer, channel): the region of largest D, and whether it is resolvable there."""
+    rows = []
+    for (layer, channel), part in looks.groupby(["layer", "channel"], sort=False):
+        names = list(part["region"])
+        d = part["distance"].to_numpy(dtype=float)
+        if not np.isfinite(d).any():
+            rows.append({"layer": layer, "channel": channel, "looks_at": None,
+                         "looks_at_distance": np.nan, "looks_at_resolvable": False,
+                         "looks_at_shares_cells_with": ""})
+            continue
+        w = int(np.nanargmax(d))
+        counts = containment.get(layer)
+        shared = []
+        if counts is not None:
+            # Region w cannot be told from region j at this layer when, on most faces, the
+            # cells of one lie inside the cells of the other.
+            nested = (counts[w] > n_faces / 2) | (counts[:, w] > n_faces / 2)
+            shared = [names[j] for j in np.flatnonzero(nested) if j != w]
+        rows.append({"layer": layer, "channel": channel, "looks_at": names[w],
+                     "looks_at_distance": d[w], "looks_at_resolvable": not shared,
+                     "looks_at_shares_cells_with": ";".join(shared)})
+    return pd.DataFrame(rows)
+
+
+def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
+           detector: DetectorOptions, distance: str = "wasserstein", controls: int = 4,
+           memory: int = DEFAULT_MEMORY, cluster: Any = None
+           ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame | None,
+                      dict[str, Any]]:
+    """Stage 3 of :func:`interp_fer.mapping.map_dataset`: the detector test, ``looks_at``, tables.
+
+    Parameters
+    ----------
+    stream
+        What :func:`interp_fer.mapping.stream_layers` accumulated (its store holds the
+        per-face responses).
+    faceset
+        The faces (:func:`interp_fer.mapping.prepare_faces`): AUs, activity, ids.
+    layers
+        Layer names.
+    detector
+        :class:`interp_fer.detectors.DetectorOptions`.
+    distance
+        The D of ``looks_at``.
+    controls
+        Random-weights copies in the store (``control1`` ...): with two or more, all but the
+        last set the bar and the last is tested against it like the network.
+    memory
+        Bytes per task (:func:`channel_blocks`); the tables do not depend on it.
+    cluster
+        A :class:`interp_fer.distributed.Cluster`: tasks run on its workers, which read the
+        feature store themselves. None runs them here.
+
+    Returns
+    -------
+    mapping, scores, looks, control_detectors, summary
+        :attr:`interp_fer.mapping.MappingResult.mapping`, ``.scores``, ``.looks``,
+        ``.control_detectors``, and the numbers ``run.json`` reports (``detector``,
+        ``looks_at`` and ``decision`` sections).
+    """
+    from .au_regions import load_sham_regions
+
+    run = dask_runner(cluster.client) if cluster is not None else run_here
+    aus, tested = faceset.aus, faceset.tested
+    columns = [aus.index(a) for a in tested]
+    summary: dict[str, Any] = {}
+    channels = [(name, stream.accumulators[name].top.n_channels) for name in layers]
+    blocks = channel_blocks(len(faceset.faces), max(len(tested), 1), memory)
+    summary["decision"] = {
+        "memory_per_task_mib": round(memory / 2**20, 1),
+        "blocks_per_layer": {name: len(blocks(k)) for name, k in channels},
+        "where": f"{len(cluster.client.scheduler_info()['workers'])} Dask workers"
+        if cluster is not None else "this process"}
+    if tested:
+        # With two or more copies, all but the last set the bar; the last is tested against
+        # it like the network, to show what the test finds in a network that learned nothing.
+        copies = [f"control{i + 1}" for i in range(controls)]
+        bar, check = (copies[:-1], copies[-1]) if controls >= 2 else (copies, None)
+        tables = detector_tables(StoreSource(stream.store, columns), channels,
+                                 faceset.activity, faceset.indices, tested,
+                                 tested=["model"] + ([check] if check else []), bar=bar,
+                                 options=detector, blocks=blocks, run=run, memory=memory)
+        detectors, pairs = tables["model"]
+        control_detectors = tables[check][0] if check else None
+        summary["detector"] = {
+            "tested_aus": list(tested), "n_perm": detectors.attrs["n_perm"],
+            "n_select": int(detectors["n_select"].iloc[0]),
+            "n_report": int(detectors["n_report"].iloc[0]),
+            "small_sample": bool(detectors["small_sample"].iloc[0]),
+            "detectors": int(detectors["au"].notna().sum()),
+            "control_detectors": None if control_detectors is None
+            else int(control_detectors["au"].notna().sum()),
+            "channels": len(detectors),
+            "control": f"{len(bar)} randomized copies (every parameter re-drawn) set the bar"
+            + ("; one more is tested against it" if check is not None else "")
+            if controls else "none (no control bar applied)",
+        }
+    else:
+        detectors = pd.DataFrame({"layer": [name for name, k in channels for _ in range(k)]})
+        detectors["channel"] = detectors.groupby("layer").cumcount()
+        detectors["au"] = pd.array([pd.NA] * len(detectors), dtype="Int64")
+        pairs, control_detectors = None, None
+        summary["detector"] = {"tested_aus": [], "detectors": 0,
+                               "note": "no AU has an activity source: nothing was tested"}
+
+    scores = pd.concat([stream.accumulators[name].scores() for name in layers],
+                       ignore_index=True)
+    if pairs is not None:
+        scores = scores.merge(pairs, on=["layer", "channel", "au"], how="left")
+    shams = load_sham_regions()
+    looks = looks_at_table(stream, layers, aus, shams.names, distance, memory=memory, run=run)
+    looking = _looks_at(looks, stream.containment, len(faceset.faces))
+    n_regions = len(aus) + len(shams.names)
+    sham_rate = float(looking["looks_at"].dropna().str.startswith("sham").mean()) \
+        if looking["looks_at"].notna().any() else np.nan
+    summary["looks_at"] = {
+        "sham_rate": sham_rate, "sham_share": len(shams.names) / n_regions,
+        "unresolvable": int((~looking["looks_at_resolvable"]).sum()),
+        "note": "share of channels whose largest D is at a sham region, against the share "
+                "of regions that are shams (what a sham wins by chance)",
+    }
+    mapping = detectors.merge(looking, on=["layer", "channel"], how="left")
+    measures = scores.assign(looks_at=[f"AU{a}" for a in scores["au"]])
+    keep = ["hit_rate", "chance_rate", "iou"]
+    mapping = mapping.merge(measures[["layer", "channel", "looks_at", *keep]],
+                            on=["layer", "channel", "looks_at"], how="left")
+    mapping["n_images"] = len(faceset.faces)
+    if "label_auc" in scores:
+        label = scores[["layer", "channel", "au", "label_auc"]].rename(
+            columns={"au": "candidate_au"})
+        mapping = mapping.merge(label, on=["layer", "channel", "candidate_au"], how="left")
+    present = [c for c in MAPPING_COLUMNS if c in mapping]
+    extra = [c for c in ("label_auc",) if c in mapping]
+    return mapping[[*present, *extra]], scores, looks, control_detectors, summary
