@@ -546,7 +546,8 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     interval = float(os.environ.get("INTERP_FER_CHECKPOINT_INTERVAL", "60"))
     common = dict(aus=args.aus, locate=args.locate, options=options, detector=detector,
                   activity=args.activity, crop=args.crop, batch_size=args.batch_size,
-                  progress=not args.quiet, checkpoint_interval=interval)
+                  progress=not args.quiet, checkpoint_interval=interval,
+                  decision_memory=args.decision_memory * 2**20)
     cluster = None
     if args.workers or args.scheduler:
         from .distributed import Cluster
@@ -790,13 +791,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --limit: N images in each (split, expression) share")
     mapping.add_argument("--batch-size", type=positive, default=64,
                          help="images per forward pass (default: %(default)s)")
+    mapping.add_argument("--decision-memory", type=positive, default=1024, metavar="MIB",
+                         help="memory of one task of the decision, in MiB: the per-face "
+                         "responses are read back from features.zarr in blocks of channels "
+                         "of this size, whatever the number of faces; the results do not "
+                         "depend on it (default: %(default)s)")
     mapping.add_argument("--quiet", action="store_true", help="no progress bars")
     where = mapping.add_mutually_exclusive_group()
     where.add_argument("--workers", type=positive, metavar="N",
-                       help="run the pass on a local Dask cluster of N worker processes "
-                       "(needs the 'distributed' extra; same results as one process)")
+                       help="run the pass and the decision on a local Dask cluster of N "
+                       "worker processes (needs the 'distributed' extra; same results as one "
+                       "process)")
     where.add_argument("--scheduler", metavar="ADDRESS",
-                       help="run the pass on the workers of a running Dask scheduler "
+                       help="run the pass and the decision on the workers of a running Dask "
+                       "scheduler "
                        "(e.g. tcp://host:8786; see the README, 'More than one machine')")
     mapping.add_argument("--shard", type=positive, default=4, metavar="BATCHES",
                          help="with --workers/--scheduler: batches per task; a task sends its "

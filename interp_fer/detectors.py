@@ -84,7 +84,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .statistics import benjamini_hochberg
+from .statistics import benjamini_hochberg, by_column
 
 
 @dataclass
@@ -162,10 +162,16 @@ def standard_ranks(values: np.ndarray) -> np.ndarray:
 
     A constant column becomes all zeros.
     """
-    ranks = stats.rankdata(values, axis=0).astype(np.float64)
-    ranks -= ranks.mean(axis=0, keepdims=True)
-    scale = np.sqrt((ranks ** 2).mean(axis=0, keepdims=True))
-    return np.divide(ranks, scale, out=np.zeros_like(ranks), where=scale > 0)
+    ranks = by_column(stats.rankdata(values, axis=0))  # (..., N): every column alone
+    ranks -= ranks.mean(axis=-1, keepdims=True)
+    scale = np.sqrt((ranks ** 2).mean(axis=-1, keepdims=True))
+    out = np.divide(ranks, scale, out=np.zeros_like(ranks), where=scale > 0)
+    return np.moveaxis(out, -1, 0)
+
+
+def _column_mean(values: np.ndarray) -> np.ndarray:
+    """Mean along axis 0, every column on its own (see :func:`interp_fer.statistics.by_column`)."""
+    return by_column(values).mean(axis=-1)
 
 
 def _precision(z: np.ndarray) -> np.ndarray:
@@ -218,7 +224,7 @@ def partial_association(x_in: np.ndarray, x_out: np.ndarray, activity: np.ndarra
     e = _in_residuals(x_in, x_out)  # (N, K, A)
     z = standard_ranks(activity)
     omega = _precision(z)
-    c = np.einsum("nka,nb->kab", e, z) / n  # (K, A, A)
+    c = np.stack([_column_mean(e * z[:, b, None, None]) for b in range(a)], axis=-1)  # (K, A, A)
     out = _partial_from(c, omega, np.broadcast_to(np.arange(a), (k, a)))
     out[~np.any(e != 0, axis=0)] = np.nan
     return out
@@ -227,11 +233,12 @@ def partial_association(x_in: np.ndarray, x_out: np.ndarray, activity: np.ndarra
 def _in_residuals(x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
     """The in-minus-out rank contrast, standardised: (N, K, A)."""
     n, k, a = x_in.shape
-    contrast = standard_ranks(x_in.reshape(n, -1)) - standard_ranks(x_out.reshape(n, -1))
-    contrast -= contrast.mean(axis=0, keepdims=True)
-    scale = np.sqrt((contrast ** 2).mean(axis=0, keepdims=True))
-    return np.divide(contrast, scale, out=np.zeros_like(contrast), where=scale > 1e-9
-                     ).reshape(n, k, a)
+    contrast = by_column(standard_ranks(x_in.reshape(n, -1))
+                         - standard_ranks(x_out.reshape(n, -1)))  # (K A, N)
+    contrast -= contrast.mean(axis=-1, keepdims=True)
+    scale = np.sqrt((contrast ** 2).mean(axis=-1, keepdims=True))
+    out = np.divide(contrast, scale, out=np.zeros_like(contrast), where=scale > 1e-9)
+    return np.moveaxis(out, -1, 0).reshape(n, k, a)
 
 
 def rank_effect(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -253,7 +260,7 @@ def rank_effect(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     rx = standard_ranks(x)
     low, high = y.min(axis=0), y.max(axis=0)
     binary = ((y == low) | (y == high)).all(axis=0) & (high > low)
-    out = (rx * standard_ranks(y)).mean(axis=0)
+    out = _column_mean(rx * standard_ranks(y))
     if binary.any():
         raw = stats.rankdata(x[:, binary], axis=0)
         positive = y[:, binary] == high[binary]
@@ -291,7 +298,7 @@ def effects(x: np.ndarray, activity: np.ndarray) -> np.ndarray:
         return np.full((k, a), np.nan)
     rx = standard_ranks(np.asarray(x, dtype=np.float64).reshape(n, k * a)).reshape(n, k, a)
     ry = standard_ranks(np.asarray(activity, dtype=np.float64))
-    out = np.einsum("nka,na->ka", rx, ry) / n
+    out = _column_mean(rx * ry[:, None, :])
     constant = ~(rx != 0).any(axis=0) | ~(ry != 0).any(axis=0)[None, :]
     out[constant] = np.nan
     return out
@@ -329,7 +336,7 @@ def permutation_p_values(e: np.ndarray, au: np.ndarray, activity: np.ndarray, n_
     au = np.asarray(au)
     ranks = standard_ranks(np.asarray(e, dtype=np.float64))
     z = standard_ranks(np.asarray(activity, dtype=np.float64)).astype(np.float32)
-    observed = (ranks * z[:, au]).mean(axis=0)
+    observed = _column_mean(ranks * z[:, au])
     ranks32 = ranks.astype(np.float32)
     groups = [(u, np.flatnonzero(au == u)) for u in np.unique(au)]
     rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 0x9E47])

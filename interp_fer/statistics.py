@@ -60,23 +60,37 @@ def signed_distance(inside: np.ndarray, outside: np.ndarray, method: str = "wass
     outside = np.asarray(outside, dtype=np.float64)
     if len(inside) < 2 or len(outside) < 2:
         raise ValueError("need at least two images on each side")
-    difference = inside.mean(axis=0) - outside.mean(axis=0)
-    scale = _pooled_sd(inside.var(axis=0, ddof=1), outside.var(axis=0, ddof=1))
+    # Each column reduced on its own, contiguous: a channel's D does not depend on which other
+    # channels are computed with it (the decision cuts layers into blocks of channels).
+    ins, outs = by_column(inside), by_column(outside)
+    difference = ins.mean(axis=-1) - outs.mean(axis=-1)
+    scale = _pooled_sd(ins.var(axis=-1, ddof=1), outs.var(axis=-1, ddof=1))
     if method == "cohen_d":
         return _scale_free(difference, scale)
-    a = np.sort(inside, axis=0)
-    b = np.sort(outside, axis=0)
+    a = np.sort(ins, axis=-1)
+    b = np.sort(outs, axis=-1)
     if method == "ks":
-        raw = _ks_sorted(a, b)
+        raw = _ks_sorted(np.moveaxis(a, -1, 0), np.moveaxis(b, -1, 0))
         return np.sign(difference) * raw
-    if len(a) == len(b):
-        raw = np.abs(a - b).mean(axis=0)  # W1 between equal-size samples: matched quantiles
+    if a.shape[-1] == b.shape[-1]:
+        raw = np.abs(a - b).mean(axis=-1)  # W1 between equal-size samples: matched quantiles
     else:
-        flat_a = a.reshape(len(a), -1)
-        flat_b = b.reshape(len(b), -1)
-        raw = np.array([stats.wasserstein_distance(flat_a[:, j], flat_b[:, j])
-                        for j in range(flat_a.shape[1])]).reshape(a.shape[1:])
+        flat_a = a.reshape(-1, a.shape[-1])
+        flat_b = b.reshape(-1, b.shape[-1])
+        raw = np.array([stats.wasserstein_distance(flat_a[j], flat_b[j])
+                        for j in range(flat_a.shape[0])]).reshape(a.shape[:-1])
     return np.sign(difference) * _scale_free(raw, scale)
+
+
+def by_column(values: np.ndarray) -> np.ndarray:
+    """``values`` (n, ...) with axis 0 moved last and made contiguous: (..., n).
+
+    Reductions over the last axis then treat every column alone (numpy sums a contiguous
+    row pairwise, and a strided axis 0 sequentially), so a column's mean does not depend on
+    how many other columns share the array: statistics computed on blocks of channels equal
+    those computed on the whole layer, bit for bit.
+    """
+    return np.ascontiguousarray(np.moveaxis(np.asarray(values, dtype=np.float64), 0, -1))
 
 
 def _ks_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:

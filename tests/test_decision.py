@@ -116,3 +116,32 @@ def test_an_in_memory_store_does_not_go_to_workers():
 
     with pytest.raises(TypeError, match="feature store"):
         pickle.dumps(StoreSource(ResponseStore(), None))
+
+
+def test_the_decision_on_two_workers_gives_the_tables_of_one_process(fer2013, mini_xception,
+                                                                     tmp_path):
+    # A FER2013 share large enough for a real decision (a report half over min_report faces,
+    # permutations, a control bar and a tested copy); on the workers with one channel per
+    # task, here with the whole layer per task.
+    pytest.importorskip("distributed")
+    from interp_fer import open_dataset
+    from interp_fer.distributed import Cluster
+    from interp_fer.layer_mapping import MappingOptions
+    from interp_fer.mapping import long_scores, map_dataset
+
+    share = open_dataset(fer2013 / "test_labels.csv", class_names=mini_xception.class_names
+                         ).subset(limit=96, stratify=True)
+    run = dict(locate="rf-center", options=MappingOptions(n_boot=8, n_null=4, seed=1),
+               controls=3, batch_size=32, progress=False)
+    alone = map_dataset(mini_xception, share, ("conv2", "block2"), store=tmp_path / "a.zarr",
+                        **run)
+    assert not alone.run["detector"]["small_sample"]
+    with Cluster.local(2, shard=1) as cluster:
+        spread = map_dataset(mini_xception, share, ("conv2", "block2"), cluster=cluster,
+                             store=tmp_path / "b.zarr", decision_memory=1, **run)
+    assert spread.run["decision"]["where"] == "2 Dask workers"
+    assert min(spread.run["decision"]["blocks_per_layer"].values()) > 1
+    for mine, theirs in ((alone.mapping, spread.mapping), (alone.looks, spread.looks),
+                         (alone.control_detectors, spread.control_detectors),
+                         (long_scores(alone.scores), long_scores(spread.scores))):
+        assert mine.to_csv(index=False) == theirs.to_csv(index=False)
