@@ -11,18 +11,22 @@ the chunk is flagged complete (:meth:`interp_fer.feature_store.FeatureStore.put_
 The histogram counts, integer-valued, are saved as compressed integers (most of an
 accumulator's bytes, mostly zeros). The client reads the partials back and merges them
 strictly in chunk order, so every running sum gets the same additions in the same order as
-in one process (the counts, integers, are exact in any order): ``mapping.csv`` and
-``scores.csv`` are byte-identical whatever the number of workers and the shard size. The
-decision then reads the store.
+in one process: ``mapping.csv`` and ``scores.csv`` are byte-identical whatever the number of
+workers and the shard size. The counts, integers, are exact in any order: the worker also
+sums them over its shard and sends that sum back, which the client adds once the shard's
+chunks are merged (it reads a chunk's own counts only when resuming), so it decompresses and
+adds them once per shard, not per chunk. The decision then reads the store.
 
 Faults: a worker that dies mid-shard loses only its task, which the scheduler gives to
 another worker (writes are idempotent: the same rows, the same values). A client that dies
 resumes from its checkpoint (cursor *c*): chunks ``>= c`` that are complete *and* have a
-partial are merged from disk, not recomputed; only the others go to the workers. After each
-checkpoint the partials of the chunks before it are deleted, and all of them at the end of
-the pass (a partial is ~15-25 MB for mini-Xception; disk holds at most the chunks of one
-checkpoint interval). A client killed between the end of the pass and the final checkpoint
-recomputes the chunks after the previous one.
+partial are merged from disk, counts included, not recomputed; only the others go to the
+workers. Checkpoints are taken where every merged chunk's counts are in (after a shard's last
+chunk, or a resumed chunk). After each checkpoint the partials of the chunks before it are
+deleted, and all of them at the end of the pass (a partial is ~24 MiB for a batch of 64 faces
+and every mini-Xception stage, 9 MiB of it counts; disk holds the chunks of about one
+checkpoint interval, more while a slow chunk holds the merge back). A client killed between
+the end of the pass and the final checkpoint recomputes the chunks after the previous one.
 
 The single-process pass keeps its in-memory accumulators and saves no partials: it never
 has finished chunks ahead of its cursor except the one being written, so a kill loses at
@@ -60,6 +64,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 #: Keys of a partial's histogram counts (integers held as float64): saved compressed.
 _COUNTS = ("peaks.counts", "labels.au_counts", "labels.class_counts")
+#: Name prefixes of the saved counts (:func:`_pack_counts`).
+_PACKED = ("zstd/", "shape/", "raw/")
 
 # Moving a worker's networks is done once per process; with several threads per worker
 # two tasks may start together.
@@ -267,10 +273,11 @@ class Cluster:
         for number in merger.advance():
             running.add(submit([number]))
         for future in running:
-            worker, device, numbers = future.result()
+            worker, device, numbers, counts = future.result()
             future.release()
             self.devices[str(worker)] = device
             merger.ready.update(numbers)
+            merger.shard_counts[numbers[-1]] = counts
             for number in merger.advance():
                 running.add(submit([number]))
             for numbers in _take(shards, 1):
@@ -315,7 +322,11 @@ class _Merger:
         self.cursor = start
         #: Chunks whose partial is on disk, waiting for the cursor.
         self.ready = set(on_disk)
+        #: A computed shard's summed counts, by its last chunk (added once it is merged).
+        self.shard_counts: dict[int, dict[str, np.ndarray]] = {}
         self._resumed = set(on_disk)
+        empty = job.empty_stream(empties, stream.store).state()
+        self._count_keys = [key for key in empty if key.endswith(_COUNTS)]
 
     def advance(self) -> list[int]:
         """Merge the ready chunks at the cursor; return resumed chunks to compute again
@@ -323,7 +334,9 @@ class _Merger:
         store, n_chunks = self.stream.store, len(self.job.batches)
         while self.cursor in self.ready:
             number = self.cursor
-            arrays = store.partial(number)
+            resumed = number in self._resumed
+            # A computed chunk's counts come with its shard's sum: not read here.
+            arrays = store.partial(number, skip=() if resumed else _PACKED)
             if arrays is None:
                 self.ready.discard(number)
                 if number in self._resumed:  # a killed run's file, e.g. cut short
@@ -331,13 +344,22 @@ class _Merger:
                     return [number]
                 raise RuntimeError(f"{store.path}: chunk {number}'s partial accumulators "
                                    "could not be read back after a worker wrote them")
+            arrays = _unpack_counts(arrays)
+            if not resumed:
+                arrays.update({key: None for key in self._count_keys})  # skipped by merge
             part = self.job.empty_stream(self.empties, store)
-            part.restore(_unpack_counts(arrays))
+            part.restore(arrays)
             self.stream.merge(part)
             self.bar.update(len(self.job.batches[number]))
             self.ready.discard(number)
             self.cursor += 1
-            if self.checkpoint is not None and self.cursor < n_chunks and self.checkpoint.due():
+            # Every merged chunk's counts are in after a shard's last chunk (shards are runs
+            # of consecutive chunks) or a resumed one: only there may a checkpoint be taken.
+            boundary = resumed or number in self.shard_counts
+            if number in self.shard_counts:
+                _add_counts(self.stream, _unpack_counts(self.shard_counts.pop(number)))
+            if boundary and self.checkpoint is not None and self.cursor < n_chunks \
+                    and self.checkpoint.due():
                 self.checkpoint.save(self.cursor, self.stream.state())
                 store.drop_partials(below=self.cursor)
         return []
@@ -345,7 +367,7 @@ class _Merger:
 
 def run_shard(job: Any, empties: dict[str, Any], path: str, numbers: list[int],
               device: str = "auto", ranks: dict[str, int] | None = None
-              ) -> tuple[str, str, list[int]]:
+              ) -> tuple[str, str, list[int], dict[str, np.ndarray]]:
     """A worker's task: chunks ``numbers`` of ``job``, written to the store at ``path``.
 
     Each chunk's rows, then its partial (:meth:`interp_fer.mapping.Stream.state` of the
@@ -365,7 +387,8 @@ def run_shard(job: Any, empties: dict[str, Any], path: str, numbers: list[int],
     Returns
     -------
     tuple
-        ``(worker name, device used, numbers)``.
+        ``(worker name, device used, numbers, counts)``: ``counts``, the histogram counts
+        summed over the chunks (integers: exact in any order), compressed.
     """
     import torch
 
@@ -377,12 +400,20 @@ def run_shard(job: Any, empties: dict[str, Any], path: str, numbers: list[int],
         if job.model.device != torch.device(used):
             job.to(used)
     store = FeatureStore.reopen(path)
+    totals: dict[str, np.ndarray] = {}
     for number in numbers:
         part = job.empty_stream(empties, store)
         job.run_batch(number, part, _Clock(), complete=False)
-        store.put_partial(number, _pack_counts(part.state()))
+        arrays = part.state()
+        store.put_partial(number, _pack_counts(arrays))
         store.mark_complete(number)
-    return worker, used, numbers
+        for key, values in arrays.items():
+            if key.endswith(_COUNTS):
+                if key in totals:
+                    totals[key] += values
+                else:
+                    totals[key] = values.copy()
+    return worker, used, numbers, _pack_counts(totals)
 
 
 def _device_of(requested: str, ranks: dict[str, int], dask_worker: Any = None
@@ -408,27 +439,30 @@ def _device_of(requested: str, ranks: dict[str, int], dask_worker: Any = None
 def _pack_counts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Histogram counts as zstd-compressed uint32 bytes (``zstd/KEY`` and ``shape/KEY``).
 
-    Mostly zeros: a fraction of the float64 bytes. Counts that are not small non-negative
-    integers are kept as they are.
+    Mostly zeros: a fraction of the float64 bytes. Counts that are not integers in
+    [0, 2**32) are kept as they are (``raw/KEY``); other arrays keep their names.
     """
     from numcodecs import Zstd
 
     out = {}
     for key, values in arrays.items():
-        integral = key.endswith(_COUNTS) and values.dtype == np.float64 and (
-            values.size == 0 or (values.min() >= 0 and values.max() < 2**32
-                                 and np.array_equal(values, np.floor(values))))
-        if integral:
-            out[f"zstd/{key}"] = np.frombuffer(Zstd(level=1).encode(values.astype(np.uint32)),
-                                               dtype=np.uint8)
+        if not key.endswith(_COUNTS):
+            out[key] = values
+            continue
+        with np.errstate(invalid="ignore"):
+            small = values.astype(np.uint32)
+        # One pass instead of min, max and floor: wrapped, cut or NaN values differ.
+        if values.dtype == np.float64 and np.array_equal(small, values):
+            out[f"zstd/{key}"] = np.frombuffer(Zstd(level=1).encode(small), dtype=np.uint8)
             out[f"shape/{key}"] = np.asarray(values.shape, dtype=np.int64)
         else:
-            out[key] = values
+            out[f"raw/{key}"] = values
     return out
 
 
 def _unpack_counts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inverse of :func:`_pack_counts` (float64 counts, exactly)."""
+    """The inverse of :func:`_pack_counts`; counts come back as uint32 (merged into float64
+    sums, exactly, without a float64 copy)."""
     from numcodecs import Zstd
 
     out = {}
@@ -436,15 +470,33 @@ def _unpack_counts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if key.startswith("zstd/"):
             name = key[len("zstd/"):]
             raw = np.frombuffer(Zstd().decode(values.tobytes()), dtype=np.uint32)
-            out[name] = raw.reshape(tuple(arrays[f"shape/{name}"])).astype(np.float64)
+            out[name] = raw.reshape(tuple(arrays[f"shape/{name}"]))
+        elif key.startswith("raw/"):
+            out[key[len("raw/"):]] = values
         elif not key.startswith("shape/"):
             out[key] = values
     return out
 
 
+def _add_counts(stream: Any, counts: dict[str, np.ndarray]) -> None:
+    """Add a shard's summed counts (``acc/{layer}/{field}`` keys) to the stream's."""
+    for key, values in counts.items():
+        layer, field = key[len("acc/"):].rsplit("/", 1)
+        owner, name = field.split(".")  # e.g. peaks.counts, labels.au_counts
+        total = getattr(getattr(stream.accumulators[layer], owner), name)
+        np.add(total, values, out=total)
+
+
 def _shards(numbers: Sequence[int], size: int) -> Iterator[list[int]]:
-    for first in range(0, len(numbers), size):
-        yield list(numbers[first:first + size])
+    """Runs of at most ``size`` consecutive chunks (a gap, a resumed chunk, ends a run)."""
+    shard: list[int] = []
+    for number in numbers:
+        if shard and (len(shard) == size or number != shard[-1] + 1):
+            yield shard
+            shard = []
+        shard.append(number)
+    if shard:
+        yield shard
 
 
 def _take(items: Iterator[list[int]], n: int) -> list[list[int]]:

@@ -212,13 +212,17 @@ class FeatureStore:
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, **values)
 
-    def partial(self, number: int) -> dict[str, np.ndarray] | None:
+    def partial(self, number: int, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
         """Chunk ``number``'s partial (:meth:`put_partial`), or None when there is none or it
-        cannot be read (the chunk is then computed again)."""
+        cannot be read (the chunk is then computed again).
+
+        ``skip``: arrays whose names start with one of these are not read.
+        """
         path = self._partial_path(number)
         try:
             with np.load(path, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
+                return {name: archive[name] for name in archive.files
+                        if not name.startswith(skip)}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
 

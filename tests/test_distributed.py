@@ -109,26 +109,31 @@ def _cursor(path):
         return json.loads(str(archive["__header__"]))["cursor"]
 
 
-def test_a_resumed_client_merges_written_chunks_instead_of_computing_them(
-        mini_xception, sample_faces, cluster, tmp_path, monkeypatch):
-    cluster.shard = 1
-    alone = map_dataset(mini_xception, sample_faces, LAYERS, **_run(1))
-    path, saved = tmp_path / "f.zarr", tmp_path / "checkpoint.npz"
+def _die_after_checkpoint(model, faces, cluster, path, saved, monkeypatch):
+    """A distributed map whose client dies right after its first checkpoint at cursor >= 2,
+    once the tasks in flight have finished (their chunks and partials written): a
+    deterministic ``kill -9`` of the client."""
     save = Checkpoint.save
 
     def save_then_die(self, cursor, arrays):
         save(self, cursor, arrays)
         if cursor >= 2:
-            # The tasks in flight finish (their chunks and partials are written), then the
-            # client dies before merging them: a deterministic "kill -9 after a checkpoint".
             _wait_for_tasks(cluster.client)
             raise _ClientDied(cursor)
 
     with monkeypatch.context() as patch:
         patch.setattr(Checkpoint, "save", save_then_die)
         with pytest.raises(_ClientDied):
-            map_dataset(mini_xception, sample_faces, LAYERS, store=path, cluster=cluster,
-                        checkpoint=saved, checkpoint_interval=1e-6, **_run(1))
+            map_dataset(model, faces, LAYERS, store=path, cluster=cluster, checkpoint=saved,
+                        checkpoint_interval=1e-6, **_run(1))
+
+
+def test_a_resumed_client_merges_written_chunks_instead_of_computing_them(
+        mini_xception, sample_faces, cluster, tmp_path, monkeypatch):
+    cluster.shard = 1
+    alone = map_dataset(mini_xception, sample_faces, LAYERS, **_run(1))
+    path, saved = tmp_path / "f.zarr", tmp_path / "checkpoint.npz"
+    _die_after_checkpoint(mini_xception, sample_faces, cluster, path, saved, monkeypatch)
     store = FeatureStore.reopen(path)
     start, n_chunks = _cursor(saved), store.n_chunks
     written = {int(n) for n in np.flatnonzero(store.complete())} & store.partial_numbers()
@@ -142,6 +147,26 @@ def test_a_resumed_client_merges_written_chunks_instead_of_computing_them(
     # Only the chunks without a partial went to the workers.
     assert cluster.submitted == [n for n in range(start, n_chunks) if n not in ahead]
     assert store.partial_numbers() == set() and not saved.exists()
+
+
+def test_a_resumed_client_computes_chunks_whose_partial_is_missing_or_cut(
+        mini_xception, sample_faces, cluster, tmp_path, monkeypatch):
+    cluster.shard = 2  # shards of 2; the 4 tasks in flight cover all 7 chunks
+    alone = map_dataset(mini_xception, sample_faces, LAYERS, **_run(1))
+    path, saved = tmp_path / "f.zarr", tmp_path / "checkpoint.npz"
+    _die_after_checkpoint(mini_xception, sample_faces, cluster, path, saved, monkeypatch)
+    store = FeatureStore.reopen(path)
+    assert _cursor(saved) == 2 and store.complete().all()
+    assert store.partial_numbers() >= {2, 3, 4, 5, 6}
+    folder = path / "partials"
+    (folder / "00000004.npz").unlink()  # killed before its partial was renamed into place
+    cut = folder / "00000005.npz"
+    cut.write_bytes(cut.read_bytes()[:1000])  # unreadable: computed again
+    spread = map_dataset(mini_xception, sample_faces, LAYERS, store=path, cluster=cluster,
+                         checkpoint=saved, **_run(1))
+    assert _tables(spread) == _tables(alone)
+    assert cluster.submitted == [4, 5]
+    assert store.partial_numbers() == set()
 
 
 def test_worker_device_choices():
