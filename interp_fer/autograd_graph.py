@@ -127,6 +127,11 @@ def saved_operands(node: Any) -> list[torch.Tensor]:
     return [value for value in found if isinstance(value, torch.Tensor)]
 
 
+def cat_dim(node: Any) -> int:
+    """The dimension a ``CatBackward0`` node concatenated along (as given: may be negative)."""
+    return int(node._saved_dim)
+
+
 def conv_params(node: Any) -> ConvParams:
     """Forward arguments of a ``ConvolutionBackward0`` node."""
     return ConvParams(node._saved_weight.detach(), tuple(int(v) for v in node._saved_stride),

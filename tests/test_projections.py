@@ -556,6 +556,51 @@ def test_average_pooling_runs_windowed_with_parity(zoo, method):
         deconvnet(ceil, faces[:1, :, :11, :11], "4", engine="windowed")  # 9 -> 5, not 4
 
 
+class TwoBranches(nn.Module):
+    """Inception-style: a 3x3 branch and an average-pooled 1x1 branch, concatenated."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.dim = dim
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.left = nn.Sequential(nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(inplace=True))
+        self.right = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                                   nn.Conv2d(4, 2, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(5 if dim == 1 else 3, 4, 3, stride=2), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        right = self.right(x) if self.dim == 1 else self.left(x)
+        return self.head(torch.cat([self.left(x), right], dim=self.dim))
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_channel_concatenation_runs_windowed_with_parity(zoo, method):
+    from interp_fer.keras_import import keras_to_torch
+
+    _, faces = zoo["pyemotion"]
+    data = Path(__file__).resolve().parent / "data"
+    keras = keras_to_torch(data / "keras_functional.keras")  # Concatenate, AveragePooling2D
+    keras_x = torch.from_numpy(np.load(data / "keras_functional.npz")["inputs"][:2]).permute(
+        0, 3, 1, 2).float()
+    for net, x, layer in ((TwoBranches().eval(), faces[:, :, :20, :23], "head"),
+                          (keras, keras_x, "head.relu")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            windowed = project(net, x, layer, method=method)  # engine="auto"
+        assert not [w for w in caught if "windowed engine" in str(w.message)], layer
+        batched = project(net, x, layer, method=method, engine="autograd")
+        scale = batched.maps.flatten(2).abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        assert ((windowed.maps - batched.maps).flatten(2).abs() <= 1e-5 * scale).all(), layer
+        channels = len(windowed.channels)
+        assert_matches_captum(net, x, windowed, sorted({0, channels // 2, channels - 1}))
+    # Concatenation along rows: not implemented, refused.
+    with pytest.raises(ValueError, match="CatBackward0"):
+        project(TwoBranches(dim=2).eval(), faces[:1, :, :12, :12], "head", method=method,
+                engine="windowed")
+
+
 def test_unsupported_operation_falls_back_to_autograd():
     class Upsampling(nn.Module):
         def __init__(self) -> None:

@@ -87,7 +87,9 @@ from ..autograd_graph import (
     BATCHNORM_KINDS,
     add_alpha,
     batchnorm_params,
+    cat_dim,
     conv_params,
+    edges,
     input_shape,
     pad_params,
     pool_params,
@@ -175,6 +177,32 @@ def relu_rule(node: Any, context: NodeContext) -> Apply | None:
         return [replace(win, data=_relu(win).mul_(mask), shared=False)]
 
     return guided
+
+
+@register("CatBackward0")
+def concatenate(node: Any, context: NodeContext) -> Apply | None:
+    """Concatenation along channels: each input gets its channels of the window.
+
+    The parts are views of the window's data (disjoint channels, so in-place work on one
+    leaves the others alone; shared if the window is). Spatial concatenation is refused.
+    """
+    sizes = [None if child is None else input_shape(child, index)
+             for child, index in edges(node)]
+    if any(size is None or len(size) != 4 for size in sizes) or cat_dim(node) % 4 != 1:
+        return None  # an input without a recorded shape, or not along channels
+    counts = [size[1] for size in sizes]
+    if sum(counts) != input_shape(node, 0)[1]:
+        return None
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    wanted = [shape is not None for shape in context.shapes]
+
+    def split(win: Win, img: torch.Tensor) -> list[Win | None]:
+        # hot is dropped: a part may hold no seed channel at all.
+        return [Win(win.data.narrow(1, start, count), win.off, win.full, dirty=win.dirty,
+                    shared=win.shared) if keep else None
+                for start, count, keep in zip(starts, counts, wanted, strict=True)]
+
+    return split
 
 
 def _relu(win: Win) -> torch.Tensor:
