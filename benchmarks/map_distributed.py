@@ -8,9 +8,10 @@ in a Zarr store:
 * wall seconds of the whole ``map_dataset`` (pass + decision) in this process and on a
   ``LocalCluster`` of 1 and 2 workers (cluster start-up printed apart), and whether the
   tables are byte-identical to the one-process run;
-* per chunk (one batch): compute seconds on a worker, the bytes a worker sends back (each
-  chunk's accumulators without their histogram counts, pickled; the counts once per shard),
-  the client's seconds to merge a chunk, and the store's bytes;
+* per chunk (one batch): compute seconds on a worker (saving its partial included), the
+  bytes of its partial (the chunk's accumulators, histogram counts compressed), which the
+  worker writes and the client reads back, the client's seconds to read and merge a chunk,
+  and the store's bytes;
 * the store's size per 1,000 faces;
 * an estimate for 10^6 faces on N machines of C cores from those figures (the client merges
   chunks one after the other, which bounds the speed-up).
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -51,13 +51,14 @@ def main() -> None:
         raise SystemExit(f"FER2013 test split not found at {args.fer2013}")
 
     import numpy as np
+    from tqdm.auto import tqdm
 
     from interp_fer import load_model, open_dataset
     from interp_fer.controls import randomized_copy
-    from interp_fer.distributed import Cluster, run_shard
+    from interp_fer.distributed import Cluster, _Merger, run_shard
     from interp_fer.feature_store import FeatureStore
     from interp_fer.layer_mapping import MappingOptions
-    from interp_fer.mapping import Stream, _MapPass, long_scores, map_dataset, prepare_faces
+    from interp_fer.mapping import _MapPass, long_scores, map_dataset, prepare_faces
     from interp_fer.memory import keep_freed_memory
 
     keep_freed_memory()  # as `interp-fer map` does (and Cluster.run on its workers)
@@ -88,7 +89,7 @@ def main() -> None:
               f"{size / n * 1000 / 2**20:.1f} MiB per 1,000 faces "
               f"({size / store.n_chunks / 2**20:.2f} MiB per chunk)")
 
-        # One chunk as a worker computes it: seconds, bytes sent back, merge seconds.
+        # One chunk as a worker computes it: seconds, its partial's bytes, merge seconds.
         controls = [randomized_copy(model, seed=options.seed + 1 + i)
                     for i in range(args.controls)]
         job = _MapPass(model, dataset, faceset, layers, controls, "rf-center", options,
@@ -97,22 +98,32 @@ def main() -> None:
         scratch = FeatureStore.open(Path(tmp) / "scratch.zarr", "bench", n, args.batch_size)
         job.prepare_store(scratch)
         start = time.perf_counter()
-        counts, [(_, partial)] = run_shard(job, calibrated, str(scratch.path), [0])
+        *_, shard_counts = run_shard(job, calibrated, str(scratch.path), [0])
         chunk_seconds = time.perf_counter() - start
-        per_chunk = len(pickle.dumps(partial, protocol=pickle.HIGHEST_PROTOCOL))
-        per_shard = len(pickle.dumps(counts, protocol=pickle.HIGHEST_PROTOCOL))
-        # A shard of many chunks compresses less well; uncompressed uint32 bounds it.
-        bound = sum(4 * int(np.prod(p[1])) if p[0] == "zstd" else p[1].nbytes
-                    for arrays in counts.values() for p in arrays)
-        total = job.empty_stream(calibrated, scratch)
-        start = time.perf_counter()
-        total.merge(Stream.from_partial(partial, scratch))
-        merge_seconds = time.perf_counter() - start
+        per_chunk = (scratch.path / "partials" / "00000000.npz").stat().st_size
+        saved = scratch.partial(0)
+        counts = sum(v.nbytes for k, v in saved.items() if k.startswith("zstd/"))
+        # Uncompressed uint32 bounds the counts of a chunk of denser histograms.
+        bound = sum(4 * int(np.prod(v)) for k, v in saved.items() if k.startswith("shape/"))
+        seconds = {}
+        for case in ("alone", "with counts", "resumed"):  # the client's side of Cluster.run
+            merger = _Merger(job, job.empty_stream(calibrated, scratch), calibrated, None,
+                             tqdm(disable=True), 0, {0} if case == "resumed" else set())
+            merger.ready.add(0)
+            if case == "with counts":
+                merger.shard_counts[0] = shard_counts
+            start = time.perf_counter()
+            merger.advance()
+            seconds[case] = time.perf_counter() - start
+        add_counts = max(0.0, seconds["with counts"] - seconds["alone"])
+        merge_seconds = seconds["alone"] + add_counts / args.shard
         print(f"per chunk ({args.batch_size} faces): compute {chunk_seconds:.2f} s on one "
-              f"core; sent back {per_chunk / 2**20:.2f} MiB per chunk (accumulators without "
-              f"counts) + {per_shard / 2**20:.1f} MiB per shard (histogram counts, "
-              f"compressed; at most {bound / 2**20:.0f} MiB); client "
-              f"merge {merge_seconds * 1000:.0f} ms per chunk")
+              f"core; partial written {per_chunk / 2**20:.2f} MiB, of which histogram counts "
+              f"{counts / 2**20:.2f} MiB compressed (at most {bound / 2**20:.0f} MiB), read "
+              f"back without them; client: read and merge {seconds['alone'] * 1000:.0f} ms "
+              f"per chunk, add a shard's counts {add_counts * 1000:.0f} ms (once per shard), "
+              f"a resumed chunk read and merged with its counts {seconds['resumed'] * 1000:.0f}"
+              " ms")
 
         walls = {}
         for workers in (int(w) for w in args.workers.split(",")):
@@ -130,13 +141,13 @@ def main() -> None:
 
     faces = 1_000_000
     chunks = faces / args.batch_size
-    shards = chunks / args.shard
     per_face = chunk_seconds / args.batch_size
     merge = chunks * merge_seconds
-    volume = chunks * per_chunk + shards * bound
+    volume = chunks * per_chunk  # written; read back less the counts
     print(f"estimate for 10^6 faces (landmarks not included; shards of {args.shard} "
           f"chunks): compute {faces * per_face / 3600:.1f} core-hours; client merge "
-          f"{merge / 3600:.2f} h (serial); data back to the client at most "
+          f"{merge / 3600:.2f} h (serial, reading the partials included); partials written "
+          f"(read back without their counts) "
           f"{volume / 2**30:.0f} GiB ({volume / 1e9 / 3600:.2f} h at 1 GB/s); "
           f"store {size / n * faces / 2**30:.0f} GiB")
     for machines, cores in ((1, 16), (4, 16), (16, 16)):
