@@ -302,7 +302,9 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
         tables = detector_tables(StoreSource(stream.store, columns), channels,
                                  faceset.activity, faceset.indices, tested,
                                  tested=["model"] + ([check] if check else []), bar=bar,
-                                 options=detector, blocks=blocks, run=run, memory=memory)
+                                 options=detector, blocks=blocks,
+                                 test_blocks=channel_blocks(len(faceset.faces), 1, memory),
+                                 run=run, memory=memory)
         detectors, pairs = tables["model"]
         control_detectors = tables[check][0] if check else None
         summary["detector"] = {

@@ -487,14 +487,15 @@ def detector_tables(source: ResponseSource, layers: Sequence[tuple[str, int]],
                     tested: Sequence[str], bar: Sequence[str],
                     options: DetectorOptions | None = None,
                     blocks: Callable[[int], list[slice]] | None = None,
+                    test_blocks: Callable[[int], list[slice]] | None = None,
                     run: Runner = run_here, memory: int = 64 * 2**20
                     ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """The detector test of several networks against one control bar, block by block.
 
-    Every step works on one block of a layer's channels at a time (two passes over the
+    Every step works on one block of a layer's channels at a time (three passes over the
     responses: the halves' effects of every network, then the tested networks' candidate
-    rows), so the memory of a task is that of one block; the tables do not depend on how
-    the channels are cut into blocks nor on where the tasks run.
+    rows, then their permutation tests), so the memory of a task is that of one block; the
+    tables do not depend on how the channels are cut into blocks nor on where the tasks run.
 
     Parameters
     ----------
@@ -513,6 +514,10 @@ def detector_tables(source: ResponseSource, layers: Sequence[tuple[str, int]],
         :class:`DetectorOptions`.
     blocks
         ``blocks(channels)`` -> slices of channels, one task each; default one block per layer.
+    test_blocks
+        The same for the permutation tests, which hold one response per channel and face
+        (a task reads its channels by ``blocks``): wider blocks share the permutations'
+        cost; default one block per layer.
     run
         How tasks are executed (:data:`Runner`); default here, in order.
     memory
@@ -527,7 +532,8 @@ def detector_tables(source: ResponseSource, layers: Sequence[tuple[str, int]],
     activity = np.asarray(activity, dtype=np.float64)
     if not np.isfinite(activity).all():
         raise ValueError("activity must be finite for every image given to the detector test")
-    blocks = blocks or (lambda k: [slice(0, k)])
+    blocks = blocks or _whole
+    test_blocks = test_blocks or _whole
     select = selection_half(image_ids, options.seed)
     shared = {"source": source, "activity": activity, "select": select}
     a = len(aus)
@@ -550,14 +556,29 @@ def detector_tables(source: ResponseSource, layers: Sequence[tuple[str, int]],
                 for name, c in choice.items())
         n_perm = options.permutations_for(m)
         calls = [(net, name, number, block, choice[name][block], effect[net, name][0][block],
-                  effect[net, name][1][block], bars[name][1], n_perm)
+                  effect[net, name][1][block], bars[name][1])
                  for number, (name, k) in enumerate(layers) for block in blocks(k)]
-        parts = run(candidate_rows, calls, {**shared, "aus": tuple(aus), "options": options,
-                                            "memory": memory})
-        out[net] = _decided(pd.concat([rows for rows, _ in parts], ignore_index=True),
-                            pd.concat([pairs for _, pairs in parts], ignore_index=True),
+        parts = run(candidate_rows, calls, {**shared, "aus": tuple(aus), "options": options})
+        table = pd.concat([rows for rows, _ in parts], ignore_index=True)
+        calls = [(net, name, number, [_overlap(b, wide) for b in blocks(k)
+                                      if _overlap(b, wide) is not None],
+                  choice[name][wide], n_perm)
+                 for number, (name, k) in enumerate(layers) for wide in test_blocks(k)]
+        p_values = run(candidate_p_values, calls, {**shared, "options": options,
+                                                   "memory": memory})
+        table["p_value"] = np.concatenate(p_values)
+        out[net] = _decided(table, pd.concat([pairs for _, pairs in parts], ignore_index=True),
                             options, n_perm, len(bar))
     return out
+
+
+def _whole(channels: int) -> list[slice]:
+    return [slice(0, channels)]
+
+
+def _overlap(a: slice, b: slice) -> slice | None:
+    start, stop = max(a.start, b.start), min(a.stop, b.stop)
+    return slice(start, stop) if start < stop else None
 
 
 def half_effects(network: str, layer: str, channels: slice, *, source: ResponseSource,
@@ -620,20 +641,19 @@ def candidates(e_select: np.ndarray, bar_select: np.ndarray, with_controls: bool
 
 def candidate_rows(network: str, layer: str, number: int, channels: slice,
                    candidate: np.ndarray, e_select: np.ndarray, e_report: np.ndarray,
-                   bar_report: np.ndarray, n_perm: int, *, source: ResponseSource,
+                   bar_report: np.ndarray, *, source: ResponseSource,
                    activity: np.ndarray, select: np.ndarray, aus: tuple[int, ...],
-                   options: DetectorOptions, memory: int = 64 * 2**20
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   options: DetectorOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The report-half numbers of a block of channels and their candidate AUs.
 
-    ``number`` is the layer's position (it seeds the bootstrap and the permutations, so that
-    layers get different draws and blocks of one layer the same ones).
+    ``number`` is the layer's position (it seeds the bootstrap, so that layers get different
+    draws and blocks of one layer the same ones).
 
     Returns
     -------
     rows, pairs
-        The block's rows of :func:`detector_test`'s tables before the decision (no
-        ``q_value`` yet).
+        The block's rows of :func:`detector_test`'s tables before the permutation test and
+        the decision (no ``p_value`` nor ``q_value`` yet).
     """
     report = ~select
     x_in = _filled(source.read(network, layer, "in", channels))
@@ -647,17 +667,13 @@ def candidate_rows(network: str, layer: str, number: int, channels: slice,
     y_rep = activity[report][:, candidate]
     low, high = _bootstrap_interval(x_rep, y_rep, options.n_boot, options.confidence,
                                     options.seed + number)
-    p_values = np.full(len(local), np.nan)
-    if report.sum() >= 3:
-        p_values = permutation_p_values(x_rep, candidate, activity[report], n_perm,
-                                        (options.seed, number), memory)
     rows = pd.DataFrame({
         "layer": layer, "channel": first + local,
         "candidate_au": np.asarray(aus)[candidate], "effect": e_report[local, candidate],
         "auc": (1 + rank_effect(x_rep, y_rep)) / 2, "auc_low": np.clip((1 + low) / 2, 0, 1),
         "auc_high": np.clip((1 + high) / 2, 0, 1),
         "out_effect": out_report[local, candidate], "partial": partial[local, candidate],
-        "effect_select": e_select[local, candidate], "p_value": p_values,
+        "effect_select": e_select[local, candidate],
         "control_bar": bar_report[candidate],
         "n_select": int(select.sum()), "n_report": int(report.sum())})
     ch_grid, au_grid = np.meshgrid(first + local, np.arange(a), indexing="ij")
@@ -667,6 +683,39 @@ def candidate_rows(network: str, layer: str, number: int, channels: slice,
         "out_effect": out_report.ravel(), "partial": partial.ravel(),
         "control_bar": np.broadcast_to(bar_report, (len(local), a)).ravel()})
     return rows, pairs
+
+
+def candidate_p_values(network: str, layer: str, number: int, reads: list[slice],
+                       candidate: np.ndarray, n_perm: int, *, source: ResponseSource,
+                       activity: np.ndarray, select: np.ndarray, options: DetectorOptions,
+                       memory: int = 64 * 2**20) -> np.ndarray:
+    """Permutation p-values of consecutive channels and their candidate AUs (report half).
+
+    Parameters
+    ----------
+    reads
+        Consecutive slices of channels, read one at a time (only each channel's candidate
+        column is kept).
+    candidate
+        Their candidate AUs (positions in the activity columns).
+    n_perm
+        Permutations (:meth:`DetectorOptions.permutations_for` of the whole network).
+
+    Returns
+    -------
+    numpy.ndarray
+        One p-value per channel (NaN with fewer than 3 report faces).
+    """
+    report = ~select
+    if report.sum() < 3:
+        return np.full(len(candidate), np.nan)
+    first, columns = reads[0].start, []
+    for channels in reads:
+        x_in = _filled(source.read(network, layer, "in", channels))[report]
+        own = candidate[channels.start - first:channels.stop - first]
+        columns.append(x_in[:, np.arange(x_in.shape[1]), own])
+    return permutation_p_values(np.concatenate(columns, axis=1), candidate, activity[report],
+                                n_perm, (options.seed, number), memory)
 
 
 def _decided(table: pd.DataFrame, pairs: pd.DataFrame, options: DetectorOptions, n_perm: int,

@@ -83,7 +83,8 @@ def test_a_task_holds_one_block_not_the_layer(tmp_path):
     tables = detector_tables(StoreSource(store, None), [("l", k)], activity, np.arange(n),
                              tuple(range(1, a + 1)), tested=["model"],
                              bar=["control1", "control2"], options=options,
-                             blocks=channel_blocks(n, a, memory), memory=memory)
+                             blocks=channel_blocks(n, a, memory),
+                             test_blocks=channel_blocks(n, 1, memory), memory=memory)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     layer_bytes = n * k * a * 4
