@@ -162,7 +162,7 @@ def add(node: Any, context: NodeContext) -> Apply | None:
 
 
 @register(RULE_RELU_KIND)
-def relu_rule(node: Any, context: NodeContext) -> Apply | None:
+def rule_relu(node: Any, context: NodeContext) -> Apply | None:
     """An ``nn.ReLU`` hooked by :func:`interp_fer.hooks.relu_rule`: relu of the signal
     (deconvnet), times the forward mask read at each seed's image and window (guided)."""
     if not is_rule_node(node):
