@@ -601,6 +601,16 @@ def test_channel_concatenation_runs_windowed_with_parity(zoo, method):
                 engine="windowed")
 
 
+def test_handler_registry_is_keyed_by_node_kind_and_refuses_a_second_handler():
+    from interp_fer.projections.handlers import HANDLERS, register
+
+    x = torch.zeros(1, 1, 6, 6, requires_grad=True)
+    assert type(F.avg_pool2d(x, 2).grad_fn).__name__ in HANDLERS
+    with pytest.raises(ValueError, match="ConvolutionBackward0.*convolution"):
+        register("ConvolutionBackward0")(lambda node, context: None)
+    assert HANDLERS["ConvolutionBackward0"].__name__ == "convolution"
+
+
 def test_unsupported_operation_falls_back_to_autograd():
     class Upsampling(nn.Module):
         def __init__(self) -> None:
