@@ -173,6 +173,44 @@ def test_a_resumed_client_computes_chunks_whose_partial_is_missing_or_cut(
     assert store.partial_numbers() == set()
 
 
+def test_a_shard_writes_each_chunk_with_its_partial_and_returns_its_counts(
+        mini_xception, sample_faces, tmp_path):
+    from contextlib import nullcontext
+
+    from interp_fer.distributed import _COUNTS, _unpack_counts, run_shard
+    from interp_fer.mapping import _MapPass, prepare_faces
+
+    faceset = prepare_faces(mini_xception, sample_faces, progress=False)
+    job = _MapPass(mini_xception, sample_faces, faceset, LAYERS, (), "rf-center", OPTIONS, 2,
+                   True)  # labelled: the label histograms' counts too
+    calibrated = job.calibrate()
+    store = FeatureStore.open(tmp_path / "f.zarr", "k", len(faceset.faces), 2)
+    job.prepare_store(store)
+    # Here, not on a Dask worker: the task runs as "local" on the CPU.
+    worker, device, numbers, counts = run_shard(job, calibrated, str(store.path), [1, 2])
+    assert (worker, device, numbers) == ("local", "cpu", [1, 2])
+    assert store.complete().tolist() == [False, True, True, False]
+    assert store.partial_numbers() == {1, 2}
+    totals = {}
+    scratch = FeatureStore.open(tmp_path / "g.zarr", "k", len(faceset.faces), 2)
+    job.prepare_store(scratch)
+    for number in (1, 2):  # each partial holds exactly the chunk computed alone
+        alone = job.empty_stream(calibrated, scratch)
+        job.run_batch(number, alone, lambda phase: nullcontext())
+        expected = {k: v for k, v in alone.state().items() if not k.startswith("store/")}
+        saved = _unpack_counts(store.partial(number))
+        assert set(saved) == set(expected)
+        for key, value in expected.items():
+            assert np.array_equal(saved[key], value), (number, key)
+            if key.endswith(_COUNTS):
+                totals[key] = totals.get(key, 0) + value
+    # The shard's counts are the sum of its chunks' (all three kinds of histogram counts).
+    back = _unpack_counts(counts)
+    assert len(back) == 3 * len(LAYERS) and set(back) == set(totals)
+    for key, value in back.items():
+        assert np.array_equal(value, totals[key]), key
+
+
 def test_worker_device_choices():
     assert worker_device("cpu", 4, 1) == "cpu"
     assert worker_device("auto", 0, 3) == "cpu"
