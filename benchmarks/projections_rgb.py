@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from interp_fer.architectures import rgb_model
 from interp_fer.memory import keep_freed_memory
+from interp_fer.models import rgb_model
 
 
 def _zoo_benchmark():

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import IMAGENET_MEAN, IMAGENET_STD, RGB_ARCHITECTURES
 from .preprocessing import Preprocessor
 from .zoo import FER2013_CLASSES, ZOO, zoo_state_dict
 
@@ -462,3 +463,45 @@ def _check_class_count(model: FERModel) -> None:
 def with_module(model: FERModel, module: nn.Module, name: str | None = None) -> FERModel:
     """Return a copy of ``model`` that wraps another network with the same preprocessing."""
     return replace(model, module=module, name=name or model.name)
+
+
+def rgb_model(name: str = "resnet18", *, num_classes: int = 7, width: int = 64,
+              input_size: int = 224, class_names: tuple[str, ...] | None = None,
+              seed: int = 0, device: str | torch.device = "cpu") -> FERModel:
+    """A randomly initialised VGG-16 or ResNet-18 as a FERModel, for random-weight experiments.
+
+    Parameters
+    ----------
+    name
+        ``"vgg16"`` or ``"resnet18"``.
+    num_classes, width, input_size
+        See :class:`VGG16` / :class:`ResNet18`.
+    class_names
+        Output class names (default: the FER2013 order when ``num_classes`` is 7, else
+        ``class0 ...``).
+    seed
+        Seed of the initialisation (the same seed gives the same weights).
+    device
+        Where to put the network.
+
+    Returns
+    -------
+    interp_fer.models.FERModel
+        In eval mode, with RGB ImageNet preprocessing at ``input_size`` and the
+        architecture's default stages. To load trained weights instead, use
+        ``load_model(ckpt, architecture="interp_fer.architectures:VGG16", arch_kwargs=...)``.
+    """
+    if name not in RGB_ARCHITECTURES:
+        raise ValueError(f"unknown RGB architecture {name!r}; choose from {', '.join(RGB_ARCHITECTURES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = RGB_ARCHITECTURES[name](num_classes=num_classes, width=width, input_size=input_size)
+    if class_names is None:
+        class_names = FER2013_CLASSES if num_classes == 7 else tuple(f"class{i}" for i in range(num_classes))
+    prep = Preprocessor((input_size, input_size), False, IMAGENET_MEAN, IMAGENET_STD)
+    model = FERModel(network.eval().to(device), prep, tuple(class_names), f"{name}-random-seed{seed}",
+                     type(network).default_stages, f"random initialisation (seed {seed})",
+                     {"architecture": f"interp_fer.architectures:{type(network).__name__}",
+                      "arch_kwargs": {"num_classes": num_classes, "width": width, "input_size": input_size}})
+    _check_class_count(model)
+    return model

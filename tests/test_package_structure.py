@@ -113,24 +113,10 @@ def test_the_cycle_finder_finds_cycles_and_lazy_imports():
     assert found == {"p.c", "p.d"}
 
 
-# Known imports that close a cycle, in files outside issue 13's item 5: architectures.rgb_model
-# builds a FERModel (architectures -> models -> zoo -> architectures). Moving rgb_model into
-# models.py (architectures then imports neither) removes them; this list must then shrink
-# (the test fails while an entry here is no longer imported).
-KNOWN_CYCLE_EDGES = {
-    ("interp_fer.architectures", "interp_fer.models"),
-    ("interp_fer.architectures", "interp_fer.zoo"),
-}
-
-
 def test_interp_fer_has_no_import_cycles():
     graph = import_graph()
     assert {"interp_fer.layers", "interp_fer.projections.api", "interp_fer.autograd_graph"} \
         <= set(graph)
     assert "interp_fer.layers" in graph["interp_fer.models"]  # function-level imports count
-    stale = {edge for edge in KNOWN_CYCLE_EDGES if edge[1] not in graph.get(edge[0], ())}
-    assert not stale, f"no longer imported, remove from KNOWN_CYCLE_EDGES: {sorted(stale)}"
-    for source, target in KNOWN_CYCLE_EDGES:
-        graph[source] = graph[source] - {target}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -13,9 +13,9 @@ import torch
 from _helpers import captum_parity
 from torch import nn
 
-from interp_fer.architectures import IMAGENET_MEAN, IMAGENET_STD, VGG16, ResNet18, rgb_model
+from interp_fer.architectures import IMAGENET_MEAN, IMAGENET_STD, VGG16, ResNet18
 from interp_fer.layers import layer_outputs, receptive_field
-from interp_fer.models import load_model
+from interp_fer.models import load_model, rgb_model
 from interp_fer.projections import project
 from interp_fer.samples import sample_face
 
