@@ -412,7 +412,7 @@ def run_shard(job: Any, empties: dict[str, Any], path: str, numbers: list[int],
                 if key in totals:
                     totals[key] += values
                 else:
-                    totals[key] = values.copy()
+                    totals[key] = values  # the chunk's stream is dropped: no copy needed
     return worker, used, numbers, _pack_counts(totals)
 
 
