@@ -10,7 +10,8 @@ layer per task, and prints for each N:
 
 * the peak memory the test allocated (tracemalloc: numpy arrays, Zarr chunks being read),
   and its ratio to the whole-layer run's;
-* wall seconds, and the whole-layer run's;
+* wall seconds (the channel-major copy the bounded run makes first included), and the
+  whole-layer run's;
 * whether both give the same tables (they must: the statistics are per column).
 
 Synthetic responses are enough here: the decision's cost depends on the array shapes, not on
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from interp_fer.decision import StoreSource, channel_blocks
+from interp_fer.decision import StoreSource, block_width, channel_blocks, channel_major_copies
 from interp_fer.detectors import DetectorOptions, detector_tables
 from interp_fer.feature_store import FeatureStore
 
@@ -66,6 +67,10 @@ def run(store: FeatureStore, activity: np.ndarray, k: int, memory: int | None
     test_blocks = channel_blocks(n, 1, memory) if memory else None
     tracemalloc.start()
     start = time.perf_counter()
+    if memory:  # as decide() does when a layer takes several blocks
+        names = [f"{net}/layer/in" for net in NETWORKS] + ["model/layer/out",
+                                                           "control4/layer/out"]
+        channel_major_copies(store, names, block_width(n, a, memory), memory)
     tables = detector_tables(StoreSource(store, None), [("layer", k)], activity, np.arange(n),
                              tuple(range(1, a + 1)), tested=["model", "control4"],
                              bar=["control1", "control2", "control3"],

@@ -23,7 +23,9 @@ runs one channel per task.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,14 +70,19 @@ def channel_blocks(n_rows: int, n_columns: int, memory: int = DEFAULT_MEMORY
     callable
         ``blocks(channels)`` -> consecutive slices covering ``range(channels)``.
     """
-    if memory < 1:
-        raise ValueError(f"memory must be a positive number of bytes, not {memory}")
-    width = max(1, int(memory // (BYTES_PER_VALUE * max(n_rows, 1) * max(n_columns, 1))))
+    width = block_width(n_rows, n_columns, memory)
 
     def blocks(channels: int) -> list[slice]:
         return [slice(i, min(i + width, channels)) for i in range(0, channels, width)]
 
     return blocks
+
+
+def block_width(n_rows: int, n_columns: int, memory: int = DEFAULT_MEMORY) -> int:
+    """Channels per block of :func:`channel_blocks` (at least one)."""
+    if memory < 1:
+        raise ValueError(f"memory must be a positive number of bytes, not {memory}")
+    return max(1, int(memory // (BYTES_PER_VALUE * max(n_rows, 1) * max(n_columns, 1))))
 
 
 class StoreSource:
@@ -96,9 +103,21 @@ class StoreSource:
     def __init__(self, store: Any, columns: Sequence[int] | None) -> None:
         self.store = store
         self.columns = None if columns is None else list(columns)
+        self._copies: dict[str, Any] = {}
 
     def read(self, network: str, layer: str, kind: str, channels: slice) -> np.ndarray:
-        return self.store.block(f"{network}/{layer}/{kind}", channels, self.columns)
+        name = f"{network}/{layer}/{kind}"
+        copy = self._copy(name)
+        if copy is None:
+            return self.store.block(name, channels, self.columns)
+        last = slice(None) if self.columns is None else np.asarray(self.columns)
+        return np.asarray(copy.oindex[(slice(None), channels, last)])
+
+    def _copy(self, name: str) -> Any:
+        """The channel-major copy of ``name`` (:func:`channel_major_copies`), if complete."""
+        if name not in self._copies:
+            self._copies[name] = _open_copy(self.store, name)
+        return self._copies[name]
 
     def __getstate__(self) -> dict[str, Any]:
         path = getattr(self.store, "path", None)
@@ -112,6 +131,64 @@ class StoreSource:
 
         self.store = FeatureStore.reopen(state["path"])
         self.columns = state["columns"]
+        self._copies = {}
+
+
+#: Folder, inside a feature store, of the decision's channel-major copies.
+BY_CHANNEL = "by_channel"
+
+
+def _open_copy(store: Any, name: str) -> Any:
+    path = getattr(store, "path", None)
+    if path is None or not (Path(path) / BY_CHANNEL / name / "zarr.json").is_file():
+        return None
+    import zarr
+
+    array = zarr.open_array(str(Path(path) / BY_CHANNEL / name), mode="r")
+    return array if array.attrs.get("complete") else None
+
+
+def channel_major_copies(store: Any, names: Sequence[str], width: int, memory: int,
+                         client: Any = None) -> list[str]:
+    """Copy arrays of a feature store into chunks of ``width`` channels (``by_channel/``).
+
+    The pass writes one chunk per batch of faces holding every channel, so reading a block
+    of channels would decompress the whole array once per block: K times over for blocks of
+    one channel. One rechunking pass (:func:`dask.array.rechunk`, on the cluster's workers
+    with ``client``) costs one read and one write; each block then reads its own chunks.
+    Chunks hold up to ``memory / 8`` bytes. A complete copy (flagged) is reused.
+
+    Returns
+    -------
+    list of str
+        The names copied now (not those reused).
+    """
+    import dask
+    import dask.array as da
+    import zarr
+
+    made = []
+    for name in names:
+        if _open_copy(store, name) is not None:
+            continue
+        source = store.dask_array(name)
+        n, k, a = source.shape
+        rows = int(np.clip(memory // (8 * 4 * width * a), 64, n))
+        target = zarr.open_array(str(Path(store.path) / BY_CHANNEL / name), mode="w",
+                                 shape=source.shape, chunks=(rows, min(width, k), a),
+                                 dtype=source.dtype, fill_value=np.nan)
+        # Dask's rechunking plans intermediate chunks of up to array.chunk-size: keep them
+        # to the same size as the copy's chunks.
+        with dask.config.set({"array.chunk-size": f"{max(memory // 8, 1 << 20)}B"}):
+            job = da.store(source.rechunk((rows, min(width, k), a)), target, lock=False,
+                           compute=False)
+        if client is not None:
+            client.compute(job).result()
+        else:
+            job.compute(scheduler="threads")
+        target.attrs["complete"] = True
+        made.append(name)
+    return made
 
 
 def dask_runner(client: Any) -> Runner:
@@ -219,6 +296,18 @@ def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
                      ].reset_index(drop=True)
 
 
+def _copy_wide_layers(store: Any, wide: Sequence[tuple[str, int]], controls: int, width: int,
+                      memory: int, cluster: Any) -> list[str]:
+    """Channel-major copies of the stored arrays of layers that take several blocks."""
+    if not wide or getattr(store, "path", None) is None:
+        return []  # one block a layer reads each array once; in-memory responses need none
+    networks = ["model"] + [f"control{i + 1}" for i in range(controls)]
+    names = [f"{net}/{layer}/{kind}" for layer, _ in wide for net in networks
+             for kind in ("in", "out", "sham_in", "sham_out")]
+    return channel_major_copies(store, [n for n in names if n in store], width, memory,
+                                cluster.client if cluster is not None else None)
+
+
 def _looks_at(looks: pd.DataFrame, containment: dict[str, np.ndarray], n_faces: int
               ) -> pd.DataFrame:
     """Per (layer, channel): the region of largest D, and whether it is resolvable there."""
@@ -285,13 +374,22 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
 
     run = dask_runner(cluster.client) if cluster is not None else run_here
     aus, tested = faceset.aus, faceset.tested
+    shams = load_sham_regions()
     columns = [aus.index(a) for a in tested]
     summary: dict[str, Any] = {}
     channels = [(name, stream.accumulators[name].top.n_channels) for name in layers]
-    blocks = channel_blocks(len(faceset.faces), max(len(tested), 1), memory)
+    n_faces = len(faceset.faces)
+    blocks = channel_blocks(n_faces, max(len(tested), 1), memory)
+    start = time.perf_counter()
+    # looks_at reads AU and sham regions in and out: its blocks are the narrowest.
+    width = block_width(n_faces, 2 * (len(aus) + len(shams.names)), memory)
+    copied = _copy_wide_layers(stream.store, [(n, k) for n, k in channels if k > width],
+                               controls, width, memory, cluster)
     summary["decision"] = {
         "memory_per_task_mib": round(memory / 2**20, 1),
         "blocks_per_layer": {name: len(blocks(k)) for name, k in channels},
+        "channel_major_copies": copied,
+        "copy_seconds": round(time.perf_counter() - start, 1),
         "where": f"{len(cluster.client.scheduler_info()['workers'])} Dask workers"
         if cluster is not None else "this process"}
     if tested:
@@ -332,7 +430,6 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
                        ignore_index=True)
     if pairs is not None:
         scores = scores.merge(pairs, on=["layer", "channel", "au"], how="left")
-    shams = load_sham_regions()
     looks = looks_at_table(stream, layers, aus, shams.names, distance, memory=memory, run=run)
     looking = _looks_at(looks, stream.containment, len(faceset.faces))
     n_regions = len(aus) + len(shams.names)
