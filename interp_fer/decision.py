@@ -211,17 +211,17 @@ class StoredResponses(Mapping):
     """Per layer, each face's in-region responses (N, K, A) of the tested AUs, read on demand.
 
     ``responses[layer][:, k]`` reads channel k alone (N, A), so plotting one channel of a
-    run with a million faces does not load the layer. ``numpy.asarray(responses[layer])``
-    reads the whole layer.
+    run with a million faces does not load the layer (from the decision's channel-major
+    copy where it made one). ``numpy.asarray(responses[layer])`` reads the whole layer.
     """
 
     def __init__(self, store: Any, layers: Sequence[str], columns: Sequence[int]) -> None:
-        self._store, self._layers, self._columns = store, tuple(layers), list(columns)
+        self._source, self._layers = StoreSource(store, columns), tuple(layers)
 
     def __getitem__(self, layer: str) -> _LayerView:
         if layer not in self._layers:
             raise KeyError(layer)
-        return _LayerView(self._store, f"model/{layer}/in", self._columns)
+        return _LayerView(self._source, layer)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layers)
@@ -233,18 +233,18 @@ class StoredResponses(Mapping):
 class _LayerView:
     """One layer's stored responses; indexing ``[:, k]`` reads one channel."""
 
-    def __init__(self, store: Any, name: str, columns: list[int]) -> None:
-        self._store, self._name, self._columns = store, name, columns
+    def __init__(self, source: StoreSource, layer: str) -> None:
+        self._source, self._layer = source, layer
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
                 and isinstance(key[1], (int, np.integer))):
             k = int(key[1])
-            return self._store.block(self._name, slice(k, k + 1), self._columns)[:, 0]
+            return self._source.read("model", self._layer, "in", slice(k, k + 1))[:, 0]
         return np.asarray(self)[key]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        values = self._store.block(self._name, slice(None), self._columns)
+        values = self._source.read("model", self._layer, "in", slice(None))
         return values if dtype is None else values.astype(dtype)
 
 

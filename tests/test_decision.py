@@ -112,6 +112,23 @@ def test_stored_responses_read_one_channel(tmp_path):
         np.testing.assert_array_equal(np.asarray(responses["l"]), values[..., [0, 2]])
 
 
+def test_channel_major_copies_read_like_the_store(tmp_path):
+    from interp_fer.decision import channel_major_copies
+
+    rng = np.random.default_rng(8)
+    values = rng.normal(size=(300, 10, 4)).astype(np.float32)
+    store = FeatureStore.open(tmp_path / "f.zarr", "test", 300, 32)
+    store.ensure({"model/l/in": ((10, 4), "float32")})
+    store.write_all("model/l/in", values)
+    assert channel_major_copies(store, ["model/l/in"], width=3, memory=4096) == ["model/l/in"]
+    assert (tmp_path / "f.zarr/by_channel/model/l/in/zarr.json").is_file()
+    assert channel_major_copies(store, ["model/l/in"], width=3, memory=4096) == []  # reused
+    source = StoreSource(store, [1, 3])
+    np.testing.assert_array_equal(source.read("model", "l", "in", slice(2, 7)),
+                                  values[:, 2:7][..., [1, 3]])
+    assert source.store.array("model/l/in").shape == (300, 10, 4)  # the store is untouched
+
+
 def test_an_in_memory_store_does_not_go_to_workers():
     import pickle
 
