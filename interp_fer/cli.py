@@ -226,8 +226,19 @@ def _load_model(args: argparse.Namespace):
         std=_one_or_tuple(args.std),
         allow_pickle=args.allow_pickle,
         weights_file=args.weights_file,
-        device=_resolve_device(args.device),
+        device=_client_device(args),
     )
+
+
+def _client_device(args: argparse.Namespace) -> str:
+    """The device of this process; with Dask workers, which resolve --device themselves, a
+    client without CUDA calibrates on the CPU rather than refusing --device cuda."""
+    import torch
+
+    spread = getattr(args, "workers", None) or getattr(args, "scheduler", None)
+    if spread and args.device.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return _resolve_device(args.device)
 
 
 def _require_hooks(model: Any, command: str) -> None:

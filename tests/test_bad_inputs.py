@@ -200,6 +200,20 @@ def test_device_cuda_without_cuda(capsys):
     assert "CUDA is not available" in error_line(err, "layers")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_with_workers_leaves_cuda_to_the_workers():
+    # The client only calibrates; each worker resolves --device (and refuses cuda without one).
+    from interp_fer.cli import UsageError, _client_device, build_parser
+
+    parser = build_parser()
+    spread = parser.parse_args(["map", "--data", "x", "--out", "y", "--workers", "2",
+                                "--device", "cuda"])
+    assert _client_device(spread) == "cpu"
+    alone = parser.parse_args(["map", "--data", "x", "--out", "y", "--device", "cuda"])
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        _client_device(alone)
+
+
 def test_device_auto_is_cpu_without_cuda_and_the_default():
     from interp_fer.cli import _resolve_device, build_parser
 
