@@ -120,3 +120,17 @@ def test_interp_fer_has_no_import_cycles():
     assert "interp_fer.layers" in graph["interp_fer.models"]  # function-level imports count
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_subpackage_is_installed():
+    # setup.cfg lists packages by name: a new subpackage left out imports from a checkout
+    # (editable install) but not from a wheel.
+    import configparser
+
+    config = configparser.ConfigParser()
+    repo = Path(__file__).resolve().parents[1]
+    config.read(repo / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(repo).parts)
+             for p in (repo / "interp_fer").rglob("__init__.py")}
+    assert found <= listed, f"add to setup.cfg [options] packages: {sorted(found - listed)}"
