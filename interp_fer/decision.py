@@ -11,13 +11,16 @@ where the tasks run: here in order, or on the Dask workers of a
 :class:`interp_fer.distributed.Cluster` (tasks read the store themselves; the client gets
 (K, A) effect matrices and table rows back).
 
-The test runs in two passes over the responses (:func:`interp_fer.detectors.detector_tables`):
-the halves' effects of the network and every random-weights copy (the control bar needs the
-largest over a layer's channels), then the candidate rows of the network and of the tested
-copy. ``looks_at`` is one more pass over the network's AU and sham responses.
+The test runs in three passes over the responses (:func:`interp_fer.detectors.
+detector_tables`): the halves' effects of the network and every random-weights copy (the
+control bar needs the largest over a layer's channels), the candidate rows of the network and
+of the tested copy, and their permutation tests (one response per channel and face, in wider
+blocks, so that the permutations are drawn once per layer). ``looks_at`` is one more pass over
+the network's AU and sham responses. A layer that takes several blocks is first copied
+channel-major (:func:`channel_major_copies`), so that each block reads its own chunks.
 
 The smallest block is one channel: (N, 1, A) responses of N faces, i.e. about
-``BYTES_PER_VALUE * N * A`` bytes (~0.8 GB for 10^6 faces and 15 AUs); a budget below that
+``BYTES_PER_VALUE * N * A`` bytes (~0.7 GB for 10^6 faces and 15 AUs); a budget below that
 runs one channel per task.
 """
 
@@ -45,8 +48,8 @@ MAPPING_COLUMNS = [
     "looks_at_shares_cells_with", "hit_rate", "chance_rate", "iou", "n_images",
 ]
 #: Bytes a task holds per stored float32 value of its block (the block, its ranks in float64
-#: for the two halves and the contrasts of ``partial``), measured with tracemalloc
-#: (tests/test_decision.py).
+#: for the two halves and the contrasts of ``partial``): 31-35 measured with tracemalloc on
+#: 20,000 faces, with a margin (tests/test_decision.py checks a bounded run).
 BYTES_PER_VALUE = 48
 #: Default memory of one decision task.
 DEFAULT_MEMORY = 1 << 30
