@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--model", default="mini-xception")
     parser.add_argument("--layers", help="comma-separated layers (default: every stage)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decision-memory", type=float, default=1024, metavar="MIB",
+                        help="memory per task of the decision (default: %(default)s)")
     args = parser.parse_args()
     labels_csv = args.fer2013 / "test_labels.csv"
     if not labels_csv.is_file():
@@ -58,6 +62,7 @@ def main() -> None:
     from interp_fer.au_activity import au_activity
     from interp_fer.controls import randomized_copy
     from interp_fer.detectors import DetectorOptions, selection_half
+    from interp_fer.feature_store import FeatureStore
     from interp_fer.labels import EMFACS_PROTOTYPES
     from interp_fer.layer_mapping import MappingOptions
     from interp_fer.mapping import decide, prepare_faces, stream_layers
@@ -73,12 +78,24 @@ def main() -> None:
     faceset = prepare_faces(model, dataset, activity="landmarks", progress=False)
     copies = 4  # as `interp-fer map`: three set the control bar, the fourth is tested against it
     controls = [randomized_copy(model, seed=args.seed + 1 + i) for i in range(copies)]
+    # The per-face features go to a Zarr store, as in `interp-fer map`: the decision reads
+    # them back in blocks of --decision-memory.
+    folder = tempfile.TemporaryDirectory()
+    store = FeatureStore.open(Path(folder.name) / "features.zarr", "validate",
+                              len(faceset.faces), 64)
     stream = stream_layers(model, dataset, faceset, layers, controls=controls, locate="rf-center",
                            options=MappingOptions(n_null=2, n_boot=2, seed=args.seed),
-                           labelled=False, progress=True)
+                           labelled=False, progress=True, store=store)
+    pass_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    decision_start = time.perf_counter()
     mapping, _, _, control_mapping, summary = decide(
-        stream, faceset, layers, detector=DetectorOptions(seed=args.seed), controls=copies)
+        stream, faceset, layers, detector=DetectorOptions(seed=args.seed), controls=copies,
+        memory=int(args.decision_memory * 2**20))
     wall = time.perf_counter() - start
+    print(f"decision: {time.perf_counter() - decision_start:.0f} s, blocks per layer "
+          f"{summary['decision']['blocks_per_layer']}; peak RSS after the pass "
+          f"{pass_rss:.0f} MiB, after the decision "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
     expressions = np.array([r.label_name for r in faceset.records], dtype=object)
     report = ~selection_half(faceset.indices, args.seed)
