@@ -302,8 +302,8 @@ def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
 def _copy_wide_layers(store: Any, wide: Sequence[tuple[str, int]], controls: int, width: int,
                       memory: int, cluster: Any) -> list[str]:
     """Channel-major copies of the stored arrays of layers that take several blocks."""
-    if not wide or getattr(store, "path", None) is None:
-        return []  # one block a layer reads each array once; in-memory responses need none
+    if not wide:
+        return []  # one block a layer reads each array once
     networks = ["model"] + [f"control{i + 1}" for i in range(controls)]
     names = [f"{net}/{layer}/{kind}" for layer, _ in wide for net in networks
              for kind in ("in", "out", "sham_in", "sham_out")]
@@ -386,12 +386,13 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
     start = time.perf_counter()
     # looks_at reads AU and sham regions in and out: its blocks are the narrowest.
     width = block_width(n_faces, 2 * (len(aus) + len(shams.names)), memory)
-    copied = _copy_wide_layers(stream.store, [(n, k) for n, k in channels if k > width],
-                               controls, width, memory, cluster)
+    wide = [(n, k) for n, k in channels if k > width] if hasattr(stream.store, "path") else []
+    copied = _copy_wide_layers(stream.store, wide, controls, width, memory, cluster)
     summary["decision"] = {
         "memory_per_task_mib": round(memory / 2**20, 1),
         "blocks_per_layer": {name: len(blocks(k)) for name, k in channels},
-        "channel_major_copies": copied,
+        "channel_major_layers": [name for name, _ in wide],
+        "channel_major_arrays_made": len(copied),
         "copy_seconds": round(time.perf_counter() - start, 1),
         "where": f"{len(cluster.client.scheduler_info()['workers'])} Dask workers"
         if cluster is not None else "this process"}
