@@ -568,6 +568,9 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
             if args.scheduler else Cluster.local(args.workers, shard=args.shard,
                                                  device=args.device)
         common["cluster"] = cluster
+        where = f"the scheduler {args.scheduler}" if args.scheduler else "a local cluster"
+        print(f"pass and decision on {cluster.n_workers} Dask workers of {where}, tasks of "
+              f"{args.shard} batches of {args.batch_size} faces", flush=True)
     try:
         result = _map_runs(args, out, model, dataset, layers, common)
     finally:
@@ -576,7 +579,10 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     control_result, result = result
     write_report(result, model, dataset, f"{out}/report.html", control=control_result,
                  max_channels=args.dossiers)
-    extra = ", expressions.csv" if result.expressions is not None else ""
+    extra = "".join(f", {name}" for name, table in (("expressions.csv", result.expressions),
+                                                     ("control_mapping.csv",
+                                                      result.control_detectors))
+                    if table is not None)
     data = result.run["data"]
     skipped = Counter(_reason(item["reason"]) for item in result.run.get("skipped", []))
     skipped += Counter(dataset.rejected_counts())
@@ -585,7 +591,7 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     print("AU activity from "
           + (", ".join(f"{k} ({v} AUs)" for k, v in sources.items()) or "nowhere"))
     print(f"{headline(result)}; on {data['n_mapped']} faces; wrote {out}/mapping.csv, "
-          f"scores.csv, activity.csv, looks_at.csv, run.json{extra}, report.html")
+          f"scores.csv, activity.csv, faces.csv, looks_at.csv, run.json{extra}, report.html")
     return EXIT_OK
 
 

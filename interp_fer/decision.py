@@ -391,6 +391,7 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
     summary["decision"] = {
         "memory_per_task_mib": round(memory / 2**20, 1),
         "blocks_per_layer": {name: len(blocks(k)) for name, k in channels},
+        "looks_at_blocks_per_layer": {name: -(-k // width) for name, k in channels},
         "channel_major_layers": [name for name, _ in wide],
         "channel_major_arrays_made": len(copied),
         "copy_seconds": round(time.perf_counter() - start, 1),

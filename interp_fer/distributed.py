@@ -179,7 +179,7 @@ class Cluster:
         from distributed import Client, LocalCluster
 
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=":0")  # a free port: never "8787 in use"
         return cls(Client(cluster), shard, owned=cluster, device=device)
 
     @classmethod
@@ -191,8 +191,19 @@ class Cluster:
         try:
             client = Client(address, timeout=timeout)
         except OSError as error:
-            raise ConnectionError(f"--scheduler {address}: no Dask scheduler answered "
-                                  f"({error})") from error
+            raise ConnectionError(f"--scheduler {address}: no Dask scheduler answered within "
+                                  f"{timeout:.0f} s ({error}); start one with `dask scheduler` "
+                                  "or check the address (tcp://HOST:8786)") from error
+        except ValueError as error:  # e.g. the dashboard's http:// address
+            raise ConnectionError(f"--scheduler {address}: not a scheduler address ({error}); "
+                                  "give tcp://HOST:8786") from error
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except (TimeoutError, OSError) as error:
+            client.close()
+            raise ConnectionError(f"--scheduler {address}: the scheduler has no workers after "
+                                  f"{timeout:.0f} s; start some with `dask worker {address}`"
+                                  ) from error
         return cls(client, shard, device=device)
 
     @property

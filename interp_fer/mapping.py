@@ -939,7 +939,8 @@ def stream_layers(model: FERModel, dataset: ImageDataset, faceset: FaceSet,
     bar = tqdm(total=len(faceset.faces), desc=f"map {model.name}", unit="face",
                disable=not progress, initial=sum(len(b) for b in batches[:start]))
     if cluster is not None:
-        cluster.run(job, stream, start, checkpoint, bar)
+        with clock("pass (Dask workers)"):  # the workers' phases are not timed one by one
+            cluster.run(job, stream, start, checkpoint, bar)
     else:
         for number in range(start, len(batches)):
             job.run_batch(number, stream, clock)
@@ -1190,6 +1191,7 @@ def map_dataset(
             name: {"pairs": int(v[0]), "within_0.1_iod": float(v[1] / v[0]) if v[0] else None}
             for name, v in stream.agreement.items()} or None,
         "crop": crop,
+        "batch_size": batch_size,
         "distributed": None if cluster is None else cluster.record(),
         "alpha": detector.alpha,
         "options": asdict(options),

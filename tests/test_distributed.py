@@ -314,3 +314,14 @@ def test_scheduler_and_workers_started_as_the_readme_says(tmp_path):
         for process in reversed(started):
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
+
+
+def test_a_bad_scheduler_address_or_a_scheduler_without_workers_says_what_to_do():
+    from distributed import LocalCluster
+
+    with pytest.raises(ConnectionError, match="give tcp://HOST:8786"):
+        Cluster.connect("http://127.0.0.1:8787", timeout=2)  # the dashboard's address
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
+        with pytest.raises(ConnectionError, match="has no workers after 2 s; start some "
+                                                  "with `dask worker"):
+            Cluster.connect(empty.scheduler_address, timeout=2)
