@@ -521,6 +521,10 @@ def cmd_map(args: argparse.Namespace) -> int:
     from .outputs import OutputLock, check_writable_folder
 
     _check_aus(args.aus)
+    if args.shard is not None and not (args.workers or args.scheduler):
+        raise UsageError("--shard sets the batches per Dask task: it needs --workers or "
+                         "--scheduler")
+    args.shard = args.shard or 4
     created = not Path(args.out).expanduser().exists()
     out = check_writable_folder(args.out)
     try:
@@ -823,9 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the pass and the decision on the workers of a running Dask "
                        "scheduler "
                        "(e.g. tcp://host:8786; see the README, 'More than one machine')")
-    mapping.add_argument("--shard", type=positive, default=4, metavar="BATCHES",
+    mapping.add_argument("--shard", type=positive, default=None, metavar="BATCHES",
                          help="with --workers/--scheduler: batches per task; a task sends its "
-                         "histogram counts back once (default: %(default)s)")
+                         "histogram counts back once (default: 4)")
     mapping.set_defaults(handler=cmd_map)
 
     zoo = command("zoo", "list the zoo models")

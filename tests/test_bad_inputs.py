@@ -129,6 +129,15 @@ def test_bad_option_values_are_refused_when_parsed(capsys, argv, option, why):
     assert not Path(OUT).exists()
 
 
+def test_shard_without_a_cluster_is_refused(capsys, tmp_path):
+    status, _, err = run(capsys, "map", "--data", "samples", "--out", str(tmp_path / "o"),
+                         "--shard", "2")
+    assert status == EXIT_USAGE
+    assert "--shard sets the batches per Dask task: it needs --workers or --scheduler" \
+        in error_line(err, "map")
+    assert not (tmp_path / "o").exists()
+
+
 def test_every_option_has_help_text():
     from interp_fer.cli import build_parser
 
