@@ -555,7 +555,7 @@ def _run_map(args: argparse.Namespace, out: str) -> int:
     from .report import write_report
 
     options = MappingOptions(distance=args.distance, n_boot=args.n_boot, n_null=args.n_null,
-                             seed=args.seed)
+                             seed=args.seed, forward_dtype=args.forward_dtype)
     detector = DetectorOptions(alpha=args.alpha, n_perm=args.n_perm, seed=args.seed)
     # INTERP_FER_CHECKPOINT_INTERVAL: seconds between checkpoints (tests set it small).
     interval = float(os.environ.get("INTERP_FER_CHECKPOINT_INTERVAL", "60"))
@@ -812,6 +812,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --limit: N images in each (split, expression) share")
     mapping.add_argument("--batch-size", type=positive, default=64,
                          help="images per forward pass (default: %(default)s)")
+    mapping.add_argument("--forward-dtype", choices=("float64", "float32"), default="float64",
+                         help="precision of the pass's forward passes: float64 makes the "
+                         "results independent of the CPU's float32 kernels; float32 is faster "
+                         "(default: %(default)s)")
     mapping.add_argument("--decision-memory", type=positive, default=1024, metavar="MIB",
                          help="memory of one task of the decision, in MiB: the per-face "
                          "responses are read back from features.zarr in blocks of channels "

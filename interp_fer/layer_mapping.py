@@ -73,6 +73,12 @@ class MappingOptions:
         Level of the bootstrap interval.
     seed
         Seed of the bootstrap weights and the placements.
+    forward_dtype
+        Precision of the map pass's forward passes (the network and its random copies):
+        ``"float64"`` (default) makes the stored responses independent of the CPU's float32
+        kernels (oneDNN picks them by instruction set and batch size; in float32 the
+        AVX2 and AVX-512 runs of one job differed in the last digits of their statistics);
+        ``"float32"`` is faster and takes half the memory for the networks' copies.
     """
 
     distance: str = "wasserstein"
@@ -83,6 +89,12 @@ class MappingOptions:
     iou_quantile: float = 0.99
     confidence: float = 0.95
     seed: int = 0
+    forward_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.forward_dtype not in ("float64", "float32"):
+            raise ValueError(f"forward_dtype must be 'float64' or 'float32', not "
+                             f"{self.forward_dtype!r}")
 
 
 @dataclass

@@ -30,6 +30,7 @@ Two questions, kept apart (docs/method.md):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -735,6 +736,10 @@ class _MapPass:
         self.batch_size = batch_size
         self.networks = [("model", model)] + [(f"control{i + 1}", c)
                                               for i, c in enumerate(controls)]
+        # The forward passes run on copies in options.forward_dtype (float64 by default), so
+        # that the responses do not depend on the CPU's float32 kernels; stored as float32.
+        self.dtype = getattr(torch, options.forward_dtype)
+        self.exact = {net: copy.deepcopy(m.module).to(self.dtype) for net, m in self.networks}
         # Copies that only set the control bar need their in-region responses alone; the
         # last of two or more is tested like the network and needs the out-of-region ones.
         self.with_out = {f"control{len(controls)}"} if len(controls) >= 2 else set()
@@ -763,8 +768,8 @@ class _MapPass:
     def calibrate(self) -> dict[str, LayerMapping]:
         """Empty accumulators with bins and thresholds from a sample of the whole dataset."""
         sample = _calibration_faces(self.faceset.faces)
-        acts = layer_outputs(self.model.module, self.layers,
-                             _forward(self.model, self.dataset, sample))
+        acts = layer_outputs(self.exact["model"], self.layers,
+                             _forward(self.model, self.dataset, sample).to(self.dtype))
         return {name: LayerMapping.calibrate(name, self.grids[name], self.faceset.aus,
                                              acts[name], self.options, self.n_classes)
                 for name in self.layers}
@@ -807,6 +812,8 @@ class _MapPass:
         """Move the network and its random-weights copies to ``device`` (in place)."""
         for _, network in self.networks:
             network.to(device)
+        for module in self.exact.values():
+            module.to(device)
 
     def empty_stream(self, accumulators: dict[str, LayerMapping], store: Any) -> Stream:
         """A stream with nothing accumulated, calibrated as ``accumulators``."""
@@ -824,7 +831,8 @@ class _MapPass:
         model, layers, size = self.model, self.layers, self.model.input_size
         with clock("forward"):
             inputs = _forward(model, self.dataset, batch)
-            acts = {net: layer_outputs(m.module, layers, inputs) for net, m in self.networks}
+            exact = inputs.to(self.dtype)
+            acts = {net: layer_outputs(m, layers, exact) for net, m in self.exact.items()}
         with clock("geometry"):
             geometry = _geometry(batch, self.regions, self.faceset.aus, size)
             sham = _sham_masks(batch, self.shams, size)
