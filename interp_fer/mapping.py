@@ -720,6 +720,14 @@ def _forward(model: FERModel, dataset: ImageDataset, batch: list[_Face]) -> torc
     return inputs.to(model.device)
 
 
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` itself when its parameters are in ``dtype``, else a copy in ``dtype`` (the
+    caller's network is never converted in place)."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(dtype)
+
+
 class _MapPass:
     """What every batch of the pass needs, set up once: networks, layers' cell grids and
     receptive fields, regions, labels. Picklable, so a distributed run sends it to workers.
@@ -734,12 +742,14 @@ class _MapPass:
         self.model, self.dataset, self.faceset = model, dataset, faceset
         self.layers, self.locate, self.options = tuple(layers), locate, options
         self.batch_size = batch_size
-        self.networks = [("model", model)] + [(f"control{i + 1}", c)
-                                              for i, c in enumerate(controls)]
-        # The forward passes run on copies in options.forward_dtype (float64 by default), so
-        # that the responses do not depend on the CPU's float32 kernels; stored as float32.
+        # The forward passes run in options.forward_dtype (float64 by default), so that the
+        # responses do not depend on the CPU's float32 kernels; stored as float32. The model
+        # itself stays as given (deconvnet locations use it).
         self.dtype = getattr(torch, options.forward_dtype)
-        self.exact = {net: copy.deepcopy(m.module).to(self.dtype) for net, m in self.networks}
+        self.exact = {net: _in_dtype(m.module, self.dtype) for net, m in
+                      [("model", model)] + [(f"control{i + 1}", c)
+                                            for i, c in enumerate(controls)]}
+        self.controls = list(self.exact)[1:]
         # Copies that only set the control bar need their in-region responses alone; the
         # last of two or more is tested like the network and needs the out-of-region ones.
         self.with_out = {f"control{len(controls)}"} if len(controls) >= 2 else set()
@@ -788,7 +798,7 @@ class _MapPass:
                         f"model/{name}/sham_out": ((k, s), "float32"),
                         f"model/{name}/points": ((k, 2), "float32"),
                         f"model/{name}/active": ((k,), "bool")})
-            for net, _ in self.networks[1:]:
+            for net in self.controls:
                 out[f"{net}/{name}/in"] = ((k, a), "float32")
                 if net in self.with_out:
                     out[f"{net}/{name}/out"] = ((k, a), "float32")
@@ -810,8 +820,7 @@ class _MapPass:
 
     def to(self, device: str | torch.device) -> None:
         """Move the network and its random-weights copies to ``device`` (in place)."""
-        for _, network in self.networks:
-            network.to(device)
+        self.model.to(device)
         for module in self.exact.values():
             module.to(device)
 
@@ -864,7 +873,7 @@ class _MapPass:
                     store.put(f"model/{name}/points", start, points)
                     store.put(f"model/{name}/active", start, active)
                 in_cells = grid.cell_masks(geometry.sparse_regions)
-                for net, _ in self.networks[1:]:
+                for net in self.controls:
                     c_act = acts[net][name]
                     c_in, c_out = region_peaks(c_act, in_cells, face_cells.to(c_act.device))
                     store.put(f"{net}/{name}/in", start, c_in.cpu().numpy())
