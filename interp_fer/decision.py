@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .detectors import DetectorOptions, Runner, detector_tables, run_here
+from .feature_store import FeatureStore, channel_block
 from .statistics import signed_distance
 
 if TYPE_CHECKING:
@@ -113,8 +114,7 @@ class StoreSource:
         copy = self._copy(name)
         if copy is None:
             return self.store.block(name, channels, self.columns)
-        last = slice(None) if self.columns is None else np.asarray(self.columns)
-        return np.asarray(copy.oindex[(slice(None), channels, last)])
+        return channel_block(copy, channels, self.columns)
 
     def _copy(self, name: str) -> Any:
         """The channel-major copy of ``name`` (:func:`channel_major_copies`), if complete."""
@@ -130,8 +130,6 @@ class StoreSource:
         return {"path": str(path), "columns": self.columns}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from .feature_store import FeatureStore
-
         self.store = FeatureStore.reopen(state["path"])
         self.columns = state["columns"]
         self._copies = {}
@@ -286,7 +284,7 @@ def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
     ``memory`` and ``run`` as in :func:`decide`.
     """
     names = [f"AU{a}" for a in aus] + list(sham_names)
-    blocks = channel_blocks(stream.store.n_rows, 2 * len(names), memory)
+    blocks = _looks_blocks(stream.store.n_rows, len(names), memory)
     calls = [(name, block) for name in layers
              for block in blocks(stream.accumulators[name].top.n_channels)]
     parts = run(_looks_block, calls, {"source": StoreSource(stream.store, None), "names": names,
@@ -297,6 +295,11 @@ def looks_at_table(stream: Stream, layers: Sequence[str], aus: tuple[int, ...],
                           "channel": table["channel"]})
     return table.loc[order.sort_values(["layer", "region", "channel"], kind="stable").index
                      ].reset_index(drop=True)
+
+
+def _looks_blocks(n_rows: int, n_regions: int, memory: int) -> Callable[[int], list[slice]]:
+    # looks_at reads every AU and sham region, in and out: two values per region.
+    return channel_blocks(n_rows, 2 * n_regions, memory)
 
 
 def _copy_wide_layers(store: Any, wide: Sequence[tuple[str, int]], controls: int, width: int,
@@ -383,15 +386,17 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
     channels = [(name, stream.accumulators[name].top.n_channels) for name in layers]
     n_faces = len(faceset.faces)
     blocks = channel_blocks(n_faces, max(len(tested), 1), memory)
+    n_regions = len(aus) + len(shams.names)
+    looks_blocks = _looks_blocks(n_faces, n_regions, memory)  # the narrowest blocks
     start = time.perf_counter()
-    # looks_at reads AU and sham regions in and out: its blocks are the narrowest.
-    width = block_width(n_faces, 2 * (len(aus) + len(shams.names)), memory)
-    wide = [(n, k) for n, k in channels if k > width] if hasattr(stream.store, "path") else []
+    wide = [(n, k) for n, k in channels if len(looks_blocks(k)) > 1] \
+        if hasattr(stream.store, "path") else []
+    width = min((looks_blocks(k)[0].stop for _, k in wide), default=1)
     copied = _copy_wide_layers(stream.store, wide, controls, width, memory, cluster)
     summary["decision"] = {
         "memory_per_task_mib": round(memory / 2**20, 1),
         "blocks_per_layer": {name: len(blocks(k)) for name, k in channels},
-        "looks_at_blocks_per_layer": {name: -(-k // width) for name, k in channels},
+        "looks_at_blocks_per_layer": {name: len(looks_blocks(k)) for name, k in channels},
         "channel_major_layers": [name for name, _ in wide],
         "channel_major_arrays_made": len(copied),
         "copy_seconds": round(time.perf_counter() - start, 1),
@@ -437,7 +442,6 @@ def decide(stream: Stream, faceset: FaceSet, layers: Sequence[str], *,
         scores = scores.merge(pairs, on=["layer", "channel", "au"], how="left")
     looks = looks_at_table(stream, layers, aus, shams.names, distance, memory=memory, run=run)
     looking = _looks_at(looks, stream.containment, len(faceset.faces))
-    n_regions = len(aus) + len(shams.names)
     sham_rate = float(looking["looks_at"].dropna().str.startswith("sham").mean()) \
         if looking["looks_at"].notna().any() else np.nan
     summary["looks_at"] = {

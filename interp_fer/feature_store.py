@@ -49,6 +49,12 @@ STORE_NAME = "features.zarr"
 PARTIALS = "partials"
 
 
+def channel_block(array: Any, channels: slice, columns: list[int] | None = None) -> np.ndarray:
+    """Every row of a (N, K, ...) Zarr array's ``channels``, only ``columns`` of its last axis."""
+    last = slice(None) if columns is None else np.asarray(columns, dtype=np.int64)
+    return np.asarray(array.oindex[(slice(None), channels, last)])
+
+
 class FeatureStore:
     """Chunked per-image arrays of one mapping run (``features.zarr``).
 
@@ -270,8 +276,7 @@ class FeatureStore:
         staying in memory (the decision's blocks, :mod:`interp_fer.decision`)."""
         if name not in self._group:
             raise KeyError(f"{self.path}: no array {name}")
-        last = slice(None) if columns is None else np.asarray(columns, dtype=np.int64)
-        return np.asarray(self._group[name].oindex[(slice(None), channels, last)])
+        return channel_block(self._group[name], channels, columns)
 
     def dask_array(self, name: str) -> Any:
         """``name`` as a dask array with the store's chunks (dask is imported here only)."""
