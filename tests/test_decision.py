@@ -30,6 +30,16 @@ def _layers(rng, n, k, a, activity, strength=0.6):
     return x_in, x_out
 
 
+def _store(path, arrays, chunk):
+    """A feature store at ``path`` holding ``arrays`` (name -> (N, ...) float32)."""
+    n = len(next(iter(arrays.values())))
+    store = FeatureStore.open(path, "test", n, chunk)
+    store.ensure({name: (values.shape[1:], "float32") for name, values in arrays.items()})
+    for name, values in arrays.items():
+        store.write_all(name, values)
+    return store
+
+
 def test_channel_blocks_cover_every_channel_within_the_budget():
     blocks = channel_blocks(n_rows=1000, n_columns=10, memory=48 * 1000 * 10 * 3)
     assert blocks(7) == [slice(0, 3), slice(3, 6), slice(6, 7)]
@@ -70,12 +80,9 @@ def test_a_task_holds_one_block_not_the_layer(tmp_path):
     activity = rng.normal(size=(n, a))
     x_in, x_out = _layers(rng, n, k, a, activity, strength=0.3)
     copies = [rng.normal(size=(n, k, a)).astype(np.float32) for _ in range(2)]
-    store = FeatureStore.open(tmp_path / "f.zarr", "test", n, 256)
-    store.ensure({name: ((k, a), "float32") for name in
-                  ("model/l/in", "model/l/out", "control1/l/in", "control2/l/in")})
-    for name, values in (("model/l/in", x_in), ("model/l/out", x_out),
-                         ("control1/l/in", copies[0]), ("control2/l/in", copies[1])):
-        store.write_all(name, values)
+    store = _store(tmp_path / "f.zarr", {"model/l/in": x_in, "model/l/out": x_out,
+                                         "control1/l/in": copies[0],
+                                         "control2/l/in": copies[1]}, 256)
     options = DetectorOptions(n_boot=0, n_perm=200)
     memory = 2 * 2**20
     del x_out
@@ -100,9 +107,7 @@ def test_a_task_holds_one_block_not_the_layer(tmp_path):
 def test_stored_responses_read_one_channel(tmp_path):
     rng = np.random.default_rng(6)
     values = rng.normal(size=(50, 3, 4)).astype(np.float32)
-    store = FeatureStore.open(tmp_path / "f.zarr", "test", 50, 16)
-    store.ensure({"model/l/in": ((3, 4), "float32")})
-    store.write_all("model/l/in", values)
+    store = _store(tmp_path / "f.zarr", {"model/l/in": values}, 16)
     memory = ResponseStore()
     memory.add("model/l/in", values)
     for backing in (store, memory):
@@ -117,9 +122,7 @@ def test_channel_major_copies_read_like_the_store(tmp_path):
 
     rng = np.random.default_rng(8)
     values = rng.normal(size=(300, 10, 4)).astype(np.float32)
-    store = FeatureStore.open(tmp_path / "f.zarr", "test", 300, 32)
-    store.ensure({"model/l/in": ((10, 4), "float32")})
-    store.write_all("model/l/in", values)
+    store = _store(tmp_path / "f.zarr", {"model/l/in": values}, 32)
     assert channel_major_copies(store, ["model/l/in"], width=3, memory=4096) == ["model/l/in"]
     assert (tmp_path / "f.zarr/by_channel/model/l/in/zarr.json").is_file()
     assert channel_major_copies(store, ["model/l/in"], width=3, memory=4096) == []  # reused
